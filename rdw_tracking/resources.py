@@ -1,0 +1,231 @@
+"""`TargetDatabase`: the reporting database that rdw_tracking looks after.
+
+Every connection is UTC, names itself (`application_name`) and carries a statement and
+a lock timeout, so nothing the pipeline runs can hold a production table for long.
+Identifiers reach SQL only through `psycopg.sql.Identifier`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import dagster as dg
+import psycopg
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict
+from pydantic import Field, field_validator
+
+URL_ENV = "RDW_DATABASE_URL"
+APPLICATION_NAME = "rdw_tracking"
+_MAX_IDENTIFIER = 63
+
+
+class TargetDatabaseError(Exception):
+    """A failure a user can act on; its message names the object and the fix."""
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where a URL points, without its secret: safe to log."""
+
+    host: str
+    port: str
+    database: str
+    user: str
+
+    def __str__(self) -> str:
+        return f"{self.user}@{self.host}:{self.port}/{self.database}"
+
+
+def endpoint(url: str) -> Endpoint:
+    try:
+        info = conninfo_to_dict(url)
+    except psycopg.ProgrammingError as err:
+        raise TargetDatabaseError(
+            f"the database URL is not a valid libpq URI ({redact(str(err), url)}); "
+            f"set {URL_ENV} or target_db.url to postgresql://user@host:port/database"
+        ) from None
+    return Endpoint(
+        host=str(info.get("host") or os.environ.get("PGHOST") or "localhost"),
+        port=str(info.get("port") or os.environ.get("PGPORT") or "5432"),
+        database=str(info.get("dbname") or info.get("user") or "postgres"),
+        user=str(info.get("user") or os.environ.get("PGUSER") or "postgres"),
+    )
+
+
+def redact(text: str, url: str | None) -> str:
+    """`text` with any password of `url` (and any password-looking URL part) masked."""
+    if url:
+        secrets = set()
+        try:
+            secrets.add(urlsplit(url).password or "")
+        except ValueError:
+            pass
+        try:
+            secrets.add(str(conninfo_to_dict(url).get("password") or ""))
+        except psycopg.Error:
+            pass
+        for secret in sorted(filter(None, secrets), key=len, reverse=True):
+            text = text.replace(secret, "***")
+    text = re.sub(r"(postgres(?:ql)?(?:\+\w+)?://[^:/@\s]*:)[^@\s]*@", r"\1***@", text)
+    return re.sub(r"(password\s*=\s*)\S+", r"\1***", text, flags=re.IGNORECASE)
+
+
+def _check_identifier(value: str, field: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{field} must be a non-empty name")
+    if len(value.encode()) > _MAX_IDENTIFIER:
+        raise ValueError(f"{field} {value!r} is longer than PostgreSQL's 63-byte names")
+    if "\x00" in value:
+        raise ValueError(f"{field} must not contain a NUL character")
+    return value
+
+
+class TargetDatabase(dg.ConfigurableResource):
+    """The PostgreSQL database holding `report_data_weeks` and `workflow_executions`."""
+
+    url: str | None = Field(
+        default=None,
+        description=f"libpq URI of the database; default: env {URL_ENV}, else the embedded server.",
+    )
+    schema_name: str = Field(default="public", description="Schema holding the three tables.")
+    weeks_table: str = Field(default="report_data_weeks")
+    executions_table: str = Field(default="workflow_executions")
+    collections_table: str = Field(default="report_data_collections")
+    statement_timeout_ms: int = Field(
+        default=300_000, description="Longest any one statement may run (ms), 0 = no limit."
+    )
+    lock_timeout_ms: int = Field(
+        default=5_000, description="Longest any statement waits for a lock (ms)."
+    )
+
+    @field_validator("schema_name", "weeks_table", "executions_table", "collections_table")
+    @classmethod
+    def _names(cls, value: str, info) -> str:
+        return _check_identifier(value, info.field_name)
+
+    @field_validator("statement_timeout_ms", "lock_timeout_ms")
+    @classmethod
+    def _timeouts(cls, value: int, info) -> int:
+        if not 0 <= value <= 86_400_000:
+            raise ValueError(f"{info.field_name} must be between 0 and 86400000 ms, got {value}")
+        return value
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("url must not be empty; leave it unset to use env " + URL_ENV)
+        return value
+
+    # -- where --------------------------------------------------------------------
+
+    def resolved_url(self) -> str:
+        url = self.url or os.environ.get(URL_ENV)
+        if url:
+            return url
+        from rdw_tracking import embedded
+
+        return embedded.database_url()
+
+    def endpoint(self) -> Endpoint:
+        return endpoint(self.resolved_url())
+
+    def describe(self) -> str:
+        return f"{self.endpoint()} schema {self.schema_name}"
+
+    # -- names --------------------------------------------------------------------
+
+    def table(self, name: str) -> sql.Identifier:
+        """Schema-qualified identifier of one of the configured tables."""
+        return sql.Identifier(self.schema_name, name)
+
+    @property
+    def weeks(self) -> sql.Identifier:
+        return self.table(self.weeks_table)
+
+    @property
+    def executions(self) -> sql.Identifier:
+        return self.table(self.executions_table)
+
+    @property
+    def collections(self) -> sql.Identifier:
+        return self.table(self.collections_table)
+
+    def qualified(self, name: str, column: str | None = None) -> str:
+        """Human-readable `schema.table[.column]` for messages."""
+        parts = [self.schema_name, name] + ([column] if column else [])
+        return ".".join(parts)
+
+    # -- connections --------------------------------------------------------------
+
+    @contextmanager
+    def connect(
+        self, autocommit: bool = False, check_schema: bool = True
+    ) -> Iterator[psycopg.Connection]:
+        """A connection with UTC, application_name and both timeouts set.
+
+        Connection failures become one `TargetDatabaseError` naming host, database and
+        schema, never the password.
+        """
+        url = self.resolved_url()
+        where = self.describe()
+        options = (
+            f"-c TimeZone=UTC -c statement_timeout={self.statement_timeout_ms} "
+            f"-c lock_timeout={self.lock_timeout_ms}"
+        )
+        try:
+            conn = psycopg.connect(
+                url,
+                autocommit=autocommit,
+                application_name=APPLICATION_NAME,
+                options=options,
+                connect_timeout=10,
+            )
+        except psycopg.OperationalError as err:
+            reason = redact(str(err).strip().splitlines()[-1] if str(err).strip() else "", url)
+            raise TargetDatabaseError(
+                f"cannot connect to PostgreSQL at {where}: {reason}; "
+                f"check {URL_ENV} (or target_db.url) and that the server accepts connections"
+            ) from None
+        try:
+            if check_schema:
+                found = conn.execute(
+                    "SELECT 1 FROM pg_namespace WHERE nspname = %s", [self.schema_name]
+                ).fetchone()
+                if not autocommit:
+                    conn.rollback()
+                if not found:
+                    raise TargetDatabaseError(
+                        f"schema {self.schema_name!r} does not exist in database "
+                        f"{self.endpoint().database} at {self.endpoint().host}:{self.endpoint().port}; "
+                        "set target_db.schema_name to the schema holding report_data_weeks"
+                    )
+            yield conn
+        finally:
+            conn.close()
+
+    @contextmanager
+    def cursor(self) -> Iterator[psycopg.Cursor]:
+        """A cursor in a read-only-by-intent transaction that is rolled back at the end."""
+        with self.connect() as conn:
+            try:
+                with conn.cursor() as cur:
+                    yield cur
+            finally:
+                conn.rollback()
+
+    def fetch_all(self, query: sql.Composable | str, params=None) -> list[tuple]:
+        with self.cursor() as cur:
+            cur.execute(query, params)
+            return cur.fetchall()
+
+    def fetch_one(self, query: sql.Composable | str, params=None) -> tuple | None:
+        with self.cursor() as cur:
+            cur.execute(query, params)
+            return cur.fetchone()

@@ -1,0 +1,219 @@
+"""Every test gets its own real PostgreSQL database.
+
+The server is the embedded one (its own data folder under `.rdw/test`, started for the
+session and stopped after it) or the one in RDW_TEST_DATABASE_URL. A template database
+holding a small demo dataset is built once per session; each test's database is a
+`CREATE DATABASE ... TEMPLATE` copy of it, which takes milliseconds.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+warnings.filterwarnings("ignore", module="platformdirs")
+
+TEST_ENV = "RDW_TEST_DATABASE_URL"
+TEMPLATE_ROWS = 2_600  # 50 collections x 52 weeks
+_counter = itertools.count()
+
+
+def with_database(url: str, database: str) -> str:
+    """`url` pointing at another database on the same server."""
+    params = conninfo_to_dict(url)
+    params["dbname"] = database
+    return make_conninfo("", **params)
+
+
+def _embedded_admin_url() -> Iterator[str]:
+    os.environ["RDW_HOME"] = str(Path(__file__).resolve().parents[1] / ".rdw" / "test")
+    from rdw_tracking import embedded
+
+    started = embedded.start()
+    try:
+        yield embedded.server_url("postgres")
+    finally:
+        if started:
+            embedded.stop()
+
+
+@pytest.fixture(scope="session")
+def admin_url() -> Iterator[str]:
+    """A superuser connection to the server the suite runs against."""
+    if os.environ.get(TEST_ENV):
+        yield os.environ[TEST_ENV]
+    else:
+        yield from _embedded_admin_url()
+
+
+def create_database(admin_url: str, name: str, template: str | None = None) -> str:
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )
+        statement = sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name))
+        if template:
+            statement += sql.SQL(" TEMPLATE {}").format(sql.Identifier(template))
+        conn.execute(statement)
+    return with_database(admin_url, name)
+
+
+def drop_database(admin_url: str, name: str) -> None:
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )
+
+
+@pytest.fixture(scope="session")
+def template_name(admin_url: str) -> Iterator[str]:
+    from rdw_tracking import demo
+
+    name = f"rdw_test_template_{os.getpid()}"
+    url = create_database(admin_url, name)
+    demo.build(url, demo.DemoShape(rows=TEMPLATE_ROWS, orphan_every=500))
+    try:
+        yield name
+    finally:
+        drop_database(admin_url, name)
+
+
+@pytest.fixture
+def database_url(admin_url: str, template_name: str, monkeypatch) -> Iterator[str]:
+    """A fresh database holding the demo tables and data; RDW_DATABASE_URL points at it."""
+    name = f"rdw_test_{os.getpid()}_{next(_counter)}"
+    url = create_database(admin_url, name, template=template_name)
+    monkeypatch.setenv("RDW_DATABASE_URL", url)
+    try:
+        yield url
+    finally:
+        drop_database(admin_url, name)
+
+
+@pytest.fixture
+def empty_database_url(admin_url: str, monkeypatch) -> Iterator[str]:
+    """A fresh database with no tables at all; RDW_DATABASE_URL points at it."""
+    name = f"rdw_test_{os.getpid()}_{next(_counter)}"
+    url = create_database(admin_url, name)
+    monkeypatch.setenv("RDW_DATABASE_URL", url)
+    try:
+        yield url
+    finally:
+        drop_database(admin_url, name)
+
+
+@pytest.fixture
+def db(database_url: str):
+    from rdw_tracking.resources import TargetDatabase
+
+    return TargetDatabase(url=database_url)
+
+
+@pytest.fixture
+def sql_exec():
+    """Run SQL on this test's database (RDW_DATABASE_URL, autocommit); returns rows, if any."""
+
+    def run(statement, params=None, url: str | None = None):
+        with psycopg.connect(url or os.environ["RDW_DATABASE_URL"], autocommit=True) as conn:
+            conn.execute("SET TimeZone = 'UTC'")
+            cur = conn.execute(statement, params)
+            return cur.fetchall() if cur.description else None
+
+    return run
+
+
+@pytest.fixture
+def run_job():
+    """Execute a job of the project's Definitions in process, on an ephemeral instance."""
+    import dagster as dg
+
+    from rdw_tracking.definitions import defs
+
+    def run(name: str, run_config: dict | None = None, resources: dict | None = None, **kwargs):
+        job = defs.resolve_job_def(name)
+        return job.execute_in_process(
+            run_config=run_config or {},
+            instance=kwargs.pop("instance", None) or dg.DagsterInstance.ephemeral(),
+            raise_on_error=False,
+            resources=resources,
+            **kwargs,
+        )
+
+    return run
+
+
+def check_results(result) -> dict:
+    """{check name: AssetCheckEvaluation} of a job result."""
+    return {e.check_name: e for e in result.get_asset_check_evaluations()}
+
+
+def materialization_metadata(result, asset: str) -> dict:
+    """Plain values of the metadata of the last materialization of `asset` in a result."""
+    events = [
+        e
+        for e in result.get_asset_materialization_events()
+        if e.event_specific_data.materialization.asset_key.to_user_string() == asset
+    ]
+    assert events, f"{asset} was not materialized"
+    metadata = events[-1].event_specific_data.materialization.metadata
+    return {key: getattr(value, "value", value) for key, value in metadata.items()}
+
+
+def step_failure_messages(result) -> list[str]:
+    return [
+        e.event_specific_data.error.message
+        for e in result.all_events
+        if e.event_type_value == "STEP_FAILURE" and e.event_specific_data.error
+    ]
+
+
+PASSWORD_ROLE = "rdw_password_user"
+PASSWORD = "s3cret-Pa55word"
+
+
+@pytest.fixture
+def password_url(admin_url: str, database_url: str) -> Iterator[str]:
+    """URL of the test database for a role that must authenticate with PASSWORD.
+
+    Prepends one pg_hba line for that role alone (the servers here trust everyone else),
+    reloads, and takes it out again afterwards. Skips when the hba file is not writable.
+    """
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        hba = Path(conn.execute("SHOW hba_file").fetchone()[0])
+        if not os.access(hba, os.W_OK):
+            pytest.skip(f"{hba} is not writable: cannot require a password for a test role")
+        exists = conn.execute(
+            "SELECT 1 FROM pg_roles WHERE rolname = %s", [PASSWORD_ROLE]
+        ).fetchone()
+        verb = "ALTER" if exists else "CREATE"
+        conn.execute(
+            sql.SQL(verb + " ROLE {} LOGIN SUPERUSER PASSWORD {}").format(
+                sql.Identifier(PASSWORD_ROLE), sql.Literal(PASSWORD)
+            )
+        )
+        original = hba.read_text()
+        marker = f"# rdw_tracking test {os.getpid()}\n"
+        lines = (
+            f"{marker}local all {PASSWORD_ROLE} scram-sha-256\n"
+            f"host all {PASSWORD_ROLE} 127.0.0.1/32 scram-sha-256\n"
+            f"host all {PASSWORD_ROLE} ::1/128 scram-sha-256\n"
+        )
+        hba.write_text(lines + original)
+        conn.execute("SELECT pg_reload_conf()")
+    params = conninfo_to_dict(database_url)
+    params.update(user=PASSWORD_ROLE, password=PASSWORD)
+    try:
+        yield make_conninfo("", **params)
+    finally:
+        current = hba.read_text()
+        hba.write_text(current.replace(lines, ""))
+        with psycopg.connect(admin_url, autocommit=True) as conn:
+            conn.execute("SELECT pg_reload_conf()")

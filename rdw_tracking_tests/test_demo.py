@@ -1,0 +1,82 @@
+"""The demo data builder: counts match what independent SQL says they should be."""
+
+from rdw_tracking import demo
+
+
+def test_demo_counts_match_independent_sql(empty_database_url, sql_exec):
+    shape = demo.DemoShape(rows=5_200, cutover_days=56, orphan_every=300)
+    summary = demo.build(empty_database_url, shape)
+
+    assert summary["rows"] == 5_200
+    assert summary["collections"] == 100
+    assert sql_exec("SELECT count(*) FROM report_data_weeks")[0][0] == 5_200
+    assert sql_exec("SELECT count(DISTINCT collection_id) FROM report_data_weeks")[0][0] == 100
+    assert sql_exec("SELECT count(*) FROM report_data_collections")[0][0] == 100
+    # Each collection has one row per week, over a year.
+    per_collection = sql_exec(
+        "SELECT min(n), max(n) FROM (SELECT count(*) n FROM report_data_weeks GROUP BY collection_id) s"
+    )[0]
+    assert per_collection == (52, 52)
+    # Legacy rows (before the cut-over) carry no execution_id; tracked rows all do.
+    legacy_with_id, tracked_without_id = sql_exec(
+        "SELECT count(*) FILTER (WHERE created_at < now() - interval '56 days' AND execution_id IS NOT NULL),"
+        "       count(*) FILTER (WHERE created_at >= now() - interval '56 days' AND execution_id IS NULL)"
+        " FROM report_data_weeks"
+    )[0]
+    assert (legacy_with_id, tracked_without_id) == (0, 0)
+    with_id = sql_exec("SELECT count(execution_id) FROM report_data_weeks")[0][0]
+    assert summary["with_execution_id"] == with_id
+    assert 0 < with_id < 5_200
+    # A few orphaned ids, and every other id names a real execution.
+    orphans = sql_exec(
+        "SELECT count(*) FROM report_data_weeks w WHERE execution_id IS NOT NULL AND NOT EXISTS"
+        " (SELECT 1 FROM workflow_executions e WHERE e.id = w.execution_id)"
+    )[0][0]
+    assert 1 <= orphans <= with_id // 100 + 2
+    # Payloads are real JSON documents of a realistic size.
+    avg_bytes = sql_exec("SELECT avg(pg_column_size(data)) FROM report_data_weeks")[0][0]
+    assert 150 < avg_bytes < 2_000
+    assert sql_exec("SELECT max(created_at) <= now() FROM report_data_weeks")[0][0] is True
+
+
+def test_demo_tables_match_the_contract(empty_database_url, sql_exec):
+    demo.build(empty_database_url, demo.DemoShape(rows=104))
+    constraints = dict(
+        sql_exec(
+            "SELECT conname, pg_get_constraintdef(oid) FROM pg_constraint"
+            " WHERE conrelid = 'report_data_weeks'::regclass"
+        )
+    )
+    assert constraints["fk_collection_id"] == (
+        "FOREIGN KEY (collection_id) REFERENCES report_data_collections(id) ON DELETE CASCADE"
+    )
+    assert constraints["report_data_weeks_pkey"] == "PRIMARY KEY (id)"
+    columns = sql_exec(
+        "SELECT column_name, data_type, is_nullable, column_default FROM information_schema.columns"
+        " WHERE table_schema = 'public' AND table_name = 'report_data_weeks' ORDER BY ordinal_position"
+    )
+    assert [c[0] for c in columns] == [
+        "id",
+        "collection_id",
+        "week_start_date",
+        "week_end_date",
+        "status",
+        "execution_id",
+        "data",
+        "created_at",
+        "updated_at",
+        "error_message",
+    ]
+    assert ("execution_id", "uuid", "YES", None) in columns
+
+
+def test_rebuild_is_repeatable(empty_database_url, sql_exec):
+    first = demo.build(empty_database_url, demo.DemoShape(rows=520))
+    ids = sql_exec("SELECT md5(string_agg(id::text, ',' ORDER BY id)) FROM report_data_weeks")
+    second = demo.build(empty_database_url, demo.DemoShape(rows=520))
+    assert {k: v for k, v in first.items() if k != "seconds"} == {
+        k: v for k, v in second.items() if k != "seconds"
+    }
+    assert (
+        sql_exec("SELECT md5(string_agg(id::text, ',' ORDER BY id)) FROM report_data_weeks") == ids
+    )
