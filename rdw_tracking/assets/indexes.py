@@ -293,6 +293,13 @@ def _pct(done: int, total: int) -> str:
 def progress_line(name: str, progress: Progress, seconds: float) -> str:
     """One line a person watching the run can follow, from pg_stat_progress_create_index."""
     parts = [f"{name}: {progress.phase} after {seconds:.1f} s"]
+    if progress.phase.startswith("waiting"):  # the other counters still hold the last phase's
+        if progress.lockers_total:
+            parts.append(
+                f"waited for {progress.lockers_done:,} of {progress.lockers_total:,} "
+                f"transactions ({_pct(progress.lockers_done, progress.lockers_total)})"
+            )
+        return " — ".join(parts)
     if progress.blocks_total:
         parts.append(
             f"blocks {progress.blocks_done:,} of {progress.blocks_total:,} "
@@ -302,11 +309,6 @@ def progress_line(name: str, progress: Progress, seconds: float) -> str:
         parts.append(
             f"tuples {progress.tuples_done:,} of {progress.tuples_total:,} "
             f"({_pct(progress.tuples_done, progress.tuples_total)})"
-        )
-    if progress.lockers_total:
-        parts.append(
-            f"waited for {progress.lockers_done:,} of {progress.lockers_total:,} transactions "
-            f"({_pct(progress.lockers_done, progress.lockers_total)})"
         )
     return " — ".join(parts)
 
