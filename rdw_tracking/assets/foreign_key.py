@@ -161,8 +161,9 @@ def add_foreign_key(
         add, validate = foreign_key_ddl(db, config.on_delete, metadata["constraint"])
         tables = [db.weeks_table, db.executions_table]
 
-        def attempt(statement, what: str) -> float:
-            raise_if_stuck(db, tables, what, snapshots=False)
+        def attempt(statement, what: str, check_stuck: bool) -> float:
+            if check_stuck:  # ADD's lock conflicts with writers; VALIDATE's does not
+                raise_if_stuck(db, tables, what, snapshots=False)
             return run_watched(db, statement, what, log)
 
         added = fk is not None
@@ -170,7 +171,7 @@ def add_foreign_key(
             if not added:
                 metadata["add_seconds"] = round(
                     with_lock_retries(
-                        lambda: attempt(add, f"ADD CONSTRAINT {FK_NAME} NOT VALID"),
+                        lambda: attempt(add, f"ADD CONSTRAINT {FK_NAME} NOT VALID", True),
                         f"ADD CONSTRAINT {FK_NAME}",
                         log,
                         config.lock_retries,
@@ -182,7 +183,9 @@ def add_foreign_key(
                 log.info(f"{FK_NAME} added NOT VALID; validating the existing rows")
             metadata["validate_seconds"] = round(
                 with_lock_retries(
-                    lambda: attempt(validate, f"VALIDATE CONSTRAINT {metadata['constraint']}"),
+                    lambda: attempt(
+                        validate, f"VALIDATE CONSTRAINT {metadata['constraint']}", False
+                    ),
                     f"VALIDATE CONSTRAINT {metadata['constraint']}",
                     log,
                     config.lock_retries,

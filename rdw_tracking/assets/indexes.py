@@ -19,6 +19,7 @@ import psycopg
 from psycopg import sql
 from pydantic import Field, field_validator
 
+from rdw_tracking import catalog
 from rdw_tracking.assets import GROUP, READ_RETRY, refuse
 from rdw_tracking.assets.tables import report_data_weeks, workflow_executions
 from rdw_tracking.resources import TargetDatabase
@@ -606,6 +607,25 @@ class IndexConfig(dg.Config):
         return list(dict.fromkeys(value))
 
 
+def refuse_unless_buildable(db: TargetDatabase, specs: list[IndexSpec]) -> None:
+    """Each index's table and columns exist: say so plainly rather than fail in the DDL."""
+    with db.cursor() as cur:
+        for table in dict.fromkeys(spec.table for spec in specs):
+            columns = {c.name for c in catalog.columns(cur, db.schema_name, table)}
+            if not columns:
+                raise refuse(
+                    f"table {db.qualified(table)} does not exist; check target_db.schema_name "
+                    "and the table names"
+                )
+            needed = [c for spec in specs if spec.table == table for c in spec.columns]
+            for column in dict.fromkeys(needed):
+                if column not in columns:
+                    raise refuse(
+                        f"{db.qualified(table, column)} does not exist, so no index can use it; "
+                        "see the execution_id_column_contract check"
+                    )
+
+
 def chosen_indexes(db: TargetDatabase, config: IndexConfig) -> list[IndexSpec]:
     specs = [contract_indexes(db)[name] for name in config.indexes]
     return specs + ([completed_at_index(db)] if config.workflow_executions_completed_at else [])
@@ -702,6 +722,7 @@ def execution_id_indexes(
     Needs the table's owner role. Progress is logged every few seconds.
     """
     specs = chosen_indexes(target_db, config)
+    refuse_unless_buildable(target_db, specs)
     with exclusive_write(target_db, context.run.job_name):
         for spec in specs:  # refuse before building any, so a conflict changes nothing
             refuse_conflict(target_db, spec, lookup(target_db, spec)[0])

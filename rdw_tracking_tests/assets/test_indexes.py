@@ -370,3 +370,11 @@ def test_second_write_job_is_refused(db, run_job, sql_exec):
     assert f"{JOB} refused: another rdw_tracking write job" in message
     assert "rdw_tracking:rollback_execution_id" in message
     assert indexes(sql_exec) == {}
+
+
+def test_missing_column_is_refused_plainly(db, run_job, sql_exec):
+    sql_exec("ALTER TABLE report_data_weeks DROP COLUMN execution_id")
+    result = run_job(JOB)
+    assert not result.success
+    (message,) = step_failure_messages(result)
+    assert "public.report_data_weeks.execution_id does not exist" in message
