@@ -2,14 +2,15 @@
 
 import dagster as dg
 
+from rdw_tracking.assets.indexes import index_assets, index_checks
 from rdw_tracking.assets.schema import schema_assets, schema_checks
 from rdw_tracking.assets.tables import external_tables
 from rdw_tracking.jobs import jobs
 from rdw_tracking.resources import TargetDatabase
 
 defs = dg.Definitions(
-    assets=[*external_tables, *schema_assets],
-    asset_checks=[*schema_checks],
+    assets=[*external_tables, *schema_assets, *index_assets],
+    asset_checks=[*schema_checks, *index_checks],
     jobs=jobs,
     resources={"target_db": TargetDatabase()},
 )

@@ -106,7 +106,8 @@ def run(rows: int = 20_000) -> int:
         if os.environ.get("DAGSTER_HOME")
         else dg.DagsterInstance.ephemeral()
     )
-    results = [run_job(instance, "verify_execution_tracking")]
+    results = [run_job(instance, "create_execution_id_indexes")]
+    results.append(run_job(instance, "verify_execution_tracking"))
     failed = [r.dagster_run.job_name for r in results if not r.success]
     if failed:
         print(f"\nfailed jobs: {', '.join(failed)}")
