@@ -2,13 +2,14 @@
 
 import dagster as dg
 
+from rdw_tracking.assets.rollback import rollback_assets
 from rdw_tracking.assets.schema import schema_assets, schema_checks
 from rdw_tracking.assets.tables import external_tables
 from rdw_tracking.jobs import jobs
 from rdw_tracking.resources import TargetDatabase
 
 defs = dg.Definitions(
-    assets=[*external_tables, *schema_assets],
+    assets=[*external_tables, *schema_assets, *rollback_assets],
     asset_checks=[*schema_checks],
     jobs=jobs,
     resources={"target_db": TargetDatabase()},
