@@ -46,14 +46,14 @@ from rdw_tracking.writes import exclusive_write
 
 ROLLBACK_JOB = "rollback_execution_id"
 RESTORE_JOB = "restore_execution_id"
-# The batch connections' application_name: find (or terminate) them in pg_stat_activity.
+# The batch connection's application_name: find (or terminate) them in pg_stat_activity.
 ROLLBACK_APPLICATION_NAME = "rdw_tracking:rollback_batches"
-RESTORE_APPLICATION_NAME = "rdw_tracking:restore_batches"
 
 DEFAULT_BACKUP_TABLE = "execution_id_rollback_backup"
 DEFAULT_STATE_TABLE = "execution_id_rollback_runs"
 MIN_BATCH, MAX_BATCH, DEFAULT_BATCH = 100, 50_000, 5_000
 LOCK_ATTEMPTS = 5
+SWEEP_ROUNDS = 5
 PROGRESS_EVERY_S = 5.0
 # Wait at most this long, at a fresh run's start, for transactions begun before it.
 IN_FLIGHT_WAIT_S = 30.0
@@ -158,24 +158,6 @@ class RollbackConfig(BackupConfig):
         return dt.date.fromisoformat(self.cutoff_date)
 
 
-class RestoreConfig(BackupConfig):
-    rollback_id: str | None = Field(
-        default=None, description="The rollback to undo; default: the latest one."
-    )
-
-    @field_validator("rollback_id")
-    @classmethod
-    def _rollback_id(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        try:
-            return str(uuid.UUID(value.strip()))
-        except ValueError:
-            raise ValueError(
-                f"rollback_id {value!r} is not a UUID; copy it from the rollback's metadata"
-            ) from None
-
-
 # -- backup and state tables ------------------------------------------------------------
 
 
@@ -201,7 +183,7 @@ class BackupTables:
         return f"{self.schema}.{name}"
 
 
-BACKUP_COLUMNS = ["rollback_id", "id", "execution_id", "updated_at", "cleared_at"]
+BACKUP_COLUMNS = ["seq", "rollback_id", "id", "execution_id", "updated_at", "cleared_at"]
 STATE_COLUMNS = [
     "rollback_id",
     "schema_name",
@@ -219,15 +201,18 @@ STATE_COLUMNS = [
     "restored_rows",
 ]
 
+# cleared_at is the updated_at the rollback wrote. The only index is on an ascending seq:
+# cheap to append to, and the restore's walking order.
 CREATE_BACKUP = """
 CREATE TABLE IF NOT EXISTS {backup} (
+    seq bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     rollback_id uuid NOT NULL,
     id uuid NOT NULL,
     execution_id uuid NOT NULL,
     updated_at timestamptz,
-    cleared_at timestamptz NOT NULL,
-    PRIMARY KEY (rollback_id, id))
+    cleared_at timestamptz NOT NULL)
 """
+CREATE_BACKUP_INDEX = "CREATE INDEX IF NOT EXISTS {name} ON {backup} (rollback_id, seq)"
 # phase: walking (ctid batches from next_block) -> sweeping (rows the walk missed) ->
 # finished; restored once restore_execution_id has put the values back.
 CREATE_STATE = """
@@ -277,6 +262,12 @@ def create_tables(conn: psycopg.Connection, tables: BackupTables) -> None:
         if not exists:
             conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(tables.schema)))
         conn.execute(sql.SQL(CREATE_BACKUP).format(backup=tables.backup))
+        conn.execute(
+            sql.SQL(CREATE_BACKUP_INDEX).format(
+                name=sql.Identifier(f"{tables.backup_name[:50]}_rollback_seq"),
+                backup=tables.backup,
+            )
+        )
         conn.execute(sql.SQL(CREATE_STATE).format(state=tables.state))
     except errors.InsufficientPrivilege:
         raise refuse(
@@ -415,24 +406,25 @@ def estimate_seconds(matched_rows: int, scan_seconds: float) -> float:
 
 # -- clearing ---------------------------------------------------------------------------
 
-# One batch: lock the rows, back them up, clear exactly the rows whose backup was written.
-# The UPDATE finds them by primary key, so a row a writer moved meanwhile is still found.
+# One batch, one statement: read the matched rows of the range, clear them by ctid and
+# back up their old values. A row a writer updated after the read has a new ctid, so it
+# is skipped here (never cleared without its latest values backed up) and found again
+# by the final sweep. The ctid = ANY(...) keeps the UPDATE on a TID scan whatever the
+# planner thinks of the batch's size.
 CLEAR_BATCH = """
-WITH target AS (
-    SELECT id, execution_id, updated_at FROM {weeks}
-    WHERE {where} AND {matched}
-    FOR UPDATE
+WITH old AS MATERIALIZED (
+    SELECT ctid, execution_id, updated_at FROM {weeks} WHERE {where} AND {matched}
+), cleared AS (
+    UPDATE {weeks} w SET execution_id = NULL, updated_at = now()
+    FROM old
+    WHERE w.ctid = ANY(ARRAY(SELECT ctid FROM old)) AND w.ctid = old.ctid
+    RETURNING w.id, old.execution_id, old.updated_at
 ), saved AS (
     INSERT INTO {backup} (rollback_id, id, execution_id, updated_at, cleared_at)
-    SELECT %(rid)s, id, execution_id, updated_at, now() FROM target
-    ON CONFLICT (rollback_id, id) DO NOTHING
-    RETURNING id
-), cleared AS (
-    UPDATE {weeks} SET execution_id = NULL, updated_at = now()
-    WHERE id = ANY(ARRAY(SELECT id FROM saved))
+    SELECT %(rid)s, id, execution_id, updated_at, now() FROM cleared
     RETURNING 1
 )
-SELECT count(*) FROM cleared
+SELECT count(*) FROM saved
 """
 IN_BLOCKS = sql.SQL("ctid >= %(lo)s::tid AND (%(hi)s::tid IS NULL OR ctid < %(hi)s::tid)")
 BY_ID = sql.SQL("id = ANY(%(ids)s)")
@@ -727,6 +719,7 @@ def clear(
         "rid": state.rollback_id,
     }
     advance = sql.SQL(ADVANCE).format(state=tables.state)
+    weeks_label = db.qualified(db.weeks_table)
     progress = Progress(total=state.matched_rows - state.cleared_rows)
 
     def batch(where: sql.Composable, extra: dict, phase: str, next_block: int) -> int:
@@ -744,24 +737,28 @@ def clear(
             log.info(progress.line("cleared", state.cleared_rows))
         return n
 
-    weeks_label = db.qualified(db.weeks_table)
     if state.phase == "walking":
         for lo, hi in plan_batches(found.blocks, config.batch_size, state.next_block):
             extra = {"lo": f"({lo},0)", "hi": None if hi is None else f"({hi},0)"}
             batch(IN_BLOCKS, extra, "walking" if hi is not None else "sweeping", hi or 0)
-    # A row a writer moved behind the walk (a non-HOT update) still matches: find it by id.
-    leftover = [
-        row[0]
-        for row in conn.execute(
-            sql.SQL("SELECT id FROM {weeks} WHERE {matched}").format(
-                weeks=db.weeks, matched=MATCHED
-            ),
-            params,
-        ).fetchall()
-    ]
+    # Rows the walk skipped or missed (updated meanwhile, or moved behind it) still
+    # match: find them by id, a few rounds while writers keep touching them.
+    find = sql.SQL("SELECT id FROM {weeks} WHERE {matched}").format(weeks=db.weeks, matched=MATCHED)
     swept = 0
-    for i in range(0, len(leftover), config.batch_size):
-        swept += batch(BY_ID, {"ids": leftover[i : i + config.batch_size]}, "sweeping", 0)
+    for _ in range(SWEEP_ROUNDS):
+        leftover = [row[0] for row in conn.execute(find, params).fetchall()]
+        if not leftover:
+            break
+        for i in range(0, len(leftover), config.batch_size):
+            swept += batch(BY_ID, {"ids": leftover[i : i + config.batch_size]}, "sweeping", 0)
+    else:
+        left = len(conn.execute(find, params).fetchall())
+        if left:
+            raise refuse(
+                f"rollback {state.rollback_id} of {weeks_label}: {left:,} matched rows kept "
+                f"changing under {SWEEP_ROUNDS} sweeps; run {ROLLBACK_JOB} again with "
+                f"cutoff_date {state.cutoff} to continue once writes calm down"
+            )
     conn.execute(
         sql.SQL(
             "UPDATE {state} SET phase = 'finished', finished_at = now() WHERE rollback_id = %s"
@@ -783,178 +780,6 @@ def clear_statement(
     return sql.SQL(CLEAR_BATCH).format(
         weeks=db.weeks, backup=tables.backup, where=where, matched=MATCHED
     )
-
-
-# -- the restore ------------------------------------------------------------------------
-
-# One batch of backup rows in key order: put execution_id back where it is still NULL.
-# updated_at goes back to its backed-up value only where it still holds the value the
-# rollback wrote (cleared_at); a row written since keeps its newer updated_at.
-RESTORE_BATCH = """
-WITH batch AS MATERIALIZED (
-    SELECT id, execution_id, updated_at, cleared_at FROM {backup}
-    WHERE rollback_id = %(rid)s AND (%(after)s::uuid IS NULL OR id > %(after)s::uuid)
-    ORDER BY id LIMIT %(limit)s
-), restored AS (
-    UPDATE {weeks} w
-    SET execution_id = b.execution_id,
-        updated_at = CASE WHEN w.updated_at IS NOT DISTINCT FROM b.cleared_at
-                          THEN b.updated_at ELSE w.updated_at END
-    FROM batch b
-    WHERE w.id = ANY(ARRAY(SELECT id FROM batch)) AND w.id = b.id AND w.execution_id IS NULL
-    RETURNING w.id
-)
-SELECT (SELECT count(*) FROM batch),
-       (SELECT count(*) FROM restored),
-       (SELECT count(*) FROM {weeks} w WHERE w.id = ANY(ARRAY(SELECT id FROM batch))),
-       (SELECT count(*) FROM {weeks} w JOIN batch b ON b.id = w.id
-        WHERE w.id = ANY(ARRAY(SELECT id FROM batch)) AND w.execution_id = b.execution_id),
-       (SELECT id FROM batch ORDER BY id DESC LIMIT 1)
-"""
-RESTORE_PREVIEW = """
-SELECT count(*), count(w.id), count(*) FILTER (WHERE w.id IS NOT NULL AND w.execution_id IS NULL),
-       count(*) FILTER (WHERE w.execution_id = b.execution_id)
-FROM {backup} b LEFT JOIN {weeks} w ON w.id = b.id
-WHERE b.rollback_id = %s
-"""
-
-
-@dataclass
-class RestoreReport:
-    dry_run: bool
-    rollback_id: str
-    cutoff: dt.date
-    backed_up_rows: int = 0
-    restored_rows: int = 0
-    skipped_rows: int = 0
-    already_restored_rows: int = 0
-    missing_rows: int = 0
-    batches: int = 0
-    longest_batch_ms: float = 0.0
-    seconds: float = 0.0
-
-    def metadata(self) -> dict[str, Any]:
-        return {
-            "dry_run": self.dry_run,
-            "rollback_id": self.rollback_id,
-            "cutoff_date": self.cutoff.isoformat(),
-            "backed_up_rows": self.backed_up_rows,
-            "restored_rows": self.restored_rows,
-            "skipped_rows": self.skipped_rows,
-            "already_restored_rows": self.already_restored_rows,
-            "missing_rows": self.missing_rows,
-            "batches": self.batches,
-            "longest_batch_ms": round(self.longest_batch_ms, 1),
-            "seconds": round(self.seconds, 2),
-        }
-
-
-def restore(db: TargetDatabase, config: RestoreConfig, log: logging.Logger | Any) -> RestoreReport:
-    """Dry run or real run of the restore; the asset's whole job, callable without Dagster."""
-    started = time.monotonic()
-    tables = BackupTables.of(db, config)
-    weeks = db.qualified(db.weeks_table)
-    with batch_connection(db, RESTORE_APPLICATION_NAME, db.lock_timeout_ms) as conn:
-        state = find_rollback(conn, db, tables, config.rollback_id)
-        if state is None:
-            which = f"rollback {config.rollback_id}" if config.rollback_id else "no rollback"
-            raise refuse(
-                f"{which} of {weeks} is recorded in {tables.label(tables.state_name)}; "
-                "check rollback_id (it is in the rollback's metadata) and backup_schema, "
-                "backup_table and state_table"
-            )
-        report = RestoreReport(config.dry_run, state.rollback_id, state.cutoff)
-        if config.dry_run:
-            total, found, nulls, already = conn.execute(
-                sql.SQL(RESTORE_PREVIEW).format(backup=tables.backup, weeks=db.weeks),
-                [state.rollback_id],
-            ).fetchone()
-            report.backed_up_rows, report.restored_rows = total, nulls
-            report.already_restored_rows, report.missing_rows = already, total - found
-            report.skipped_rows = found - nulls - already
-            report.seconds = time.monotonic() - started
-            return report
-        if state.phase in ("walking", "sweeping"):
-            log.warning(
-                f"rollback {state.rollback_id} stopped before finishing; restoring what it "
-                "cleared closes it, and the next rollback run starts afresh"
-            )
-        conn.execute(
-            sql.SQL("UPDATE {state} SET phase = 'restoring' WHERE rollback_id = %s").format(
-                state=tables.state
-            ),
-            [state.rollback_id],
-        )
-        total = conn.execute(
-            sql.SQL("SELECT count(*) FROM {backup} WHERE rollback_id = %s").format(
-                backup=tables.backup
-            ),
-            [state.rollback_id],
-        ).fetchone()[0]
-        report.backed_up_rows = total
-        try:
-            put_back(conn, db, tables, config, state, report, log)
-        except psycopg.OperationalError:
-            raise refuse(
-                f"the connection to {db.describe()} was lost while restoring rollback "
-                f"{state.rollback_id} of {weeks}; every finished batch is committed: run "
-                f"{RESTORE_JOB} again with rollback_id {state.rollback_id} to continue"
-            ) from None
-    report.seconds = time.monotonic() - started
-    log.info(
-        f"restored execution_id on {report.restored_rows:,} of {report.backed_up_rows:,} rows "
-        f"of {weeks} from rollback {state.rollback_id}; skipped {report.skipped_rows:,} written "
-        f"since, {report.already_restored_rows:,} already restored, {report.missing_rows:,} gone"
-    )
-    return report
-
-
-def put_back(
-    conn: psycopg.Connection,
-    db: TargetDatabase,
-    tables: BackupTables,
-    config: RestoreConfig,
-    state: RollbackState,
-    report: RestoreReport,
-    log,
-) -> None:
-    statement = sql.SQL(RESTORE_BATCH).format(backup=tables.backup, weeks=db.weeks)
-    record = sql.SQL(
-        "UPDATE {state} SET restored_rows = restored_rows + %s, restored_at = now() "
-        "WHERE rollback_id = %s"
-    ).format(state=tables.state)
-    progress = Progress(total=report.backed_up_rows)
-    after = None
-    while True:
-
-        def work(c: psycopg.Connection, after=after) -> tuple:
-            row = c.execute(
-                statement, {"rid": state.rollback_id, "after": after, "limit": config.batch_size}
-            ).fetchone()
-            c.execute(record, [row[1], state.rollback_id])
-            return row
-
-        (size, restored, found, already, last), ms = in_one_transaction(
-            conn, work, f"restore of rollback {state.rollback_id}"
-        )
-        if size == 0:
-            break
-        after = last
-        report.restored_rows += restored
-        report.already_restored_rows += already
-        report.missing_rows += size - found
-        report.skipped_rows += found - restored - already
-        progress.add(size, ms)
-        if progress.due():
-            log.info(progress.line("went through"))
-    conn.execute(
-        sql.SQL("UPDATE {state} SET phase = 'restored' WHERE rollback_id = %s").format(
-            state=tables.state
-        ),
-        [state.rollback_id],
-    )
-    report.batches = progress.batches
-    report.longest_batch_ms = progress.longest_ms
 
 
 # -- Dagster definitions ----------------------------------------------------------------
@@ -987,30 +812,4 @@ def execution_id_rollback(
     return dg.MaterializeResult(metadata=report.metadata())
 
 
-@dg.asset(
-    key="execution_id_restore",
-    group_name=GROUP,
-    deps=[report_data_weeks],
-    kinds={"postgres"},
-)
-def execution_id_restore(
-    context: dg.AssetExecutionContext, config: RestoreConfig, target_db: TargetDatabase
-) -> dg.MaterializeResult:
-    """Restore: put back the `execution_id` values a rollback cleared, from its backup.
-
-    Takes `rollback_id` (default: the latest rollback of the table). Dry run by default:
-    counts what it would restore. A real run restores in batches and only where
-    `execution_id` is still NULL; a value written since the rollback is never overwritten
-    (counted in `skipped_rows`). `updated_at` goes back to its backed-up value where the
-    row is untouched since the rollback, so rollback + restore gives back the table as it
-    was; a row written since keeps its newer `updated_at`.
-    """
-    if config.dry_run:
-        report = restore(target_db, config, context.log)
-    else:
-        with exclusive_write(target_db, RESTORE_JOB):
-            report = restore(target_db, config, context.log)
-    return dg.MaterializeResult(metadata=report.metadata())
-
-
-rollback_assets = [execution_id_rollback, execution_id_restore]
+rollback_assets = [execution_id_rollback]
