@@ -2,14 +2,21 @@
 
 import dagster as dg
 
+from rdw_tracking.assets.performance import performance_assets
+from rdw_tracking.assets.population import population_assets
 from rdw_tracking.assets.schema import schema_assets, schema_checks
 from rdw_tracking.assets.tables import external_tables
 from rdw_tracking.jobs import jobs
 from rdw_tracking.resources import TargetDatabase
 
 defs = dg.Definitions(
-    assets=[*external_tables, *schema_assets],
+    assets=[*external_tables, *schema_assets, *population_assets, *performance_assets],
     asset_checks=[*schema_checks],
     jobs=jobs,
-    resources={"target_db": TargetDatabase()},
+    resources={
+        "target_db": TargetDatabase(),
+        # Explicit, so in-process runs (the demo, tests) also store the population
+        # DataFrame where notebooks find it: defs.load_asset_value("execution_id_population").
+        "io_manager": dg.FilesystemIOManager(),
+    },
 )

@@ -9,11 +9,24 @@ WRITE_JOB_TAGS = {DB_WRITES_TAG: "true"}
 
 verify_execution_tracking = dg.define_asset_job(
     "verify_execution_tracking",
-    selection=dg.AssetSelection.assets("execution_id_schema"),
+    selection=dg.AssetSelection.assets("execution_id_schema")
+    | dg.AssetSelection.assets(
+        "execution_id_population", "execution_id_join_plan", "execution_id_storage"
+    ),
     description=(
         "Read-only verification of execution tracking: the schema of execution_id and its "
-        "foreign key, with every check. Safe to run at any time."
+        "foreign key, the population snapshot, the join plan and the storage impact, with "
+        "every check. Safe to run at any time."
     ),
 )
 
-jobs = [verify_execution_tracking]
+post_collection_validation = dg.define_asset_job(
+    "post_collection_validation",
+    selection=dg.AssetSelection.assets("execution_id_population"),
+    description=(
+        "Read-only population snapshot of execution_id with its checks (recent rate, "
+        "orphaned ids, daily trend); run after each collection."
+    ),
+)
+
+jobs = [verify_execution_tracking, post_collection_validation]
