@@ -107,6 +107,7 @@ def run(rows: int = 20_000) -> int:
         else dg.DagsterInstance.ephemeral()
     )
     results = [run_job(instance, "verify_execution_tracking")]
+    results.append(run_job(instance, "post_collection_validation"))
     failed = [r.dagster_run.job_name for r in results if not r.success]
     if failed:
         print(f"\nfailed jobs: {', '.join(failed)}")

@@ -38,7 +38,7 @@ class JoinPlanConfig(dg.Config):
         try:
             return str(uuid.UUID(value.strip()))
         except ValueError:
-            raise ValueError(f"{info.field_name} must be a UUID, got {value!r}") from None
+            raise refuse(f"{info.field_name} must be a UUID, got {value!r}") from None
 
 
 # The spec's performance query, verbatim but for the schema-qualified names.
@@ -165,13 +165,10 @@ def explain_join(db: TargetDatabase, collection_id: str | None) -> Plan:
         if collection_id:
             chosen_by = "configured"
         else:
-            found = busiest_collection(cur, db)
-            if found is None:
-                raise refuse(
-                    f"{weeks} has no rows: there is no collection to plan the join for; "
-                    "run the collection first or set collection_id"
-                )
-            collection_id, chosen_by = found
+            collection_id, chosen_by = busiest_collection(cur, db) or (
+                str(uuid.UUID(int=0)),
+                f"{weeks} has no rows: planned for a collection_id that matches none",
+            )
         cur.execute(
             sql.SQL(JOIN_SQL).format(weeks=db.weeks, executions=db.executions),
             {"collection_id": uuid.UUID(collection_id)},
@@ -266,9 +263,7 @@ class StorageConfig(dg.Config):
     @classmethod
     def _positive(cls, value: int, info) -> int:
         if value < 8192:
-            raise ValueError(
-                f"{info.field_name} must be at least 8192 bytes (one page), got {value}"
-            )
+            raise refuse(f"{info.field_name} must be at least 8192 bytes (one page), got {value}")
         return value
 
 

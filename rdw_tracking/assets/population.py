@@ -36,7 +36,12 @@ def parse_timestamp(value: str) -> dt.datetime:
 
 
 class PopulationConfig(dg.Config):
-    """Run config of `execution_id_population` and its checks (`ops.execution_id_population.config`)."""
+    """Run config of `execution_id_population` and its checks (`ops.execution_id_population.config`).
+
+    Validators raise `refuse(...)` rather than ValueError: pydantic passes it through
+    untouched, so a bad value fails the step once, naming the field, instead of being
+    retried by READ_RETRY like a dropped connection.
+    """
 
     window_days: int = Field(
         default=7,
@@ -66,14 +71,14 @@ class PopulationConfig(dg.Config):
     @classmethod
     def _window(cls, value: int, info) -> int:
         if not 1 <= value <= 366:
-            raise ValueError(f"{info.field_name} must be between 1 and 366 days, got {value}")
+            raise refuse(f"{info.field_name} must be between 1 and 366 days, got {value}")
         return value
 
     @field_validator("min_recent_population_pct", "trend_margin_pct")
     @classmethod
     def _pct(cls, value: float, info) -> float:
         if not 0 <= value <= 100:
-            raise ValueError(f"{info.field_name} must be between 0 and 100, got {value}")
+            raise refuse(f"{info.field_name} must be between 0 and 100, got {value}")
         return value
 
     @field_validator("tracking_started_at")
@@ -84,7 +89,7 @@ class PopulationConfig(dg.Config):
         try:
             parse_timestamp(value)
         except ValueError:
-            raise ValueError(
+            raise refuse(
                 f"{info.field_name} must be an ISO 8601 timestamp such as "
                 f"2024-05-01T09:30:00Z, got {value!r}"
             ) from None
@@ -504,7 +509,7 @@ def orphan_check(orphans: Orphans | None, db: TargetDatabase) -> dg.AssetCheckRe
         ),
     ],
 )
-def execution_id_population(config: PopulationConfig, target_db: TargetDatabase):  # noqa: ANN201
+def execution_id_population(config: PopulationConfig, target_db: TargetDatabase):
     # No return annotation: with check outputs, Dagster would read it as the output types.
     """How many `report_data_weeks` rows carry an `execution_id`: overall, in the recent
     window, and per creation day.
