@@ -8,7 +8,7 @@ same snapshot instead of scanning again.
 
 import datetime as dt
 from dataclasses import dataclass, field
-from decimal import Decimal
+from decimal import ROUND_HALF_UP, Decimal
 
 import dagster as dg
 import pandas as pd
@@ -102,15 +102,26 @@ class PopulationConfig(dg.Config):
 # -- the snapshot ----------------------------------------------------------------------
 
 
+def rate(with_execution_id: int, total: int) -> float | None:
+    """The spec's ROUND(with * 100.0 / total, 2), exactly; None without rows."""
+    if not total:
+        return None
+    exact = Decimal(with_execution_id) * 100 / Decimal(total)
+    return float(exact.quantize(Decimal("0.01"), ROUND_HALF_UP))
+
+
 @dataclass(frozen=True)
 class Counts:
     rows: int
     with_execution_id: int
-    pct: float | None  # ROUND(with * 100.0 / rows, 2); None without rows
 
     @property
     def without_execution_id(self) -> int:
         return self.rows - self.with_execution_id
+
+    @property
+    def pct(self) -> float | None:
+        return rate(self.with_execution_id, self.rows)
 
 
 @dataclass(frozen=True)
@@ -118,7 +129,17 @@ class Day:
     creation_date: dt.date
     total_records: int
     with_execution_id: int
-    population_rate: float | None
+
+    @property
+    def population_rate(self) -> float | None:
+        return rate(self.with_execution_id, self.total_records)
+
+
+@dataclass(frozen=True)
+class Orphans:
+    count: int
+    recent_count: int
+    sample: list[tuple[str, str]]  # (report_data_weeks.id, execution_id), newest first
 
 
 @dataclass(frozen=True)
@@ -130,56 +151,65 @@ class Snapshot:
     recent: Counts
     since_tracking: Counts | None
     daily: list[Day]
+    orphans: Orphans | None  # None: workflow_executions does not exist
     sample: list[dict] = field(default_factory=list)
 
-
-def _pct(value: Decimal | None) -> float | None:
-    return None if value is None else float(value)
-
-
-# One pass: rows of the window are grouped by creation day, all older rows (and rows
-# without created_at) share one group; FILTER counts what the recent window and
-# tracking_started_at need. Everything else is arithmetic on a few hundred groups.
-SNAPSHOT_SQL = """
-WITH per_day AS (
-    SELECT CASE WHEN created_at >= CURRENT_DATE - %(window_days)s::int
-                THEN created_at::date END AS day,
-           count(*) AS total_records,
-           count(execution_id) AS with_execution_id,
-           count(*) FILTER (WHERE created_at >= %(recent_since)s) AS recent_records,
-           count(execution_id) FILTER (WHERE created_at >= %(recent_since)s) AS recent_with,
-           count(*) FILTER (WHERE created_at >= %(started_at)s) AS tracked_records,
-           count(execution_id) FILTER (WHERE created_at >= %(started_at)s) AS tracked_with
-    FROM {weeks}
-    GROUP BY 1
-),
-days AS (
-    SELECT d::date AS day
-    FROM generate_series(CURRENT_DATE - %(window_days)s::int, CURRENT_DATE, interval '1 day') AS d
-    UNION
-    SELECT day FROM per_day WHERE day IS NOT NULL
-)
-SELECT NULL::date AS day,
-       coalesce(sum(total_records), 0)::bigint, coalesce(sum(with_execution_id), 0)::bigint,
-       ROUND(sum(with_execution_id) * 100.0 / NULLIF(sum(total_records), 0), 2),
-       coalesce(sum(recent_records), 0)::bigint, coalesce(sum(recent_with), 0)::bigint,
-       ROUND(sum(recent_with) * 100.0 / NULLIF(sum(recent_records), 0), 2),
-       coalesce(sum(tracked_records), 0)::bigint, coalesce(sum(tracked_with), 0)::bigint,
-       ROUND(sum(tracked_with) * 100.0 / NULLIF(sum(tracked_records), 0), 2)
-FROM per_day
-UNION ALL
-SELECT d.day, coalesce(p.total_records, 0), coalesce(p.with_execution_id, 0),
-       ROUND(p.with_execution_id * 100.0 / NULLIF(p.total_records, 0), 2),
-       NULL, NULL, NULL, NULL, NULL, NULL
-FROM days AS d LEFT JOIN per_day AS p ON p.day = d.day
-ORDER BY 1 NULLS FIRST
-"""
 
 # The window's bounds, fixed once so that every statement of a snapshot agrees on them.
 BOUNDS_SQL = """
 SELECT CURRENT_DATE, CURRENT_DATE - %(window_days)s::int,
        GREATEST((CURRENT_DATE - %(window_days)s::int)::timestamptz, %(started_at)s::timestamptz)
 """
+
+# The one pass: each row meets its day of the window through a hash join on the date
+# (rows older than the window, or without created_at, meet none and share one group),
+# and FILTER counts what the recent window, tracking_started_at and the orphan check
+# need. Joining a day list of known size, rather than grouping by an expression of
+# created_at, lets the planner see ~window_days groups and aggregate in parallel. The
+# LEFT JOIN on workflow_executions' primary key adds no rows; a non-NULL execution_id
+# that finds no match is an orphan (NULLs are not).
+PASS_SQL = """
+SELECT d.day,
+       count(*),
+       count(w.execution_id),
+       count(*) FILTER (WHERE w.created_at >= %(recent_since)s),
+       count(w.execution_id) FILTER (WHERE w.created_at >= %(recent_since)s),
+       count(*) FILTER (WHERE w.created_at >= %(started_at)s),
+       count(w.execution_id) FILTER (WHERE w.created_at >= %(started_at)s),
+       {orphans},
+       {recent_orphans},
+       count(*) FILTER (WHERE w.created_at >= %(tomorrow)s)
+FROM {weeks} AS w
+{join}
+LEFT JOIN (SELECT %(window_start)s::date + k AS day
+           FROM generate_series(0, %(window_days)s::int) AS k) AS d
+       ON d.day = w.created_at::date
+GROUP BY d.day
+"""
+
+# Rows dated after today count under their own date; only asked when the pass saw some.
+FUTURE_DAYS_SQL = """
+SELECT created_at::date, count(*), count(execution_id)
+FROM {weeks} WHERE created_at >= %(tomorrow)s GROUP BY 1
+"""
+ORPHAN = "w.execution_id IS NOT NULL AND e.id IS NULL"
+
+
+def pass_query(db: TargetDatabase, with_executions: bool) -> sql.Composed:
+    if not with_executions:
+        null = sql.SQL("NULL::bigint")
+        return sql.SQL(PASS_SQL).format(
+            weeks=db.weeks, join=sql.SQL(""), orphans=null, recent_orphans=null
+        )
+    return sql.SQL(PASS_SQL).format(
+        weeks=db.weeks,
+        join=sql.SQL("LEFT JOIN {} AS e ON e.id = w.execution_id").format(db.executions),
+        orphans=sql.SQL(f"count(*) FILTER (WHERE {ORPHAN})"),
+        recent_orphans=sql.SQL(
+            f"count(*) FILTER (WHERE {ORPHAN} AND w.created_at >= CURRENT_DATE - 1)"
+        ),
+    )
+
 
 # The spec's "sample current data state": the latest rows as they are now.
 SAMPLE_SQL = """
@@ -189,31 +219,64 @@ ORDER BY created_at DESC NULLS LAST
 LIMIT %(limit)s
 """
 
+# Run only when the pass found orphans: which rows they are, newest first.
+ORPHAN_SAMPLE_SQL = """
+SELECT w.id::text, w.execution_id::text
+FROM {weeks} AS w
+WHERE w.execution_id IS NOT NULL
+  AND NOT EXISTS (SELECT 1 FROM {executions} AS e WHERE e.id = w.execution_id)
+ORDER BY w.created_at DESC NULLS LAST, w.id
+LIMIT %(limit)s
+"""
+
+
+def window_days_of(today: dt.date, window_start: dt.date, groups: dict) -> list[Day]:
+    """Every day from window_start to today, plus later days that have rows."""
+    dates = {window_start + dt.timedelta(days=k) for k in range((today - window_start).days + 1)}
+    dates |= {day for day in groups if day is not None}
+    return [Day(d, *(groups[d][:2] if d in groups else (0, 0))) for d in sorted(dates)]
+
 
 def take_snapshot(db: TargetDatabase, window_days: int, started_at: dt.datetime | None) -> Snapshot:
-    params = {"window_days": window_days, "started_at": started_at, "limit": ROW_SAMPLE_SIZE}
+    params = {"window_days": window_days, "started_at": started_at}
     with db.cursor() as cur:
         if not catalog.table_exists(cur, db.schema_name, db.weeks_table):
             raise refuse(
                 f"table {db.qualified(db.weeks_table)} does not exist; "
                 "check target_db.schema_name and weeks_table"
             )
-        cur.execute(BOUNDS_SQL, params)
-        today, window_start, recent_since = cur.fetchone()
-        params["recent_since"] = recent_since
-        cur.execute(sql.SQL(SNAPSHOT_SQL).format(weeks=db.weeks), params)
-        (_, *counts), *days = cur.fetchall()
-        cur.execute(sql.SQL(SAMPLE_SQL).format(weeks=db.weeks), params)
+        with_executions = catalog.table_exists(cur, db.schema_name, db.executions_table)
+        today, window_start, recent_since = cur.execute(BOUNDS_SQL, params).fetchone()
+        tomorrow = today + dt.timedelta(days=1)
+        params |= {"window_start": window_start, "recent_since": recent_since, "tomorrow": tomorrow}
+        cur.execute(pass_query(db, with_executions), params)
+        groups = {row[0]: row[1:] for row in cur.fetchall()}
+        if sum(g[8] for g in groups.values()):
+            cur.execute(sql.SQL(FUTURE_DAYS_SQL).format(weeks=db.weeks), params)
+            groups |= {day: (total, with_id) for day, total, with_id in cur.fetchall()}
+        cur.execute(sql.SQL(SAMPLE_SQL).format(weeks=db.weeks), {"limit": ROW_SAMPLE_SIZE})
         columns = [c.name for c in cur.description]
         sample = [dict(zip(columns, row, strict=True)) for row in cur.fetchall()]
+        totals = [sum(g[i] or 0 for g in groups.values() if len(g) > 2) for i in range(8)]
+        orphans = None
+        if with_executions:
+            orphan_sample = []
+            if totals[6]:
+                cur.execute(
+                    sql.SQL(ORPHAN_SAMPLE_SQL).format(weeks=db.weeks, executions=db.executions),
+                    {"limit": ORPHAN_SAMPLE_SIZE},
+                )
+                orphan_sample = [tuple(row) for row in cur.fetchall()]
+            orphans = Orphans(totals[6], totals[7], orphan_sample)
     return Snapshot(
         today=today,
         window_start=window_start,
         recent_since=recent_since,
-        overall=Counts(counts[0], counts[1], _pct(counts[2])),
-        recent=Counts(counts[3], counts[4], _pct(counts[5])),
-        since_tracking=Counts(counts[6], counts[7], _pct(counts[8])) if started_at else None,
-        daily=[Day(row[0], row[1], row[2], _pct(row[3])) for row in days],
+        overall=Counts(totals[0], totals[1]),
+        recent=Counts(totals[2], totals[3]),
+        since_tracking=Counts(totals[4], totals[5]) if started_at else None,
+        daily=window_days_of(today, window_start, groups),
+        orphans=orphans,
         sample=sample,
     )
 
@@ -349,12 +412,7 @@ def trend_days(snapshot: Snapshot, started_at: dt.datetime | None) -> tuple[Day 
 
 
 def pooled_rate(days: list[Day]) -> float | None:
-    total = sum(d.total_records for d in days)
-    with_id = sum(d.with_execution_id for d in days)
-    if not total:
-        return None
-    rate = (Decimal(with_id) * 100 / Decimal(total)).quantize(Decimal("0.01"), "ROUND_HALF_UP")
-    return float(rate)
+    return rate(sum(d.with_execution_id for d in days), sum(d.total_records for d in days))
 
 
 def trend_check(
@@ -403,41 +461,6 @@ def trend_check(
 
 
 # -- execution_ids_exist ---------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Orphans:
-    count: int
-    recent_count: int
-    sample: list[tuple[str, str]]  # (report_data_weeks.id, execution_id), newest first
-
-
-# NULLs are not orphans; the recent count is the spec's `created_at >= CURRENT_DATE - 1`.
-ORPHANS_SQL = """
-WITH orphans AS MATERIALIZED (
-    SELECT w.id, w.execution_id, w.created_at
-    FROM {weeks} AS w
-    WHERE w.execution_id IS NOT NULL
-      AND NOT EXISTS (SELECT 1 FROM {executions} AS e WHERE e.id = w.execution_id)
-)
-SELECT (SELECT count(*) FROM orphans),
-       (SELECT count(*) FROM orphans WHERE created_at >= CURRENT_DATE - 1),
-       ARRAY(SELECT ARRAY[id::text, execution_id::text] FROM orphans
-             ORDER BY created_at DESC NULLS LAST, id LIMIT %(limit)s)
-"""
-
-
-def find_orphans(db: TargetDatabase) -> Orphans | None:
-    """The orphaned execution_ids; None when `workflow_executions` does not exist."""
-    with db.cursor() as cur:
-        if not catalog.table_exists(cur, db.schema_name, db.executions_table):
-            return None
-        cur.execute(
-            sql.SQL(ORPHANS_SQL).format(weeks=db.weeks, executions=db.executions),
-            {"limit": ORPHAN_SAMPLE_SIZE},
-        )
-        count, recent, sample = cur.fetchone()
-    return Orphans(count, recent, [tuple(pair) for pair in sample])
 
 
 def orphan_check(orphans: Orphans | None, db: TargetDatabase) -> dg.AssetCheckResult:
@@ -525,14 +548,13 @@ def execution_id_population(config: PopulationConfig, target_db: TargetDatabase)
     """
     started_at = config.started_at()
     snapshot = take_snapshot(target_db, config.window_days, started_at)
-    orphans = find_orphans(target_db)
     where = target_db.qualified(target_db.weeks_table)
     return dg.MaterializeResult(
         value=daily_frame(snapshot.daily),
         metadata=snapshot_metadata(snapshot, config.window_days),
         check_results=[
             rate_check(snapshot, config.min_recent_population_pct, where),
-            orphan_check(orphans, target_db),
+            orphan_check(snapshot.orphans, target_db),
             trend_check(snapshot, config.trend_margin_pct, started_at),
         ],
     )
