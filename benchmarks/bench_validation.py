@@ -57,8 +57,10 @@ def run(args) -> list[dict]:
     for rows in args.rows:
         summary = demo.build(args.url, demo.DemoShape(rows=rows))
         print(f"built {rows:,} rows in {summary['seconds']} s", flush=True)
-        with spawn.Pool(1) as pool:
-            figures = pool.apply(measure, (args.url, args.repeat))
+        pool = spawn.Pool(1)
+        figures = pool.apply(measure, (args.url, args.repeat))
+        pool.close()
+        pool.join()
         results.append({"rows": summary["rows"], **figures})
         print(figures, flush=True)
     return results

@@ -211,13 +211,26 @@ def pass_query(db: TargetDatabase, with_executions: bool) -> sql.Composed:
     )
 
 
-# The spec's "sample current data state": the latest rows as they are now.
+# The spec's "sample current data state": the latest rows as they are now. `since` is
+# the latest day from which the pass counted enough rows: it spares the top-N sort.
 SAMPLE_SQL = """
 SELECT id, collection_id, week_start_date, status, execution_id, created_at
 FROM {weeks}
+WHERE created_at >= %(since)s OR %(since)s IS NULL
 ORDER BY created_at DESC NULLS LAST
 LIMIT %(limit)s
 """
+
+
+def sample_since(daily: list[Day], size: int) -> dt.date | None:
+    """The latest day on and after which at least `size` rows were created, if any."""
+    seen = 0
+    for day in reversed(daily):
+        seen += day.total_records
+        if seen >= size:
+            return day.creation_date
+    return None
+
 
 # Run only when the pass found orphans: which rows they are, newest first.
 ORPHAN_SAMPLE_SQL = """
@@ -254,7 +267,11 @@ def take_snapshot(db: TargetDatabase, window_days: int, started_at: dt.datetime 
         if sum(g[8] for g in groups.values()):
             cur.execute(sql.SQL(FUTURE_DAYS_SQL).format(weeks=db.weeks), params)
             groups |= {day: (total, with_id) for day, total, with_id in cur.fetchall()}
-        cur.execute(sql.SQL(SAMPLE_SQL).format(weeks=db.weeks), {"limit": ROW_SAMPLE_SIZE})
+        daily = window_days_of(today, window_start, groups)
+        cur.execute(
+            sql.SQL(SAMPLE_SQL).format(weeks=db.weeks),
+            {"since": sample_since(daily, ROW_SAMPLE_SIZE), "limit": ROW_SAMPLE_SIZE},
+        )
         columns = [c.name for c in cur.description]
         sample = [dict(zip(columns, row, strict=True)) for row in cur.fetchall()]
         totals = [sum(g[i] or 0 for g in groups.values() if len(g) > 2) for i in range(8)]
@@ -275,7 +292,7 @@ def take_snapshot(db: TargetDatabase, window_days: int, started_at: dt.datetime 
         overall=Counts(totals[0], totals[1]),
         recent=Counts(totals[2], totals[3]),
         since_tracking=Counts(totals[4], totals[5]) if started_at else None,
-        daily=window_days_of(today, window_start, groups),
+        daily=daily,
         orphans=orphans,
         sample=sample,
     )
