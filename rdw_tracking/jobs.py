@@ -12,13 +12,26 @@ WRITE_JOB_TAGS = {DB_WRITES_TAG: "true"}
 verify_execution_tracking = dg.define_asset_job(
     "verify_execution_tracking",
     selection=dg.AssetSelection.assets("execution_id_schema")
+    | dg.AssetSelection.assets(
+        "execution_id_population", "execution_id_join_plan", "execution_id_storage"
+    )
     # The index check alone: verification must never build the indexes.
     | dg.AssetSelection.checks(
         dg.AssetCheckKey(dg.AssetKey("execution_id_indexes"), "execution_id_indexes_valid")
     ),
     description=(
         "Read-only verification of execution tracking: the schema of execution_id and its "
-        "foreign key, with every check. Safe to run at any time."
+        "foreign key, the population snapshot, the join plan and the storage impact, with "
+        "every check. Safe to run at any time."
+    ),
+)
+
+post_collection_validation = dg.define_asset_job(
+    "post_collection_validation",
+    selection=dg.AssetSelection.assets("execution_id_population"),
+    description=(
+        "Read-only population snapshot of execution_id with its checks (recent rate, "
+        "orphaned ids, daily trend); run after each collection."
     ),
 )
 
@@ -44,7 +57,12 @@ def add_execution_id_foreign_key():
     add_foreign_key()
 
 
-jobs = [verify_execution_tracking, create_execution_id_indexes, add_execution_id_foreign_key]
+jobs = [
+    verify_execution_tracking,
+    post_collection_validation,
+    create_execution_id_indexes,
+    add_execution_id_foreign_key,
+]
 
 # Manual only: in no schedule, sensor or default job. Both default to a dry run.
 rollback_execution_id = dg.define_asset_job(

@@ -108,6 +108,7 @@ def run(rows: int = 20_000) -> int:
     )
     results = [run_job(instance, "create_execution_id_indexes")]
     results.append(run_job(instance, "verify_execution_tracking"))
+    results.append(run_job(instance, "post_collection_validation"))
     failed = [r.dagster_run.job_name for r in results if not r.success]
     if failed:
         print(f"\nfailed jobs: {', '.join(failed)}")
