@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from rdw_tracking.assets.population import RATE_CHECK
-from rdw_tracking_tests.conftest import check_results, materialization_metadata
+from rdw_tracking_tests.conftest import check_results, launch_refusal, materialization_metadata
 
 ASSET = "execution_id_population"
 ERROR, WARN = dg.AssetCheckSeverity.ERROR, dg.AssetCheckSeverity.WARN
@@ -334,9 +334,10 @@ def test_trend_warns_on_a_drop(db, sql_exec, run_job):
     ],
 )
 def test_bad_config_is_refused_naming_the_field(db, run_job, config, field):
-    result = run_job("post_collection_validation", run_config={"ops": {ASSET: {"config": config}}})
-    assert not result.success
-    assert field in failure_text(result)
+    message = launch_refusal(
+        run_job, "post_collection_validation", {"ops": {ASSET: {"config": config}}}
+    )
+    assert field in message
 
 
 def test_daily_frame_is_stored_for_notebooks(db, tmp_path):
