@@ -1,6 +1,7 @@
 """Jobs: what a person launches from the UI, and what schedules and sensors request."""
 
 import dagster as dg
+from psycopg.conninfo import conninfo_to_dict
 
 from rdw_tracking.assets.foreign_key import ForeignKeyConfig, add_foreign_key
 from rdw_tracking.assets.indexes import IndexConfig
@@ -8,6 +9,7 @@ from rdw_tracking.assets.performance import JoinPlanConfig, StorageConfig
 from rdw_tracking.assets.population import PopulationConfig
 from rdw_tracking.assets.restore import RestoreConfig
 from rdw_tracking.assets.rollback import RollbackConfig
+from rdw_tracking.resources import URL_ENV, TargetDatabase
 
 # Jobs that write to the looked-after database carry this tag; dagster.yaml lets one of
 # them run at a time, and each also takes a PostgreSQL advisory lock (see writes.py).
@@ -24,7 +26,9 @@ def checked_at_launch(**op_configs: type[dg.Config]) -> dg.ConfigMapping:
 
     Dagster runs pydantic validators only when a step starts; passing the run config
     through this mapping refuses a malformed or future date, a batch size of 0 and the
-    like before a run is even created, with the same `ops.<op>.config` shape.
+    like before a run is even created, with the same `ops.<op>.config` shape. The same
+    goes for `resources.target_db.config` (an empty name, a negative timeout, a
+    malformed URL), and for a URL carrying a password: run config is stored with the run.
     """
     schema = {
         "ops": {
@@ -45,9 +49,28 @@ def checked_at_launch(**op_configs: type[dg.Config]) -> dg.ConfigMapping:
                 raise RunConfigError(f"ops.{op}.config: {err.description}") from None
             except Exception as err:  # pydantic's ValidationError names the field
                 raise RunConfigError(f"ops.{op}.config: {_first_error(err)}") from None
+        check_target_db(outer.get("resources", {}).get("target_db", {}).get("config", {}))
         return outer
 
     return validate
+
+
+def check_target_db(values: dict) -> None:
+    """Run config `resources.target_db.config`, by TargetDatabase's own validators."""
+    where = "resources.target_db.config"
+    # {env: NAME} and other non-literal sources are Dagster's to resolve and check.
+    literal = {k: v for k, v in (values or {}).items() if not isinstance(v, dict)}
+    try:
+        TargetDatabase(**literal)
+    except Exception as err:  # the message holds no input value: it may be the URL
+        raise RunConfigError(f"{where}: {_first_error(err)}") from None
+    url = literal.get("url")
+    if url and conninfo_to_dict(url).get("password"):
+        raise RunConfigError(
+            f"{where}.url carries a password, and run config is stored with the run for "
+            f"anyone who can see it: leave url unset and put the URL in env {URL_ENV}, or "
+            "the password in ~/.pgpass or PGPASSWORD"
+        )
 
 
 def _first_error(err: Exception) -> str:
@@ -55,7 +78,8 @@ def _first_error(err: Exception) -> str:
     if callable(errors):
         first = errors()[0]
         field = ".".join(str(part) for part in first.get("loc", ()))
-        return f"{field}: {first.get('msg', err)}"
+        message = str(first.get("msg", "invalid")).removeprefix("Value error, ")
+        return f"{field}: {message}"
     return str(err)
 
 

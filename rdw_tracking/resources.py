@@ -29,6 +29,14 @@ class TargetDatabaseError(Exception):
     """A failure a user can act on; its message names the object and the fix."""
 
 
+class NotRetryable(TargetDatabaseError, dg.Failure):
+    """A setting that names nothing real (no such schema, a malformed URL): a retry
+    would only fail the same way, so it fails the step once, naming the field to fix."""
+
+    def __init__(self, message: str):
+        dg.Failure.__init__(self, description=message, allow_retries=False)
+
+
 class StatementTimeout(dg.Failure):
     """A statement ran into `statement_timeout`: never retried, since it would again."""
 
@@ -61,7 +69,7 @@ def endpoint(url: str) -> Endpoint:
     try:
         info = conninfo_to_dict(url)
     except psycopg.ProgrammingError as err:
-        raise TargetDatabaseError(
+        raise NotRetryable(
             f"the database URL is not a valid libpq URI ({redact(str(err), url)}); "
             f"set {URL_ENV} or target_db.url to postgresql://user@host:port/database"
         ) from None
@@ -92,12 +100,16 @@ def redact(text: str, url: str | None) -> str:
 
 
 def _check_identifier(value: str, field: str) -> str:
+    """A name as PostgreSQL stores it. Any character is allowed (it reaches SQL quoted),
+    but not ones that only a typo or a paste puts there."""
     if not isinstance(value, str) or not value.strip():
         raise ValueError(f"{field} must be a non-empty name")
     if len(value.encode()) > _MAX_IDENTIFIER:
         raise ValueError(f"{field} {value!r} is longer than PostgreSQL's 63-byte names")
-    if "\x00" in value:
-        raise ValueError(f"{field} must not contain a NUL character")
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
+        raise ValueError(f"{field} {value!r} contains a control character")
+    if value != value.strip():
+        raise ValueError(f"{field} {value!r} starts or ends with a space; remove it")
     return value
 
 
@@ -136,6 +148,20 @@ class TargetDatabase(dg.ConfigurableResource):
     def _url(cls, value: str | None) -> str | None:
         if value is not None and not value.strip():
             raise ValueError("url must not be empty; leave it unset to use env " + URL_ENV)
+        if value is not None:
+            try:
+                port = str(conninfo_to_dict(value).get("port") or "")
+            except psycopg.ProgrammingError as err:
+                raise ValueError(
+                    f"url is not a valid libpq URI ({redact(str(err).strip(), value)}); write it as "
+                    "postgresql://user@host:port/database"
+                ) from None
+            # libpq only finds a bad port when it connects; say so now, not after retries.
+            if port and not all(p.strip().isdigit() for p in port.split(",")):
+                raise ValueError(
+                    f"url has port {port!r}, not a number; write it as "
+                    "postgresql://user@host:5432/database"
+                )
         return value
 
     # -- where --------------------------------------------------------------------
@@ -216,7 +242,7 @@ class TargetDatabase(dg.ConfigurableResource):
                 if not autocommit:
                     conn.rollback()
                 if not found:
-                    raise TargetDatabaseError(
+                    raise NotRetryable(
                         f"schema {self.schema_name!r} does not exist in database "
                         f"{self.endpoint().database} at {self.endpoint().host}:{self.endpoint().port}; "
                         "set target_db.schema_name to the schema holding report_data_weeks"
