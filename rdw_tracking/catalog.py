@@ -82,3 +82,57 @@ def execution_id_foreign_keys(
         [schema, weeks_table, schema, executions_table],
     )
     return [ForeignKey(*row) for row in cur.fetchall()]
+
+
+@dataclass(frozen=True)
+class TableAccess:
+    """What the connected role may do with one table, from one catalog row."""
+
+    role: str
+    owner: str
+    usage: bool  # USAGE on the table's schema: without it no other right is any use
+    owns: bool  # the owner, or a member of the owning role: may ALTER, CREATE INDEX
+    select: bool
+    insert: bool
+    update: bool  # on the whole table, or on every column asked about
+    references: bool
+
+
+def table_access(
+    cur: psycopg.Cursor, schema: str, table: str, update_columns: tuple[str, ...] = ()
+) -> TableAccess | None:
+    """The current role's rights on `schema.table`; None when there is no such table.
+
+    With `update_columns`, UPDATE granted on just those columns counts as UPDATE.
+    """
+    cur.execute(
+        """
+        SELECT current_user, pg_get_userbyid(c.relowner), has_schema_privilege(n.oid, 'USAGE'),
+               pg_has_role(c.relowner, 'USAGE'), has_table_privilege(c.oid, 'SELECT'), has_table_privilege(c.oid, 'INSERT'),
+               CASE WHEN cardinality(%(columns)s::text[]) = 0
+                    THEN has_table_privilege(c.oid, 'UPDATE')
+                    ELSE coalesce((SELECT bool_and(has_column_privilege(c.oid, a.attnum, 'UPDATE'))
+                                   FROM pg_attribute a
+                                   WHERE a.attrelid = c.oid AND a.attname = ANY(%(columns)s::text[])
+                                     AND NOT a.attisdropped), false) END,
+               has_table_privilege(c.oid, 'REFERENCES')
+        FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE n.nspname = %(schema)s AND c.relname = %(table)s AND c.relkind IN ('r', 'p')
+        """,
+        {"schema": schema, "table": table, "columns": list(update_columns)},
+    )
+    row = cur.fetchone()
+    return TableAccess(*row) if row else None
+
+
+def schema_access(cur: psycopg.Cursor, schema: str) -> tuple[str, bool] | None:
+    """(current role, whether it may CREATE in `schema`); None when there is no such schema."""
+    cur.execute(
+        """
+        SELECT current_user, has_schema_privilege(oid, 'CREATE') AND has_schema_privilege(oid, 'USAGE')
+        FROM pg_namespace WHERE nspname = %s
+        """,
+        [schema],
+    )
+    row = cur.fetchone()
+    return (row[0], row[1]) if row else None

@@ -10,9 +10,12 @@ from __future__ import annotations
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import psycopg
+from psycopg import sql
 
+from rdw_tracking import catalog
 from rdw_tracking.assets import refuse
 from rdw_tracking.resources import TargetDatabase
 
@@ -63,3 +66,94 @@ def exclusive_write(db: TargetDatabase, job_name: str) -> Iterator[psycopg.Conne
         finally:
             if not conn.closed:
                 conn.execute("SELECT pg_advisory_unlock(%s, %s)", list(key))
+
+
+# -- grants: checked before the first change, so a refusal leaves nothing half done ------
+
+TABLE_RIGHTS = ("SELECT", "INSERT", "UPDATE", "REFERENCES")
+
+
+@dataclass(frozen=True)
+class Need:
+    """Rights a job needs on `schema.table`: "OWNER" and/or table privileges.
+
+    With `create_if_missing`, a missing table is fine when the role may create it
+    (CREATE on the schema), as the rollback does with its backup tables.
+    """
+
+    schema: str
+    table: str
+    rights: tuple[str, ...]
+    update_columns: tuple[str, ...] = ()
+    create_if_missing: bool = False
+    field: str = "target_db.schema_name and the table names"
+
+
+def weeks_need(db: TargetDatabase, *rights: str, update_columns: tuple[str, ...] = ()) -> Need:
+    return Need(
+        db.schema_name,
+        db.weeks_table,
+        rights,
+        update_columns,
+        field="target_db.schema_name and target_db.weeks_table",
+    )
+
+
+def missing_grants(db: TargetDatabase, needs: list[Need]) -> tuple[str, list[str]]:
+    """(the connected role, each right it lacks as `UPDATE on public.report_data_weeks`
+    followed by the statement that grants it). Refuses when a needed table is missing."""
+    missing: list[str] = []
+    role = "?"
+    with db.cursor() as cur:
+        for need in needs:
+            label = f"{need.schema}.{need.table}"
+            access = catalog.table_access(cur, need.schema, need.table, need.update_columns)
+            if access is None:
+                found = catalog.schema_access(cur, need.schema)
+                if need.create_if_missing and found is not None:
+                    role = found[0]
+                    if not found[1]:
+                        missing.append(
+                            f"CREATE on schema {need.schema} (to create {label}): "
+                            f"GRANT USAGE, CREATE ON SCHEMA {_quoted(need.schema)} TO {_quoted(role)}"
+                        )
+                    continue
+                what = f"schema {need.schema}" if found is None else f"table {label}"
+                raise refuse(f"{what} does not exist; check {need.field}")
+            role = access.role
+            target = _quoted(need.schema, need.table)
+            if not access.usage:
+                missing.append(
+                    f"USAGE on schema {need.schema}: "
+                    f"GRANT USAGE ON SCHEMA {_quoted(need.schema)} TO {_quoted(role)}"
+                )
+            if "OWNER" in need.rights and not access.owns:
+                missing.append(
+                    f"ownership of {label} (owner {access.owner}): run the job as "
+                    f"{access.owner} or as a member of that role"
+                )
+            lacking = [
+                r for r in TABLE_RIGHTS if r in need.rights and not getattr(access, r.lower())
+            ]
+            if lacking:
+                columns = f" ({', '.join(need.update_columns)})" if need.update_columns else ""
+                rights = ", ".join(r + (columns if r == "UPDATE" else "") for r in lacking)
+                missing.append(
+                    f"{', '.join(lacking)} on {label}: GRANT {rights} ON {target} TO {_quoted(role)}"
+                )
+    return role, missing
+
+
+def refuse_without_grants(db: TargetDatabase, job_name: str, needs: list[Need]) -> None:
+    """Refuse, before any change, naming every right the connected role lacks."""
+    role, missing = missing_grants(db, needs)
+    if missing:
+        raise refuse(
+            f"{job_name} needs rights that role {role} lacks; nothing was changed. "
+            + "; ".join(missing),
+            missing_grants=missing,
+        )
+
+
+def _quoted(*names: str) -> str:
+    return sql.Identifier(*names).as_string(None)

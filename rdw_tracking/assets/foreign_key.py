@@ -32,7 +32,7 @@ from rdw_tracking.assets.schema import (
     inspect_schema,
 )
 from rdw_tracking.resources import TargetDatabase
-from rdw_tracking.writes import exclusive_write
+from rdw_tracking.writes import Need, exclusive_write, refuse_without_grants, weeks_need
 
 ORPHAN_SAMPLE = 10
 
@@ -129,6 +129,14 @@ def add_foreign_key(
     with exclusive_write(db, context.run.job_name):
         report = inspect_schema(db)
         refuse_unless_possible(report, db)
+        refuse_without_grants(
+            db,
+            context.run.job_name,
+            [
+                weeks_need(db, "OWNER", "SELECT"),
+                Need(db.schema_name, db.executions_table, ("SELECT", "REFERENCES")),
+            ],
+        )
         fk = report.foreign_key
         if fk is not None and fk.on_delete != config.on_delete:
             raise refuse(

@@ -17,13 +17,13 @@ from typing import Any, Protocol, TypeVar
 import dagster as dg
 import psycopg
 from psycopg import sql
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from rdw_tracking import catalog
 from rdw_tracking.assets import GROUP, READ_RETRY, refuse
 from rdw_tracking.assets.tables import report_data_weeks, workflow_executions
 from rdw_tracking.resources import TargetDatabase
-from rdw_tracking.writes import exclusive_write
+from rdw_tracking.writes import Need, exclusive_write, refuse_without_grants
 
 # No `from __future__ import annotations` here: Dagster reads the Config annotation at runtime.
 
@@ -606,6 +606,15 @@ class IndexConfig(dg.Config):
             raise ValueError(f"unknown index {', '.join(unknown)}; choose from {', '.join(known)}")
         return list(dict.fromkeys(value))
 
+    @model_validator(mode="after")
+    def _something(self) -> "IndexConfig":
+        if not self.indexes and not self.workflow_executions_completed_at:
+            raise ValueError(
+                "indexes is empty and workflow_executions_completed_at is false: nothing to "
+                "build; leave indexes unset to build both"
+            )
+        return self
+
 
 def refuse_unless_buildable(db: TargetDatabase, specs: list[IndexSpec]) -> None:
     """Each index's table and columns exist: say so plainly rather than fail in the DDL."""
@@ -613,9 +622,10 @@ def refuse_unless_buildable(db: TargetDatabase, specs: list[IndexSpec]) -> None:
         for table in dict.fromkeys(spec.table for spec in specs):
             columns = {c.name for c in catalog.columns(cur, db.schema_name, table)}
             if not columns:
+                field = "weeks_table" if table == db.weeks_table else "executions_table"
                 raise refuse(
                     f"table {db.qualified(table)} does not exist; check target_db.schema_name "
-                    "and the table names"
+                    f"and target_db.{field}"
                 )
             needed = [c for spec in specs if spec.table == table for c in spec.columns]
             for column in dict.fromkeys(needed):
@@ -719,10 +729,17 @@ def execution_id_indexes(
     Rerunning changes nothing. An INVALID index left by a failed build is dropped
     (`DROP INDEX CONCURRENTLY`) and rebuilt; a same-named index of another definition is
     an error that touches nothing; an equivalent index under another name is kept.
-    Needs the table's owner role. Progress is logged every few seconds.
+    Needs the table's owner role (checked before anything is built; for the opt-in
+    index, the owner of `workflow_executions` too). Progress is logged every few seconds.
     """
     specs = chosen_indexes(target_db, config)
     refuse_unless_buildable(target_db, specs)
+    tables = dict.fromkeys(spec.table for spec in specs)
+    refuse_without_grants(
+        target_db,
+        context.run.job_name,
+        [Need(target_db.schema_name, table, ("OWNER",)) for table in tables],
+    )
     with exclusive_write(target_db, context.run.job_name):
         for spec in specs:  # refuse before building any, so a conflict changes nothing
             refuse_conflict(target_db, spec, lookup(target_db, spec)[0])

@@ -18,6 +18,7 @@ from rdw_tracking.resources import TargetDatabase
 JOIN_PLAN = "execution_id_join_plan"
 USES_INDEX_CHECK = "execution_id_join_uses_index"
 STORAGE = "execution_id_storage"
+MAX_BYTES = 2**63 - 1
 
 # -- execution_id_join_plan ---------------------------------------------------------------
 
@@ -156,11 +157,14 @@ def busiest_collection(cur: psycopg.Cursor, db: TargetDatabase) -> tuple[str, st
 def explain_join(db: TargetDatabase, collection_id: str | None) -> Plan:
     weeks = db.qualified(db.weeks_table)
     with db.cursor() as cur:  # rolled back at the end, as EXPLAIN ANALYZE runs the query
-        for table in (db.weeks_table, db.executions_table):
+        for table, field in (
+            (db.weeks_table, "weeks_table"),
+            (db.executions_table, "executions_table"),
+        ):
             if not catalog.table_exists(cur, db.schema_name, table):
                 raise refuse(
                     f"table {db.qualified(table)} does not exist: the join cannot be planned; "
-                    "check target_db.schema_name and the table names"
+                    f"check target_db.schema_name and target_db.{field}"
                 )
         if collection_id:
             chosen_by = "configured"
@@ -262,8 +266,11 @@ class StorageConfig(dg.Config):
     @field_validator("sample_above_bytes", "sample_bytes")
     @classmethod
     def _positive(cls, value: int, info) -> int:
-        if value < 8192:
-            raise refuse(f"{info.field_name} must be at least 8192 bytes (one page), got {value}")
+        if not 8192 <= value <= MAX_BYTES:
+            raise refuse(
+                f"{info.field_name} must be between 8192 bytes (one page) and {MAX_BYTES} "
+                f"(PostgreSQL's largest bigint), got {value}"
+            )
         return value
 
 

@@ -87,12 +87,20 @@ class PopulationConfig(dg.Config):
         if value is None:
             return None
         try:
-            parse_timestamp(value)
+            started = parse_timestamp(value)
         except ValueError:
             raise refuse(
                 f"{info.field_name} must be an ISO 8601 timestamp such as "
                 f"2024-05-01T09:30:00Z, got {value!r}"
             ) from None
+        now = dt.datetime.now(dt.timezone.utc)
+        if started > now:
+            # A deploy time still to come would leave no row to judge.
+            raise refuse(
+                f"{info.field_name} {started.isoformat()} is in the future (now is "
+                f"{now:%Y-%m-%dT%H:%M}Z); set it to when the fix that stamps execution_id "
+                "was deployed"
+            )
         return value
 
     def started_at(self) -> dt.datetime | None:

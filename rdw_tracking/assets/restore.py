@@ -21,6 +21,7 @@ from pydantic import Field, field_validator
 
 from rdw_tracking.assets import GROUP, refuse
 from rdw_tracking.assets.rollback import (
+    CLEARED_COLUMNS,
     RESTORE_JOB,
     BackupConfig,
     BackupTables,
@@ -32,7 +33,7 @@ from rdw_tracking.assets.rollback import (
 )
 from rdw_tracking.assets.tables import report_data_weeks
 from rdw_tracking.resources import TargetDatabase
-from rdw_tracking.writes import exclusive_write
+from rdw_tracking.writes import exclusive_write, refuse_without_grants, weeks_need
 
 RESTORE_APPLICATION_NAME = "rdw_tracking:restore_batches"
 
@@ -53,6 +54,14 @@ class RestoreConfig(BackupConfig):
             raise ValueError(
                 f"rollback_id {value!r} is not a UUID; copy it from the rollback's metadata"
             ) from None
+
+
+def restore_needs(db: TargetDatabase, tables: BackupTables) -> list:
+    """A real restore's rights: change the table back, read the backup, mark the state."""
+    return [
+        weeks_need(db, "SELECT", "UPDATE", update_columns=CLEARED_COLUMNS),
+        *tables.needs(("SELECT",), ("SELECT", "UPDATE"), create=False),
+    ]
 
 
 # One batch of backup rows in backup order. The counting subqueries see the table as it
@@ -129,12 +138,17 @@ def restore(db: TargetDatabase, config: RestoreConfig, log: logging.Logger | Any
     started = time.monotonic()
     tables = BackupTables.of(db, config)
     weeks = db.qualified(db.weeks_table)
+    # Before the first change; a dry run needs only to read.
+    reads = [weeks_need(db, "SELECT"), *tables.needs(("SELECT",), ("SELECT",), create=False)]
+    refuse_without_grants(db, RESTORE_JOB, reads if config.dry_run else restore_needs(db, tables))
     with batch_connection(db, RESTORE_APPLICATION_NAME, db.lock_timeout_ms) as conn:
         state = find_rollback(conn, db, tables, config.rollback_id)
         if state is None:
-            which = f"rollback {config.rollback_id}" if config.rollback_id else "no rollback"
+            which = (
+                f"rollback {config.rollback_id} is not" if config.rollback_id else "no rollback is"
+            )
             raise refuse(
-                f"{which} of {weeks} is recorded in {tables.label(tables.state_name)}; "
+                f"{which} recorded for {weeks} in {tables.label(tables.state_name)}; "
                 "check rollback_id (it is in the rollback's metadata) and backup_schema, "
                 "backup_table and state_table"
             )

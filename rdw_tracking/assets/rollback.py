@@ -42,7 +42,13 @@ from rdw_tracking import catalog
 from rdw_tracking.assets import GROUP, refuse
 from rdw_tracking.assets.tables import report_data_weeks
 from rdw_tracking.resources import TargetDatabase, _check_identifier
-from rdw_tracking.writes import exclusive_write
+from rdw_tracking.writes import (
+    Need,
+    exclusive_write,
+    missing_grants,
+    refuse_without_grants,
+    weeks_need,
+)
 
 ROLLBACK_JOB = "rollback_execution_id"
 RESTORE_JOB = "restore_execution_id"
@@ -61,6 +67,7 @@ IN_FLIGHT_WAIT_S = 30.0
 # on 2 cores, plus the two full scans (plan and final sweep).
 ESTIMATED_ROWS_PER_S = 20_000
 _ISO_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
+_PLAIN_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 # -- run config -----------------------------------------------------------------------
@@ -109,7 +116,14 @@ class BackupConfig(dg.Config):
     @field_validator("backup_schema", "backup_table", "state_table")
     @classmethod
     def _names(cls, value: str | None, info) -> str | None:
-        return value if value is None else _check_identifier(value, info.field_name)
+        value = value if value is None else _check_identifier(value, info.field_name)
+        if info.field_name != "backup_schema" and not _PLAIN_NAME.fullmatch(value):
+            # The rollback creates these tables: no name that only quoting makes legal.
+            raise ValueError(
+                f"{info.field_name} {value!r} is not a plain table name; the rollback "
+                "creates it, so use letters, digits and _ only (starting with a letter or _)"
+            )
+        return value
 
     @field_validator("batch_size")
     @classmethod
@@ -142,8 +156,11 @@ class RollbackConfig(BackupConfig):
     @field_validator("expected_rows")
     @classmethod
     def _expected(cls, value: int | None) -> int | None:
-        if value is not None and value < 0:
-            raise ValueError(f"expected_rows must be 0 or more, got {value}")
+        if value is not None and not 0 <= value <= 2**63 - 1:
+            raise ValueError(
+                f"expected_rows must be a row count from 0 to 2**63-1, got {value}; "
+                "copy matched_rows from the dry run"
+            )
         return value
 
     @field_validator("lock_timeout_ms")
@@ -181,6 +198,33 @@ class BackupTables:
 
     def label(self, name: str) -> str:
         return f"{self.schema}.{name}"
+
+    def needs(self, backup_rights: tuple[str, ...], state_rights: tuple[str, ...], create: bool):
+        """What a job needs on the backup and state tables (or, `create`: on their schema)."""
+        field = (
+            "backup_schema (create that schema first, or leave backup_schema unset)"
+            if create
+            else "backup_schema, backup_table and state_table: they name the rollback's "
+            "backup, which a real rollback creates"
+        )
+        return [
+            Need(
+                self.schema, self.backup_name, backup_rights, create_if_missing=create, field=field
+            ),
+            Need(self.schema, self.state_name, state_rights, create_if_missing=create, field=field),
+        ]
+
+
+# UPDATE on just these columns is enough for the rollback and the restore.
+CLEARED_COLUMNS = ("execution_id", "updated_at")
+
+
+def rollback_needs(db: TargetDatabase, tables: BackupTables) -> list[Need]:
+    """A real rollback's rights: change the table, write the backup (or create it)."""
+    return [
+        weeks_need(db, "SELECT", "UPDATE", update_columns=CLEARED_COLUMNS),
+        *tables.needs(("SELECT", "INSERT"), ("SELECT", "INSERT", "UPDATE"), create=True),
+    ]
 
 
 BACKUP_COLUMNS = ["seq", "rollback_id", "id", "execution_id", "updated_at", "cleared_at"]
@@ -604,6 +648,14 @@ def rollback(
     started = time.monotonic()
     tables = BackupTables.of(db, config)
     weeks = db.qualified(db.weeks_table)
+    # Before anything else: a refusal for want of a grant must leave nothing half done.
+    refuse_without_grants(db, ROLLBACK_JOB, [weeks_need(db, "SELECT")])
+    if config.dry_run:
+        role, missing = missing_grants(db, rollback_needs(db, tables))
+        if missing:
+            log.warning(f"a real run as role {role} would be refused: " + "; ".join(missing))
+    else:
+        refuse_without_grants(db, ROLLBACK_JOB, rollback_needs(db, tables))
     with batch_connection(db, ROLLBACK_APPLICATION_NAME, config.lock_timeout_ms) as conn:
         unfinished = unfinished_rollbacks(conn, db, tables)
         resume = next((r for r in unfinished if r.cutoff == config.cutoff), None)
