@@ -17,3 +17,8 @@ verify_execution_tracking = dg.define_asset_job(
 )
 
 jobs = [verify_execution_tracking]
+
+# placeholder until the population issue lands
+post_collection_validation = dg.define_asset_job(
+    "post_collection_validation", selection=dg.AssetSelection.assets("execution_id_schema")
+)
