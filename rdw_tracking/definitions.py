@@ -6,10 +6,14 @@ from rdw_tracking.assets.schema import schema_assets, schema_checks
 from rdw_tracking.assets.tables import external_tables
 from rdw_tracking.jobs import jobs
 from rdw_tracking.resources import TargetDatabase
+from rdw_tracking.schedules import schedules
+from rdw_tracking.sensors import ExecutionsPolling, sensors
 
 defs = dg.Definitions(
     assets=[*external_tables, *schema_assets],
     asset_checks=[*schema_checks],
     jobs=jobs,
-    resources={"target_db": TargetDatabase()},
+    schedules=schedules,
+    sensors=sensors,
+    resources={"target_db": TargetDatabase(), "executions_polling": ExecutionsPolling()},
 )

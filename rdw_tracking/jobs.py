@@ -2,6 +2,8 @@
 
 import dagster as dg
 
+from rdw_tracking.collection import collect_weeks
+
 # Jobs that write to the looked-after database carry this tag; dagster.yaml lets one of
 # them run at a time, and each also takes a PostgreSQL advisory lock (see writes.py).
 DB_WRITES_TAG = "rdw/db-writes"
@@ -22,3 +24,15 @@ jobs = [verify_execution_tracking]
 post_collection_validation = dg.define_asset_job(
     "post_collection_validation", selection=dg.AssetSelection.assets("execution_id_schema")
 )
+jobs.append(post_collection_validation)
+
+
+@dg.job(name="weekly_collection", tags=WRITE_JOB_TAGS)
+def weekly_collection() -> None:
+    """The demo collection run, with the fix: this week's row of each collection is written
+    inside a tracked `workflow_executions` row whose id is stamped on every row.
+    Its success triggers `post_collection_validation` through `collection_run_sensor`."""
+    collect_weeks()
+
+
+jobs.append(weekly_collection)
