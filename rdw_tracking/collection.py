@@ -29,6 +29,7 @@ import psycopg
 from psycopg import sql
 
 from rdw_tracking import catalog
+from rdw_tracking.assets import refuse
 from rdw_tracking.resources import TargetDatabase, TargetDatabaseError
 from rdw_tracking.writes import exclusive_write
 
@@ -168,11 +169,14 @@ def collect_weeks(
     context: dg.OpExecutionContext, config: CollectionConfig, target_db: TargetDatabase
 ) -> dg.Output[int]:
     """Writes this week's row of each collection inside a tracked execution, every row stamped."""
-    with exclusive_write(target_db, WORKFLOW_NAME):
-        ids = first_collections(target_db, config.collections)
-        with tracked_execution(target_db, WORKFLOW_NAME) as execution:
-            context.log.info(f"execution {execution.id}: collecting {len(ids)} collections")
-            written = write_collection_weeks(target_db, execution.id, ids)
+    try:
+        with exclusive_write(target_db, WORKFLOW_NAME):
+            ids = first_collections(target_db, config.collections)
+            with tracked_execution(target_db, WORKFLOW_NAME) as execution:
+                context.log.info(f"execution {execution.id}: collecting {len(ids)} collections")
+                written = write_collection_weeks(target_db, execution.id, ids)
+    except TargetDatabaseError as err:
+        raise refuse(f"weekly_collection failed: {err}") from None
     return dg.Output(
         written,
         metadata={
