@@ -264,3 +264,13 @@ def test_schedule_ticks(schedule, job, when):
     assert times[0] == scheduled
     gap = dt.timedelta(days=1 if schedule is daily_population_snapshot else 7)
     assert [times[1] - times[0], times[2] - times[1]] == [gap, gap]
+
+
+def test_sensors_and_schedules_run_by_default_and_are_wired():
+    repo = defs.get_repository_def()
+    for name in ("collection_run_sensor", "workflow_executions_sensor"):
+        sensor = repo.get_sensor_def(name)
+        assert sensor.default_status == dg.DefaultSensorStatus.RUNNING
+        assert sensor.job_name == "post_collection_validation"
+    for name in ("daily_population_snapshot", "weekly_execution_tracking_verification"):
+        assert repo.get_schedule_def(name).default_status == dg.DefaultScheduleStatus.RUNNING
