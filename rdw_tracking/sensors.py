@@ -97,12 +97,20 @@ class ExecutionsCursor:
 
     @classmethod
     def from_json(cls, text: str) -> "ExecutionsCursor":
-        data = json.loads(text)
-        watermark = data.get("watermark")
-        return cls(
-            watermark=dt.datetime.fromisoformat(watermark) if watermark else None,
-            seen={i: dt.datetime.fromisoformat(t) for i, t in data.get("seen", {}).items()},
-        )
+        try:
+            data = json.loads(text)
+            watermark = data.get("watermark")
+            return cls(
+                watermark=dt.datetime.fromisoformat(watermark) if watermark else None,
+                seen={i: dt.datetime.fromisoformat(t) for i, t in data.get("seen", {}).items()},
+            )
+        except (ValueError, TypeError, AttributeError):
+            # Guessing a cursor could skip executions; say so and let a person decide.
+            raise ValueError(
+                f"workflow_executions_sensor cursor {text[:80]!r} is not the JSON it writes "
+                '({"watermark": ..., "seen": {...}}); reset the cursor in the UI (the sensor '
+                "starts again from the latest completion) or set a valid one"
+            ) from None
 
     def since(self, lookback: dt.timedelta) -> dt.datetime | None:
         return self.watermark - lookback if self.watermark else None

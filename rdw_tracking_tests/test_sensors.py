@@ -274,3 +274,8 @@ def test_sensors_and_schedules_run_by_default_and_are_wired():
         assert sensor.job_name == "post_collection_validation"
     for name in ("daily_population_snapshot", "weekly_execution_tracking_verification"):
         assert repo.get_schedule_def(name).default_status == dg.DefaultScheduleStatus.RUNNING
+
+
+def test_a_cursor_it_did_not_write_fails_the_tick_with_the_way_out(database_url):
+    with pytest.raises(ValueError, match="reset the cursor"):
+        tick("not json", database_url)
