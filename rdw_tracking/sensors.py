@@ -45,18 +45,32 @@ def collection_run_sensor(context: dg.RunStatusSensorContext):
     """After each successful `weekly_collection` run, requests `post_collection_validation`.
 
     The run key is the collection run's id, and the id is in the tags
-    (`rdw/triggered_by_run`), so the validation run links back to the collection it
-    validates. Runs of any other job, and failed collection runs, request nothing.
+    (`rdw/triggered_by_run`), with the `workflow_executions` id it stamped
+    (`rdw/execution_id`), so the validation run links back to the collection it validates. Runs of any other job, and failed collection runs, request nothing.
     """
     run = context.dagster_run
     # monitored_jobs already filters; this keeps the sensor from ever triggering itself
     # should someone widen the monitored jobs.
     if run.job_name != weekly_collection.name:
         return dg.SkipReason(f"run {run.run_id} is {run.job_name}, not {weekly_collection.name}")
-    return dg.RunRequest(
-        run_key=run.run_id,
-        tags={"rdw/trigger": "collection_run_sensor", "rdw/triggered_by_run": run.run_id},
-    )
+    tags = {"rdw/trigger": "collection_run_sensor", "rdw/triggered_by_run": run.run_id}
+    execution_id = stamped_execution_id(context.instance, run.run_id)
+    if execution_id:
+        tags["rdw/execution_id"] = execution_id
+    return dg.RunRequest(run_key=run.run_id, tags=tags)
+
+
+def stamped_execution_id(instance: dg.DagsterInstance, run_id: str) -> str | None:
+    """The workflow_executions id a weekly_collection run stamped, from its materialization
+    of report_data_weeks; None if it recorded none."""
+    records = instance.get_records_for_run(
+        run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION
+    ).records
+    for record in records:
+        materialization = record.event_log_entry.asset_materialization
+        if materialization and "execution_id" in materialization.metadata:
+            return str(materialization.metadata["execution_id"].value)
+    return None
 
 
 # -- workflow_executions_sensor -----------------------------------------------------------

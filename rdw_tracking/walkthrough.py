@@ -28,6 +28,8 @@ KEY_FIGURES = {
     "execution_id_storage": ["total_bytes", "index_bytes", "execution_id_bytes"],
     "execution_id_rollback": ["dry_run", "matched_rows", "cleared_rows", "rollback_id"],
 }
+# Written by weekly_collection: which execution stamped how many rows.
+KEY_FIGURES["report_data_weeks"] = ["rows_written", "execution_id"]
 
 
 def ensure_demo_data(rows: int, rebuild: bool = False) -> None:
@@ -69,13 +71,6 @@ def summarize(result: dg.ExecuteInProcessResult) -> list[str]:
             if key in materialization.metadata
         ]
         lines.append(f"  {name:<28} {', '.join(figures)}")
-    for event in result.all_events:
-        if event.event_type_value == "STEP_OUTPUT" and event.event_specific_data.metadata:
-            figures = [
-                f"{key}={_short(_value(value))}"
-                for key, value in event.event_specific_data.metadata.items()
-            ]
-            lines.append(f"  {event.step_key:<28} {', '.join(figures)}")
     for evaluation in result.get_asset_check_evaluations():
         verdict = "PASS" if evaluation.passed else f"FAIL ({evaluation.severity.value})"
         lines.append(

@@ -62,6 +62,8 @@ def test_run_status_sensor_fires_after_successful_collection_only(database_url, 
         requests, _ = drain(collection_run_sensor, instance, cursor)
     assert [r.run_key for r in requests] == [ok.run_id]
     assert requests[0].tags["rdw/triggered_by_run"] == ok.run_id
+    stamped = ok.asset_materializations_for_node("collect_weeks")[0].metadata["execution_id"]
+    assert requests[0].tags["rdw/execution_id"] == stamped.value
 
 
 def test_run_status_sensor_function_ignores_other_jobs(database_url, run_job):
