@@ -29,6 +29,21 @@ class TargetDatabaseError(Exception):
     """A failure a user can act on; its message names the object and the fix."""
 
 
+class StatementTimeout(dg.Failure):
+    """A statement ran into `statement_timeout`: never retried, since it would again."""
+
+    def __init__(self, message: str):
+        super().__init__(description=message, allow_retries=False)
+
+
+def current_step() -> str | None:
+    """Name of the Dagster op/asset/check running this code, if any."""
+    try:
+        return dg.OpExecutionContext.get().op.name
+    except Exception:
+        return None
+
+
 @dataclass(frozen=True)
 class Endpoint:
     """Where a URL points, without its secret: safe to log."""
@@ -207,6 +222,16 @@ class TargetDatabase(dg.ConfigurableResource):
                         "set target_db.schema_name to the schema holding report_data_weeks"
                     )
             yield conn
+        except psycopg.errors.QueryCanceled as err:
+            if "statement timeout" not in str(err):
+                raise
+            step = current_step()
+            raise StatementTimeout(
+                f"{step + ': ' if step else ''}a query on {self.describe()} was cancelled by "
+                f"statement_timeout after {self.statement_timeout_ms} ms; raise "
+                "target_db.statement_timeout_ms in the resource config (0 = no limit) "
+                "or run it when the table is less busy"
+            ) from None
         finally:
             conn.close()
 

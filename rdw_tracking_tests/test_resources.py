@@ -69,3 +69,16 @@ def test_redact_masks_passwords_in_any_form():
 def test_bad_config_is_refused_naming_the_field(field, value):
     with pytest.raises(Exception, match=field):
         TargetDatabase(**{field: value})
+
+
+def test_statement_timeout_is_a_clear_failure(database_url):
+    from rdw_tracking.resources import StatementTimeout
+
+    db = TargetDatabase(url=database_url, statement_timeout_ms=100)
+    with pytest.raises(StatementTimeout) as err:
+        with db.connect() as conn:
+            conn.execute("SELECT pg_sleep(2)")
+    message = err.value.description
+    assert "statement_timeout after 100 ms" in message
+    assert "target_db.statement_timeout_ms" in message
+    assert not err.value.allow_retries
