@@ -19,12 +19,13 @@ import json
 from dataclasses import dataclass, field
 
 import dagster as dg
+import psycopg
 from psycopg import sql
 from pydantic import Field
 
 from rdw_tracking import catalog
 from rdw_tracking.jobs import post_collection_validation, weekly_collection
-from rdw_tracking.resources import TargetDatabase, TargetDatabaseError
+from rdw_tracking.resources import StatementTimeout, TargetDatabase, TargetDatabaseError, redact
 
 INDEX_NAME = "idx_workflow_executions_completed_at"
 TICK_STATEMENT_TIMEOUT_MS = 20_000  # well inside Dagster's 60 s sensor evaluation limit
@@ -172,6 +173,27 @@ def poll(
     db: TargetDatabase, cursor: ExecutionsCursor | None, lookback: dt.timedelta, limit: int
 ) -> Poll:
     """One tick's read: raises TargetDatabaseError naming the table or server when it can't."""
+    try:
+        return _poll(db, cursor, lookback, limit)
+    except StatementTimeout:
+        raise TargetDatabaseError(
+            f"workflow_executions_sensor: the tick's query on {db.qualified(db.executions_table)} "
+            f"ran past {TICK_STATEMENT_TIMEOUT_MS // 1000} s; build the opt-in {INDEX_NAME} "
+            "(create_execution_id_indexes) or lower executions_polling.max_per_tick"
+        ) from None
+    except psycopg.Error as err:
+        # e.g. lock_timeout behind an ALTER TABLE: one line naming the table, no traceback
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise TargetDatabaseError(
+            f"workflow_executions_sensor could not read {db.qualified(db.executions_table)} "
+            f"on {db.describe()}: {redact(reason, db.resolved_url())}; the next tick retries "
+            "from the same cursor"
+        ) from None
+
+
+def _poll(
+    db: TargetDatabase, cursor: ExecutionsCursor | None, lookback: dt.timedelta, limit: int
+) -> Poll:
     with db.connect() as conn, conn.cursor() as cur:
         cur.execute(sql.SQL("SET LOCAL statement_timeout = {}").format(TICK_STATEMENT_TIMEOUT_MS))
         if not catalog.table_exists(cur, db.schema_name, db.executions_table):

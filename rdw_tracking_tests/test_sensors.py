@@ -281,3 +281,18 @@ def test_sensors_and_schedules_run_by_default_and_are_wired():
 def test_a_cursor_it_did_not_write_fails_the_tick_with_the_way_out(database_url):
     with pytest.raises(ValueError, match="reset the cursor"):
         tick("not json", database_url)
+
+
+def test_a_locked_table_fails_the_tick_quickly_by_name(database_url):
+    cursor = tick(None, database_url).cursor
+    db = TargetDatabase(url=database_url, lock_timeout_ms=300)
+    context = dg.build_sensor_context(
+        cursor=cursor, resources={"target_db": db, "executions_polling": ExecutionsPolling()}
+    )
+    with psycopg.connect(database_url) as locker:
+        locker.execute("LOCK TABLE workflow_executions IN ACCESS EXCLUSIVE MODE")
+        with pytest.raises(
+            TargetDatabaseError, match=r"could not read public\.workflow_executions.*lock timeout"
+        ):
+            workflow_executions_sensor.evaluate_tick(context)
+    assert context.cursor == cursor
