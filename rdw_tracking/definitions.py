@@ -2,6 +2,7 @@
 
 import dagster as dg
 
+from rdw_tracking.assets.indexes import index_assets, index_checks
 from rdw_tracking.assets.schema import schema_assets, schema_checks
 from rdw_tracking.assets.tables import external_tables
 from rdw_tracking.jobs import jobs
@@ -10,8 +11,8 @@ from rdw_tracking.schedules import schedules
 from rdw_tracking.sensors import ExecutionsPolling, sensors
 
 defs = dg.Definitions(
-    assets=[*external_tables, *schema_assets],
-    asset_checks=[*schema_checks],
+    assets=[*external_tables, *schema_assets, *index_assets],
+    asset_checks=[*schema_checks, *index_checks],
     jobs=jobs,
     schedules=schedules,
     sensors=sensors,

@@ -2,6 +2,7 @@
 
 import dagster as dg
 
+from rdw_tracking.assets.foreign_key import add_foreign_key
 from rdw_tracking.collection import collect_weeks
 
 # Jobs that write to the looked-after database carry this tag; dagster.yaml lets one of
@@ -11,14 +12,40 @@ WRITE_JOB_TAGS = {DB_WRITES_TAG: "true"}
 
 verify_execution_tracking = dg.define_asset_job(
     "verify_execution_tracking",
-    selection=dg.AssetSelection.assets("execution_id_schema"),
+    selection=dg.AssetSelection.assets("execution_id_schema")
+    # The index check alone: verification must never build the indexes.
+    | dg.AssetSelection.checks(
+        dg.AssetCheckKey(dg.AssetKey("execution_id_indexes"), "execution_id_indexes_valid")
+    ),
     description=(
         "Read-only verification of execution tracking: the schema of execution_id and its "
         "foreign key, with every check. Safe to run at any time."
     ),
 )
 
-jobs = [verify_execution_tracking]
+create_execution_id_indexes = dg.define_asset_job(
+    "create_execution_id_indexes",
+    selection=dg.AssetSelection.assets("execution_id_indexes"),
+    tags=WRITE_JOB_TAGS,
+    description=(
+        "Builds the two partial indexes on execution_id with CREATE INDEX CONCURRENTLY "
+        "(writers keep going); opt-in idx_workflow_executions_completed_at. Idempotent."
+    ),
+)
+
+
+@dg.job(
+    tags=WRITE_JOB_TAGS,
+    description=(
+        "Manual: adds the FK from report_data_weeks.execution_id to workflow_executions(id) "
+        "(NOT VALID, then VALIDATE); refused while orphaned execution_ids exist."
+    ),
+)
+def add_execution_id_foreign_key():
+    add_foreign_key()
+
+
+jobs = [verify_execution_tracking, create_execution_id_indexes, add_execution_id_foreign_key]
 
 # placeholder until the population issue lands
 post_collection_validation = dg.define_asset_job(

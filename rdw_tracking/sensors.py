@@ -230,7 +230,8 @@ def index_note(db: TargetDatabase, index_names: list[str]) -> str:
         return f"completed_at index: {', '.join(index_names)}"
     return (
         f"no index on {table}(completed_at): every tick scans the whole table; build the "
-        f"opt-in {INDEX_NAME} with the create_execution_id_indexes job"
+        f"opt-in {INDEX_NAME} with the create_execution_id_indexes job (run config "
+        "ops.execution_id_indexes.config.workflow_executions_completed_at: true)"
     )
 
 

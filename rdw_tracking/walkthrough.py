@@ -192,8 +192,8 @@ def run(rows: int = 20_000) -> int:
         if os.environ.get("DAGSTER_HOME")
         else dg.DagsterInstance.ephemeral()
     )
-    results = [run_job(instance, "verify_execution_tracking")]
-    # -- index build (create_execution_id_indexes) goes here: the indexes issue --
+    results = [run_job(instance, "create_execution_id_indexes")]
+    results.append(run_job(instance, "verify_execution_tracking"))
     # -- population snapshot (post_collection_validation) goes here: the population issue --
     results += collection_and_sensors(instance)
     # -- rollback dry run (rollback_execution_id) goes here: the rollback issue --

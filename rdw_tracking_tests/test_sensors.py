@@ -214,15 +214,17 @@ def test_missing_table_fails_the_tick_by_name(database_url, sql_exec):
         tick(cursor, database_url)
 
 
-def test_tick_says_whether_the_completed_at_index_exists(database_url, sql_exec):
+def test_tick_says_whether_the_completed_at_index_exists(database_url, sql_exec, run_job):
     cursor = tick(None, database_url).cursor
     missing = tick(cursor, database_url)
     assert "no index on public.workflow_executions(completed_at)" in missing.skip_message
     assert INDEX_NAME in missing.skip_message
-    sql_exec(
-        f"CREATE INDEX {INDEX_NAME} ON workflow_executions (completed_at) "
-        "WHERE completed_at IS NOT NULL"
+    # built the way the index job builds it, opt-in
+    opt_in = {"workflow_executions_completed_at": True}
+    built = run_job(
+        "create_execution_id_indexes", {"ops": {"execution_id_indexes": {"config": opt_in}}}
     )
+    assert built.success
     complete(sql_exec, 1)
     present = tick(cursor, database_url)
     assert present.run_requests[0].tags["rdw/completed_at_index"] == "present"

@@ -32,9 +32,20 @@ CONTRACT_ASSETS = {
     "workflow_executions",
     "report_data_collections",
     "execution_id_schema",
+    "execution_id_indexes",
 }
-CONTRACT_CHECKS = {"execution_id_column_contract", "execution_id_foreign_key"}
-CONTRACT_JOBS = {"verify_execution_tracking", "post_collection_validation", "weekly_collection"}
+CONTRACT_CHECKS = {
+    "execution_id_column_contract",
+    "execution_id_foreign_key",
+    "execution_id_indexes_valid",
+}
+CONTRACT_JOBS = {
+    "verify_execution_tracking",
+    "create_execution_id_indexes",
+    "add_execution_id_foreign_key",
+    "post_collection_validation",
+    "weekly_collection",
+}
 CONTRACT_SENSORS = {"collection_run_sensor", "workflow_executions_sensor"}
 CONTRACT_SCHEDULES = {"daily_population_snapshot", "weekly_execution_tracking_verification"}
 
