@@ -3,6 +3,8 @@
 import dagster as dg
 
 from rdw_tracking.assets.indexes import index_assets, index_checks
+from rdw_tracking.assets.restore import restore_assets
+from rdw_tracking.assets.rollback import rollback_assets
 from rdw_tracking.assets.schema import schema_assets, schema_checks
 from rdw_tracking.assets.tables import external_tables
 from rdw_tracking.jobs import jobs
@@ -11,7 +13,7 @@ from rdw_tracking.schedules import schedules
 from rdw_tracking.sensors import ExecutionsPolling, sensors
 
 defs = dg.Definitions(
-    assets=[*external_tables, *schema_assets, *index_assets],
+    assets=[*external_tables, *schema_assets, *index_assets, *rollback_assets, *restore_assets],
     asset_checks=[*schema_checks, *index_checks],
     jobs=jobs,
     schedules=schedules,

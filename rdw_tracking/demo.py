@@ -30,7 +30,7 @@ class DemoShape:
     rows: int = 20_000
     weeks: int = WEEKS
     cutover_days: int = 56
-    orphan_every: int = 25_000  # one orphaned execution_id per this many tracked rows
+    orphan_every: int = 1_000  # about one orphaned execution_id per this many tracked rows
 
     @property
     def collections(self) -> int:
@@ -105,7 +105,8 @@ SELECT md5('rdw-week:' || r.i)::uuid,
        date_trunc('week', r.created_at - interval '7 days')::date + 6,
        CASE WHEN r.i %% 97 = 0 THEN 'failed' ELSE 'completed' END,
        CASE WHEN r.created_at < now() - make_interval(days => %(cutover_days)s::int) THEN NULL
-            WHEN r.i %% %(orphan_every)s = %(orphan_every)s / 2
+            -- a multiplicative hash spreads the orphans over all weeks and collections
+            WHEN (r.i * 2654435761) %% %(orphan_every)s = 7
                 THEN md5('rdw-orphan:' || r.i)::uuid
             ELSE md5('rdw-exec:' || (r.w * %(runs)s + r.c / %(per_run)s))::uuid END,
        jsonb_build_object(

@@ -47,6 +47,27 @@ def add_execution_id_foreign_key():
 
 jobs = [verify_execution_tracking, create_execution_id_indexes, add_execution_id_foreign_key]
 
+# Manual only: in no schedule, sensor or default job. Both default to a dry run.
+rollback_execution_id = dg.define_asset_job(
+    "rollback_execution_id",
+    selection=dg.AssetSelection.assets("execution_id_rollback"),
+    tags=WRITE_JOB_TAGS,
+    description=(
+        "Rollback cleanup: clears execution_id on rows created since cutoff_date, in "
+        "backed-up batches. Dry run unless ops.execution_id_rollback.config.dry_run is false."
+    ),
+)
+restore_execution_id = dg.define_asset_job(
+    "restore_execution_id",
+    selection=dg.AssetSelection.assets("execution_id_restore"),
+    tags=WRITE_JOB_TAGS,
+    description=(
+        "Puts back the execution_id values a rollback cleared, where still NULL. Dry run "
+        "unless ops.execution_id_restore.config.dry_run is false."
+    ),
+)
+jobs += [rollback_execution_id, restore_execution_id]
+
 # placeholder until the population issue lands
 post_collection_validation = dg.define_asset_job(
     "post_collection_validation", selection=dg.AssetSelection.assets("execution_id_schema")

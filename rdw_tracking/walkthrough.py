@@ -6,6 +6,7 @@ visible afterwards in `make ui`.
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 from typing import Any
 
@@ -196,7 +197,10 @@ def run(rows: int = 20_000) -> int:
     results.append(run_job(instance, "verify_execution_tracking"))
     # -- population snapshot (post_collection_validation) goes here: the population issue --
     results += collection_and_sensors(instance)
-    # -- rollback dry run (rollback_execution_id) goes here: the rollback issue --
+    # The rollback, as a dry run: what clearing the last four weeks would touch.
+    cutoff = (dt.datetime.now(dt.timezone.utc).date() - dt.timedelta(days=28)).isoformat()
+    rollback = {"ops": {"execution_id_rollback": {"config": {"cutoff_date": cutoff}}}}
+    results.append(run_job(instance, "rollback_execution_id", rollback))
     failed = [r.dagster_run.job_name for r in results if not r.success]
     print("\nsummary")
     print("\n".join(run_table(results)))

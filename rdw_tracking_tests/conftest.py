@@ -79,7 +79,7 @@ def template_name(admin_url: str) -> Iterator[str]:
 
     name = f"rdw_test_template_{os.getpid()}"
     url = create_database(admin_url, name)
-    demo.build(url, demo.DemoShape(rows=TEMPLATE_ROWS, orphan_every=500))
+    demo.build(url, demo.DemoShape(rows=TEMPLATE_ROWS, orphan_every=100))
     try:
         yield name
     finally:

@@ -33,6 +33,7 @@ CONTRACT_ASSETS = {
     "report_data_collections",
     "execution_id_schema",
     "execution_id_indexes",
+    "execution_id_rollback",
 }
 CONTRACT_CHECKS = {
     "execution_id_column_contract",
@@ -43,6 +44,8 @@ CONTRACT_JOBS = {
     "verify_execution_tracking",
     "create_execution_id_indexes",
     "add_execution_id_foreign_key",
+    "rollback_execution_id",
+    "restore_execution_id",
     "post_collection_validation",
     "weekly_collection",
 }
