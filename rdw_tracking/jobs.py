@@ -75,11 +75,16 @@ post_collection_validation = dg.define_asset_job(
 jobs.append(post_collection_validation)
 
 
-@dg.job(name="weekly_collection", tags=WRITE_JOB_TAGS)
+@dg.job(
+    name="weekly_collection",
+    tags=WRITE_JOB_TAGS,
+    description=(
+        "The demo collection run, with the fix: this week's row of each collection is written "
+        "inside a tracked workflow_executions row whose id is stamped on every row. Its "
+        "success triggers post_collection_validation through collection_run_sensor."
+    ),
+)
 def weekly_collection() -> None:
-    """The demo collection run, with the fix: this week's row of each collection is written
-    inside a tracked `workflow_executions` row whose id is stamped on every row.
-    Its success triggers `post_collection_validation` through `collection_run_sensor`."""
     collect_weeks()
 
 

@@ -41,6 +41,12 @@ TICK_STATEMENT_TIMEOUT_MS = 20_000  # well inside Dagster's 60 s sensor evaluati
     request_job=post_collection_validation,
     default_status=dg.DefaultSensorStatus.RUNNING,
     minimum_interval_seconds=15,
+    description=(
+        "After each successful weekly_collection run, requests post_collection_validation "
+        "(run key and tag rdw/triggered_by_run: the collection's run id; tag "
+        "rdw/execution_id: the workflow_executions id it stamped). Failed collections and "
+        "other jobs' runs request nothing."
+    ),
 )
 def collection_run_sensor(context: dg.RunStatusSensorContext):
     """After each successful `weekly_collection` run, requests `post_collection_validation`.
@@ -247,6 +253,14 @@ def run_key(watermark: dt.datetime, ids: list[str]) -> str:
     job=post_collection_validation,
     default_status=dg.DefaultSensorStatus.RUNNING,
     minimum_interval_seconds=30,
+    description=(
+        "For collection systems outside Dagster: polls workflow_executions for executions "
+        "completed since its cursor and requests one post_collection_validation per tick "
+        "that saw any (tags: rdw/new_executions, rdw/watermark). A look-back window "
+        "(resource executions_polling) catches ties and late commits; the first tick only "
+        "sets the cursor; when the database is unreachable the tick fails and the cursor "
+        "stays. Each tick says whether idx_workflow_executions_completed_at exists."
+    ),
 )
 def workflow_executions_sensor(
     context: dg.SensorEvaluationContext,

@@ -276,6 +276,7 @@ def test_sensors_and_schedules_run_by_default_and_are_wired():
         sensor = repo.get_sensor_def(name)
         assert sensor.default_status == dg.DefaultSensorStatus.RUNNING
         assert sensor.job_name == "post_collection_validation"
+        assert sensor.description
     for name in ("daily_population_snapshot", "weekly_execution_tracking_verification"):
         assert repo.get_schedule_def(name).default_status == dg.DefaultScheduleStatus.RUNNING
 
