@@ -2,7 +2,12 @@
 
 import dagster as dg
 
-from rdw_tracking.assets.foreign_key import add_foreign_key
+from rdw_tracking.assets.foreign_key import ForeignKeyConfig, add_foreign_key
+from rdw_tracking.assets.indexes import IndexConfig
+from rdw_tracking.assets.performance import JoinPlanConfig, StorageConfig
+from rdw_tracking.assets.population import PopulationConfig
+from rdw_tracking.assets.restore import RestoreConfig
+from rdw_tracking.assets.rollback import RollbackConfig
 from rdw_tracking.collection import collect_weeks
 
 # Jobs that write to the looked-after database carry this tag; dagster.yaml lets one of
@@ -10,21 +15,86 @@ from rdw_tracking.collection import collect_weeks
 DB_WRITES_TAG = "rdw/db-writes"
 WRITE_JOB_TAGS = {DB_WRITES_TAG: "true"}
 
+
+class RunConfigError(Exception):
+    """A run config value refused at launch: the message names the field."""
+
+
+def checked_at_launch(**op_configs: type[dg.Config]) -> dg.ConfigMapping:
+    """Run config `ops.<op>.config`, validated by each op's Config class at launch.
+
+    Dagster runs pydantic validators only when a step starts; passing the run config
+    through this mapping refuses a malformed or future date, a batch size of 0 and the
+    like before a run is even created, with the same `ops.<op>.config` shape.
+    """
+    schema = {
+        "ops": {
+            op: {"config": cls.to_config_schema().as_field()} for op, cls in op_configs.items()
+        },
+        "resources": dg.Field(dg.Permissive(), is_required=False),
+        "loggers": dg.Field(dg.Permissive(), is_required=False),
+        "execution": dg.Field(dg.Permissive(), is_required=False),
+    }
+
+    @dg.config_mapping(config_schema=schema)
+    def validate(outer: dict) -> dict:
+        for op, cls in op_configs.items():
+            values = outer.get("ops", {}).get(op, {}).get("config", {})
+            try:
+                cls(**values)
+            except dg.Failure as err:
+                raise RunConfigError(f"ops.{op}.config: {err.description}") from None
+            except Exception as err:  # pydantic's ValidationError names the field
+                raise RunConfigError(f"ops.{op}.config: {_first_error(err)}") from None
+        return outer
+
+    return validate
+
+
+def _first_error(err: Exception) -> str:
+    errors = getattr(err, "errors", None)
+    if callable(errors):
+        first = errors()[0]
+        field = ".".join(str(part) for part in first.get("loc", ()))
+        return f"{field}: {first.get('msg', err)}"
+    return str(err)
+
+
 verify_execution_tracking = dg.define_asset_job(
     "verify_execution_tracking",
+    config=checked_at_launch(
+        execution_id_population=PopulationConfig,
+        execution_id_join_plan=JoinPlanConfig,
+        execution_id_storage=StorageConfig,
+    ),
     selection=dg.AssetSelection.assets("execution_id_schema")
+    | dg.AssetSelection.assets(
+        "execution_id_population", "execution_id_join_plan", "execution_id_storage"
+    )
     # The index check alone: verification must never build the indexes.
     | dg.AssetSelection.checks(
         dg.AssetCheckKey(dg.AssetKey("execution_id_indexes"), "execution_id_indexes_valid")
     ),
     description=(
         "Read-only verification of execution tracking: the schema of execution_id and its "
-        "foreign key, with every check. Safe to run at any time."
+        "foreign key, the population snapshot, the join plan and the storage impact, with "
+        "every check. Safe to run at any time."
+    ),
+)
+
+post_collection_validation = dg.define_asset_job(
+    "post_collection_validation",
+    config=checked_at_launch(execution_id_population=PopulationConfig),
+    selection=dg.AssetSelection.assets("execution_id_population"),
+    description=(
+        "Read-only population snapshot of execution_id with its checks (recent rate, "
+        "orphaned ids, daily trend); run after each collection."
     ),
 )
 
 create_execution_id_indexes = dg.define_asset_job(
     "create_execution_id_indexes",
+    config=checked_at_launch(execution_id_indexes=IndexConfig),
     selection=dg.AssetSelection.assets("execution_id_indexes"),
     tags=WRITE_JOB_TAGS,
     description=(
@@ -35,6 +105,7 @@ create_execution_id_indexes = dg.define_asset_job(
 
 
 @dg.job(
+    config=checked_at_launch(add_foreign_key=ForeignKeyConfig),
     tags=WRITE_JOB_TAGS,
     description=(
         "Manual: adds the FK from report_data_weeks.execution_id to workflow_executions(id) "
@@ -45,11 +116,17 @@ def add_execution_id_foreign_key():
     add_foreign_key()
 
 
-jobs = [verify_execution_tracking, create_execution_id_indexes, add_execution_id_foreign_key]
+jobs = [
+    verify_execution_tracking,
+    post_collection_validation,
+    create_execution_id_indexes,
+    add_execution_id_foreign_key,
+]
 
 # Manual only: in no schedule, sensor or default job. Both default to a dry run.
 rollback_execution_id = dg.define_asset_job(
     "rollback_execution_id",
+    config=checked_at_launch(execution_id_rollback=RollbackConfig),
     selection=dg.AssetSelection.assets("execution_id_rollback"),
     tags=WRITE_JOB_TAGS,
     description=(
@@ -59,6 +136,7 @@ rollback_execution_id = dg.define_asset_job(
 )
 restore_execution_id = dg.define_asset_job(
     "restore_execution_id",
+    config=checked_at_launch(execution_id_restore=RestoreConfig),
     selection=dg.AssetSelection.assets("execution_id_restore"),
     tags=WRITE_JOB_TAGS,
     description=(
@@ -67,12 +145,6 @@ restore_execution_id = dg.define_asset_job(
     ),
 )
 jobs += [rollback_execution_id, restore_execution_id]
-
-# placeholder until the population issue lands
-post_collection_validation = dg.define_asset_job(
-    "post_collection_validation", selection=dg.AssetSelection.assets("execution_id_schema")
-)
-jobs.append(post_collection_validation)
 
 
 @dg.job(

@@ -195,7 +195,7 @@ def run(rows: int = 20_000) -> int:
     )
     results = [run_job(instance, "create_execution_id_indexes")]
     results.append(run_job(instance, "verify_execution_tracking"))
-    # -- population snapshot (post_collection_validation) goes here: the population issue --
+    results.append(run_job(instance, "post_collection_validation"))
     results += collection_and_sensors(instance)
     # The rollback, as a dry run: what clearing the last four weeks would touch.
     cutoff = (dt.datetime.now(dt.timezone.utc).date() - dt.timedelta(days=28)).isoformat()

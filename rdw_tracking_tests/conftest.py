@@ -217,3 +217,21 @@ def password_url(admin_url: str, database_url: str) -> Iterator[str]:
         hba.write_text(current.replace(lines, ""))
         with psycopg.connect(admin_url, autocommit=True) as conn:
             conn.execute("SELECT pg_reload_conf()")
+
+
+def launch_refusal(run_job, name: str, run_config: dict, **kwargs) -> str:
+    """Launch `name` with a bad run config; assert it is refused before any run starts.
+
+    Returns the refusal's message (which names the field).
+    """
+    import dagster as dg
+
+    from rdw_tracking.jobs import RunConfigError
+
+    with pytest.raises((dg.DagsterInvalidConfigError, dg.DagsterUserCodeExecutionError)) as err:
+        run_job(name, run_config=run_config, **kwargs)
+    cause = getattr(err.value, "user_exception", None) or err.value.__cause__
+    if isinstance(err.value, dg.DagsterInvalidConfigError):
+        return str(err.value)
+    assert isinstance(cause, RunConfigError), repr(err.value)
+    return str(cause)

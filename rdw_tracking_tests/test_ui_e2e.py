@@ -33,12 +33,19 @@ CONTRACT_ASSETS = {
     "report_data_collections",
     "execution_id_schema",
     "execution_id_indexes",
+    "execution_id_population",
+    "execution_id_join_plan",
+    "execution_id_storage",
     "execution_id_rollback",
 }
 CONTRACT_CHECKS = {
     "execution_id_column_contract",
     "execution_id_foreign_key",
     "execution_id_indexes_valid",
+    "execution_id_recent_population_rate",
+    "execution_ids_exist",
+    "execution_id_population_trend",
+    "execution_id_join_uses_index",
 }
 CONTRACT_JOBS = {
     "verify_execution_tracking",

@@ -19,6 +19,7 @@ from rdw_tracking.resources import TargetDatabase
 from rdw_tracking_tests.conftest import (
     create_database,
     drop_database,
+    launch_refusal,
     materialization_metadata,
     step_failure_messages,
 )
@@ -123,15 +124,10 @@ def test_bad_config_is_refused_before_touching_the_database(
     database_url, sql_exec, run_job, config, expected
 ):
     before = checksum(sql_exec)
-    result = run_job("rollback_execution_id", rollback_config(dry_run=False, **config))
-    assert not result.success
-    failures = [
-        e.event_specific_data.error
-        for e in result.all_events
-        if e.event_type_value == "STEP_FAILURE"
-    ]
-    text = " ".join(str(err.message) + str(err.cause and err.cause.message) for err in failures)
-    assert expected in text
+    message = launch_refusal(
+        run_job, "rollback_execution_id", rollback_config(dry_run=False, **config)
+    )
+    assert expected in message and "ops.execution_id_rollback.config" in message
     assert checksum(sql_exec) == before
     assert not backup_exists(sql_exec)
 

@@ -1,0 +1,580 @@
+"""Population snapshot of `report_data_weeks.execution_id`, with its three checks.
+
+The spec's data-quality queries (population count, the 7-day breakdown, the orphan
+anti-join, a sample of the latest rows) become one asset: the overall and window figures
+and the per-day table come from a single pass over the table, and the checks judge that
+same snapshot instead of scanning again.
+"""
+
+import datetime as dt
+from dataclasses import dataclass, field
+from decimal import ROUND_HALF_UP, Decimal
+
+import dagster as dg
+import pandas as pd
+from psycopg import sql
+from pydantic import Field, field_validator
+
+from rdw_tracking import catalog
+from rdw_tracking.assets import GROUP, READ_RETRY, refuse
+from rdw_tracking.assets.tables import report_data_weeks, workflow_executions
+from rdw_tracking.resources import TargetDatabase
+
+ASSET = "execution_id_population"
+RATE_CHECK = "execution_id_recent_population_rate"
+ORPHAN_CHECK = "execution_ids_exist"
+TREND_CHECK = "execution_id_population_trend"
+ORPHAN_SAMPLE_SIZE = 10
+ROW_SAMPLE_SIZE = 5
+DAILY_COLUMNS = ["creation_date", "total_records", "with_execution_id", "population_rate"]
+
+
+def parse_timestamp(value: str) -> dt.datetime:
+    """An ISO 8601 date or timestamp as an aware datetime; without an offset it is UTC."""
+    parsed = dt.datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.timezone.utc)
+
+
+class PopulationConfig(dg.Config):
+    """Run config of `execution_id_population` and its checks (`ops.execution_id_population.config`).
+
+    Validators raise `refuse(...)` rather than ValueError: pydantic passes it through
+    untouched, so a bad value fails the step once, naming the field, instead of being
+    retried by READ_RETRY like a dropped connection.
+    """
+
+    window_days: int = Field(
+        default=7,
+        description="The recent window: rows with created_at >= CURRENT_DATE - window_days (UTC).",
+    )
+    tracking_started_at: str | None = Field(
+        default=None,
+        description=(
+            "When the fix that stamps execution_id was deployed (ISO 8601, UTC unless an "
+            "offset is given). The recent rate then counts only rows created since then, "
+            "so legacy rows in the window don't drag it down."
+        ),
+    )
+    min_recent_population_pct: float = Field(
+        default=99.0,
+        description="execution_id_recent_population_rate fails below this rate (0-100).",
+    )
+    trend_margin_pct: float = Field(
+        default=5.0,
+        description=(
+            "execution_id_population_trend warns when the latest complete day's rate is "
+            "more than this many percentage points below the trailing days' rate."
+        ),
+    )
+
+    @field_validator("window_days")
+    @classmethod
+    def _window(cls, value: int, info) -> int:
+        if not 1 <= value <= 366:
+            raise refuse(f"{info.field_name} must be between 1 and 366 days, got {value}")
+        return value
+
+    @field_validator("min_recent_population_pct", "trend_margin_pct")
+    @classmethod
+    def _pct(cls, value: float, info) -> float:
+        if not 0 <= value <= 100:
+            raise refuse(f"{info.field_name} must be between 0 and 100, got {value}")
+        return value
+
+    @field_validator("tracking_started_at")
+    @classmethod
+    def _started(cls, value: str | None, info) -> str | None:
+        if value is None:
+            return None
+        try:
+            parse_timestamp(value)
+        except ValueError:
+            raise refuse(
+                f"{info.field_name} must be an ISO 8601 timestamp such as "
+                f"2024-05-01T09:30:00Z, got {value!r}"
+            ) from None
+        return value
+
+    def started_at(self) -> dt.datetime | None:
+        return parse_timestamp(self.tracking_started_at) if self.tracking_started_at else None
+
+
+# -- the snapshot ----------------------------------------------------------------------
+
+
+def rate(with_execution_id: int, total: int) -> float | None:
+    """The spec's ROUND(with * 100.0 / total, 2), exactly; None without rows."""
+    if not total:
+        return None
+    exact = Decimal(with_execution_id) * 100 / Decimal(total)
+    return float(exact.quantize(Decimal("0.01"), ROUND_HALF_UP))
+
+
+@dataclass(frozen=True)
+class Counts:
+    rows: int
+    with_execution_id: int
+
+    @property
+    def without_execution_id(self) -> int:
+        return self.rows - self.with_execution_id
+
+    @property
+    def pct(self) -> float | None:
+        return rate(self.with_execution_id, self.rows)
+
+
+@dataclass(frozen=True)
+class Day:
+    creation_date: dt.date
+    total_records: int
+    with_execution_id: int
+
+    @property
+    def population_rate(self) -> float | None:
+        return rate(self.with_execution_id, self.total_records)
+
+
+@dataclass(frozen=True)
+class Orphans:
+    count: int
+    recent_count: int
+    sample: list[tuple[str, str]]  # (report_data_weeks.id, execution_id), newest first
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    today: dt.date
+    window_start: dt.date
+    recent_since: dt.datetime  # the later of window_start and tracking_started_at
+    overall: Counts
+    recent: Counts
+    since_tracking: Counts | None
+    daily: list[Day]
+    orphans: Orphans | None  # None: workflow_executions does not exist
+    sample: list[dict] = field(default_factory=list)
+
+
+# The window's bounds, fixed once so that every statement of a snapshot agrees on them.
+BOUNDS_SQL = """
+SELECT CURRENT_DATE, CURRENT_DATE - %(window_days)s::int,
+       GREATEST((CURRENT_DATE - %(window_days)s::int)::timestamptz, %(started_at)s::timestamptz)
+"""
+
+# The one pass: each row meets its day of the window through a hash join on the date
+# (rows older than the window, or without created_at, meet none and share one group),
+# and FILTER counts what the recent window, tracking_started_at and the orphan check
+# need. Joining a day list of known size, rather than grouping by an expression of
+# created_at, lets the planner see ~window_days groups and aggregate in parallel. The
+# LEFT JOIN on workflow_executions' primary key adds no rows; a non-NULL execution_id
+# that finds no match is an orphan (NULLs are not).
+PASS_SQL = """
+SELECT d.day,
+       count(*),
+       count(w.execution_id),
+       count(*) FILTER (WHERE w.created_at >= %(recent_since)s),
+       count(w.execution_id) FILTER (WHERE w.created_at >= %(recent_since)s),
+       count(*) FILTER (WHERE w.created_at >= %(started_at)s),
+       count(w.execution_id) FILTER (WHERE w.created_at >= %(started_at)s),
+       {orphans},
+       {recent_orphans},
+       count(*) FILTER (WHERE w.created_at >= %(tomorrow)s)
+FROM {weeks} AS w
+{join}
+LEFT JOIN (SELECT %(window_start)s::date + k AS day
+           FROM generate_series(0, %(window_days)s::int) AS k) AS d
+       ON d.day = w.created_at::date
+GROUP BY d.day
+"""
+
+# Rows dated after today count under their own date; only asked when the pass saw some.
+FUTURE_DAYS_SQL = """
+SELECT created_at::date, count(*), count(execution_id)
+FROM {weeks} WHERE created_at >= %(tomorrow)s GROUP BY 1
+"""
+ORPHAN = "w.execution_id IS NOT NULL AND e.id IS NULL"
+
+
+def pass_query(db: TargetDatabase, with_executions: bool) -> sql.Composed:
+    if not with_executions:
+        null = sql.SQL("NULL::bigint")
+        return sql.SQL(PASS_SQL).format(
+            weeks=db.weeks, join=sql.SQL(""), orphans=null, recent_orphans=null
+        )
+    return sql.SQL(PASS_SQL).format(
+        weeks=db.weeks,
+        join=sql.SQL("LEFT JOIN {} AS e ON e.id = w.execution_id").format(db.executions),
+        orphans=sql.SQL(f"count(*) FILTER (WHERE {ORPHAN})"),
+        recent_orphans=sql.SQL(
+            f"count(*) FILTER (WHERE {ORPHAN} AND w.created_at >= CURRENT_DATE - 1)"
+        ),
+    )
+
+
+# The spec's "sample current data state": the latest rows as they are now. `since` is
+# the latest day from which the pass counted enough rows: it spares the top-N sort.
+SAMPLE_SQL = """
+SELECT id, collection_id, week_start_date, status, execution_id, created_at
+FROM {weeks}
+WHERE created_at >= %(since)s OR %(since)s IS NULL
+ORDER BY created_at DESC NULLS LAST
+LIMIT %(limit)s
+"""
+
+
+def sample_since(daily: list[Day], size: int) -> dt.date | None:
+    """The latest day on and after which at least `size` rows were created, if any."""
+    seen = 0
+    for day in reversed(daily):
+        seen += day.total_records
+        if seen >= size:
+            return day.creation_date
+    return None
+
+
+# Run only when the pass found orphans: which rows they are, newest first.
+ORPHAN_SAMPLE_SQL = """
+SELECT w.id::text, w.execution_id::text
+FROM {weeks} AS w
+WHERE w.execution_id IS NOT NULL
+  AND NOT EXISTS (SELECT 1 FROM {executions} AS e WHERE e.id = w.execution_id)
+ORDER BY w.created_at DESC NULLS LAST, w.id
+LIMIT %(limit)s
+"""
+
+
+def window_days_of(today: dt.date, window_start: dt.date, groups: dict) -> list[Day]:
+    """Every day from window_start to today, plus later days that have rows."""
+    dates = {window_start + dt.timedelta(days=k) for k in range((today - window_start).days + 1)}
+    dates |= {day for day in groups if day is not None}
+    return [Day(d, *(groups[d][:2] if d in groups else (0, 0))) for d in sorted(dates)]
+
+
+def take_snapshot(db: TargetDatabase, window_days: int, started_at: dt.datetime | None) -> Snapshot:
+    params = {"window_days": window_days, "started_at": started_at}
+    with db.cursor() as cur:
+        if not catalog.table_exists(cur, db.schema_name, db.weeks_table):
+            raise refuse(
+                f"table {db.qualified(db.weeks_table)} does not exist; "
+                "check target_db.schema_name and weeks_table"
+            )
+        with_executions = catalog.table_exists(cur, db.schema_name, db.executions_table)
+        today, window_start, recent_since = cur.execute(BOUNDS_SQL, params).fetchone()
+        tomorrow = today + dt.timedelta(days=1)
+        params |= {"window_start": window_start, "recent_since": recent_since, "tomorrow": tomorrow}
+        cur.execute(pass_query(db, with_executions), params)
+        groups = {row[0]: row[1:] for row in cur.fetchall()}
+        if sum(g[8] for g in groups.values()):
+            cur.execute(sql.SQL(FUTURE_DAYS_SQL).format(weeks=db.weeks), params)
+            groups |= {day: (total, with_id) for day, total, with_id in cur.fetchall()}
+        daily = window_days_of(today, window_start, groups)
+        cur.execute(
+            sql.SQL(SAMPLE_SQL).format(weeks=db.weeks),
+            {"since": sample_since(daily, ROW_SAMPLE_SIZE), "limit": ROW_SAMPLE_SIZE},
+        )
+        columns = [c.name for c in cur.description]
+        sample = [dict(zip(columns, row, strict=True)) for row in cur.fetchall()]
+        totals = [sum(g[i] or 0 for g in groups.values() if len(g) > 2) for i in range(8)]
+        orphans = None
+        if with_executions:
+            orphan_sample = []
+            if totals[6]:
+                cur.execute(
+                    sql.SQL(ORPHAN_SAMPLE_SQL).format(weeks=db.weeks, executions=db.executions),
+                    {"limit": ORPHAN_SAMPLE_SIZE},
+                )
+                orphan_sample = [tuple(row) for row in cur.fetchall()]
+            orphans = Orphans(totals[6], totals[7], orphan_sample)
+    return Snapshot(
+        today=today,
+        window_start=window_start,
+        recent_since=recent_since,
+        overall=Counts(totals[0], totals[1]),
+        recent=Counts(totals[2], totals[3]),
+        since_tracking=Counts(totals[4], totals[5]) if started_at else None,
+        daily=daily,
+        orphans=orphans,
+        sample=sample,
+    )
+
+
+def daily_frame(daily: list[Day]) -> pd.DataFrame:
+    frame = pd.DataFrame(
+        [(d.creation_date, d.total_records, d.with_execution_id, d.population_rate) for d in daily],
+        columns=DAILY_COLUMNS,
+    )
+    frame["creation_date"] = pd.to_datetime(frame["creation_date"])
+    frame["population_rate"] = frame["population_rate"].astype(float)
+    return frame
+
+
+def daily_table(daily: list[Day]) -> dg.TableMetadataValue:
+    return dg.MetadataValue.table(
+        records=[
+            dg.TableRecord(
+                {
+                    "creation_date": d.creation_date.isoformat(),
+                    "total_records": d.total_records,
+                    "with_execution_id": d.with_execution_id,
+                    "population_rate": d.population_rate,
+                }
+            )
+            for d in daily
+        ],
+        schema=dg.TableSchema(
+            columns=[
+                dg.TableColumn("creation_date", "date"),
+                dg.TableColumn("total_records", "int"),
+                dg.TableColumn("with_execution_id", "int"),
+                dg.TableColumn("population_rate", "float", description="percent, 2 decimals"),
+            ]
+        ),
+    )
+
+
+def sample_table(rows: list[dict]) -> dg.TableMetadataValue:
+    columns = ["id", "collection_id", "week_start_date", "status", "execution_id", "created_at"]
+    return dg.MetadataValue.table(
+        records=[
+            dg.TableRecord({c: None if row[c] is None else str(row[c]) for c in columns})
+            for row in rows
+        ],
+        schema=dg.TableSchema(columns=[dg.TableColumn(c, "string") for c in columns]),
+    )
+
+
+def snapshot_metadata(snapshot: Snapshot, window_days: int) -> dict:
+    metadata = {
+        "total_rows": snapshot.overall.rows,
+        "with_execution_id": snapshot.overall.with_execution_id,
+        "without_execution_id": snapshot.overall.without_execution_id,
+        "population_pct": snapshot.overall.pct,
+        "window_days": window_days,
+        "window_start": snapshot.window_start.isoformat(),
+        "recent_since": snapshot.recent_since.isoformat(),
+        "recent_total_rows": snapshot.recent.rows,
+        "recent_with_execution_id": snapshot.recent.with_execution_id,
+        "recent_population_pct": snapshot.recent.pct,
+        "daily": daily_table(snapshot.daily),
+        "sample": sample_table(snapshot.sample),
+    }
+    if snapshot.since_tracking:
+        metadata |= {
+            "since_tracking_total_rows": snapshot.since_tracking.rows,
+            "since_tracking_with_execution_id": snapshot.since_tracking.with_execution_id,
+            "since_tracking_population_pct": snapshot.since_tracking.pct,
+        }
+    return metadata
+
+
+# -- execution_id_recent_population_rate ---------------------------------------------
+
+
+def rate_check(snapshot: Snapshot, threshold: float, where: str) -> dg.AssetCheckResult:
+    recent = snapshot.recent
+    since = f"since {snapshot.recent_since:%Y-%m-%d %H:%M} UTC"
+    metadata = {
+        "recent_population_pct": recent.pct,
+        "min_recent_population_pct": threshold,
+        "recent_total_rows": recent.rows,
+        "recent_without_execution_id": recent.without_execution_id,
+    }
+    if recent.rows == 0:
+        return dg.AssetCheckResult(
+            check_name=RATE_CHECK,
+            passed=False,
+            severity=dg.AssetCheckSeverity.WARN,
+            description=(
+                f"no {where} rows created {since}: nothing to judge; is the collection "
+                "running, or is tracking_started_at in the future?"
+            ),
+            metadata=metadata,
+        )
+    passed = recent.pct >= threshold
+    verdict = "at or above" if passed else "below"
+    return dg.AssetCheckResult(
+        check_name=RATE_CHECK,
+        passed=passed,
+        severity=dg.AssetCheckSeverity.ERROR,
+        description=(
+            f"{recent.pct}% of {recent.rows} {where} rows created {since} have an "
+            f"execution_id, {verdict} the {threshold}% threshold"
+        ),
+        metadata=metadata,
+    )
+
+
+# -- execution_id_population_trend ----------------------------------------------------
+
+
+def trend_days(snapshot: Snapshot, started_at: dt.datetime | None) -> tuple[Day | None, list[Day]]:
+    """(the latest complete day, the trailing days of the window before it).
+
+    With `tracking_started_at`, days that began before it are left out: they mix legacy
+    rows in and would make the baseline meaningless.
+    """
+    latest_date = snapshot.today - dt.timedelta(days=1)
+
+    def comparable(day: Day) -> bool:
+        begins = dt.datetime.combine(day.creation_date, dt.time(), dt.timezone.utc)
+        return started_at is None or begins >= started_at
+
+    latest = next((d for d in snapshot.daily if d.creation_date == latest_date), None)
+    trailing = [
+        d
+        for d in snapshot.daily
+        if snapshot.window_start <= d.creation_date < latest_date and comparable(d)
+    ]
+    return (latest if latest and comparable(latest) else None), trailing
+
+
+def pooled_rate(days: list[Day]) -> float | None:
+    return rate(sum(d.with_execution_id for d in days), sum(d.total_records for d in days))
+
+
+def trend_check(
+    snapshot: Snapshot, margin: float, started_at: dt.datetime | None
+) -> dg.AssetCheckResult:
+    latest, trailing = trend_days(snapshot, started_at)
+    baseline = pooled_rate(trailing)
+    latest_rate = latest.population_rate if latest else None
+    drop = None if latest_rate is None or baseline is None else round(baseline - latest_rate, 2)
+    if latest_rate is None:
+        passed, description = True, "no rows on the latest complete day: nothing to compare"
+    elif baseline is None:
+        passed, description = (
+            True,
+            "no rows on the trailing days of the window: nothing to compare with",
+        )
+    elif drop > margin:
+        passed, description = (
+            False,
+            (
+                f"population rate fell to {latest_rate}% on {latest.creation_date} from "
+                f"{baseline}% on the trailing days ({drop} points, margin {margin}): a "
+                "collection path may have stopped stamping execution_id"
+            ),
+        )
+    else:
+        passed, description = (
+            True,
+            (f"{latest_rate}% on {latest.creation_date} vs {baseline}% on the trailing days"),
+        )
+    return dg.AssetCheckResult(
+        check_name=TREND_CHECK,
+        passed=passed,
+        severity=dg.AssetCheckSeverity.WARN,
+        description=description,
+        metadata={
+            "latest_date": latest.creation_date.isoformat() if latest else None,
+            "latest_rate": latest_rate,
+            "latest_records": latest.total_records if latest else 0,
+            "trailing_rate": baseline,
+            "trailing_records": sum(d.total_records for d in trailing),
+            "drop_pct": drop,
+            "trend_margin_pct": margin,
+        },
+    )
+
+
+# -- execution_ids_exist ---------------------------------------------------------------
+
+
+def orphan_check(orphans: Orphans | None, db: TargetDatabase) -> dg.AssetCheckResult:
+    weeks = db.qualified(db.weeks_table, "execution_id")
+    executions = db.qualified(db.executions_table)
+    if orphans is None:
+        return dg.AssetCheckResult(
+            check_name=ORPHAN_CHECK,
+            passed=False,
+            severity=dg.AssetCheckSeverity.ERROR,
+            description=(
+                f"table {executions} does not exist: no execution_id in {weeks} can be "
+                "validated; check target_db.executions_table and schema_name"
+            ),
+            metadata={"workflow_executions_exists": False},
+        )
+    sample = dg.MetadataValue.table(
+        records=[dg.TableRecord({"id": i, "execution_id": e}) for i, e in orphans.sample],
+        schema=dg.TableSchema(
+            columns=[dg.TableColumn("id", "uuid"), dg.TableColumn("execution_id", "uuid")]
+        ),
+    )
+    if orphans.count:
+        description = (
+            f"{orphans.count} rows of {weeks} ({orphans.recent_count} created since "
+            f"yesterday) point at no {executions} row; see orphan_sample, and fix or clear "
+            "them before adding the foreign key"
+        )
+    else:
+        description = f"every non-NULL {weeks} has its {executions} row"
+    return dg.AssetCheckResult(
+        check_name=ORPHAN_CHECK,
+        passed=orphans.count == 0,
+        severity=dg.AssetCheckSeverity.ERROR,
+        description=description,
+        metadata={
+            "orphan_count": orphans.count,
+            "recent_orphan_count": orphans.recent_count,
+            "orphan_sample": sample,
+            "workflow_executions_exists": True,
+        },
+    )
+
+
+# -- the asset --------------------------------------------------------------------------
+
+
+@dg.asset(
+    key=ASSET,
+    group_name=GROUP,
+    deps=[report_data_weeks, workflow_executions, "execution_id_schema"],
+    kinds={"postgres", "pandas"},
+    retry_policy=READ_RETRY,
+    check_specs=[
+        dg.AssetCheckSpec(
+            RATE_CHECK,
+            asset=ASSET,
+            description="The recent population rate is at least min_recent_population_pct (ERROR).",
+        ),
+        dg.AssetCheckSpec(
+            ORPHAN_CHECK,
+            asset=ASSET,
+            description="Every non-NULL execution_id has its workflow_executions row (ERROR).",
+        ),
+        dg.AssetCheckSpec(
+            TREND_CHECK,
+            asset=ASSET,
+            description="The latest complete day's rate has not dropped below the trailing days' (WARN).",
+        ),
+    ],
+)
+def execution_id_population(config: PopulationConfig, target_db: TargetDatabase):
+    # No return annotation: with check outputs, Dagster would read it as the output types.
+    """How many `report_data_weeks` rows carry an `execution_id`: overall, in the recent
+    window, and per creation day.
+
+    The spec's data-quality queries in one pass over the table: overall counts, the
+    recent window (`created_at >= CURRENT_DATE - window_days`, UTC days), the per-day
+    breakdown with every day of the window present (days without rows show 0), and the
+    five latest rows. Set `tracking_started_at` to the fix's deploy time so the recent
+    rate counts only rows created since then. Returns the daily breakdown as a pandas
+    DataFrame. The checks judge this same snapshot: the recent rate against a threshold,
+    orphaned execution_ids (no `workflow_executions` row), and a day-over-trailing-days
+    drop that signals a collection path that stopped stamping ids.
+    """
+    started_at = config.started_at()
+    snapshot = take_snapshot(target_db, config.window_days, started_at)
+    where = target_db.qualified(target_db.weeks_table)
+    return dg.MaterializeResult(
+        value=daily_frame(snapshot.daily),
+        metadata=snapshot_metadata(snapshot, config.window_days),
+        check_results=[
+            rate_check(snapshot, config.min_recent_population_pct, where),
+            orphan_check(snapshot.orphans, target_db),
+            trend_check(snapshot, config.trend_margin_pct, started_at),
+        ],
+    )
+
+
+population_assets = [execution_id_population]
