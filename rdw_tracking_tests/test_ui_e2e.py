@@ -26,6 +26,7 @@ from .conftest import create_database, drop_database
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCATION = "rdw_tracking"
+STARTUP_TIMEOUT = 150
 
 CONTRACT_ASSETS = {
     "report_data_weeks",
@@ -149,7 +150,8 @@ def dagster_dev(tmp_path, admin_url, database_url):
         start_new_session=True,  # its own process group: webserver, daemon, code server
     )
     try:
-        deadline = time.monotonic() + 60
+        # ~20 s on an idle 2-core machine; far more when other suites share its cores
+        deadline = time.monotonic() + STARTUP_TIMEOUT
         while True:
             assert proc.poll() is None, (tmp_path / "dagster_dev.log").read_text()[-3000:]
             try:
@@ -158,14 +160,16 @@ def dagster_dev(tmp_path, admin_url, database_url):
                     break
             except OSError:
                 pass
-            assert time.monotonic() < deadline, "dagster dev did not answer within 60 s"
+            assert time.monotonic() < deadline, (
+                f"dagster dev did not answer within {STARTUP_TIMEOUT} s"
+            )
             time.sleep(0.5)
         yield port, storage
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)
             try:
-                proc.wait(timeout=20)
+                proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=10)
@@ -173,7 +177,7 @@ def dagster_dev(tmp_path, admin_url, database_url):
         drop_database(admin_url, storage_name)
 
 
-@pytest.mark.timeout(150)
+@pytest.mark.timeout(360)
 def test_ui_shows_the_contract_and_runs_validation(dagster_dev):
     port, storage = dagster_dev
     data = graphql(port, DEFINITIONS_QUERY)
