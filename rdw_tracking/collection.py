@@ -27,11 +27,12 @@ from dataclasses import dataclass
 import dagster as dg
 import psycopg
 from psycopg import sql
+from pydantic import Field
 
 from rdw_tracking import catalog
 from rdw_tracking.assets import refuse
 from rdw_tracking.resources import TargetDatabase, TargetDatabaseError
-from rdw_tracking.writes import exclusive_write
+from rdw_tracking.writes import Need, exclusive_write, refuse_without_grants, weeks_need
 
 RUNNING, COMPLETED, FAILED = "running", "completed", "failed"
 WORKFLOW_NAME = "weekly_collection"
@@ -160,8 +161,28 @@ def first_collections(db: TargetDatabase, count: int) -> list[uuid.UUID]:
 
 
 class CollectionConfig(dg.Config):
-    collections: int = 50
-    """How many collections (the first by id) this run collects."""
+    collections: int = Field(
+        default=50,
+        ge=1,
+        le=1_000_000,
+        description="How many collections (the first by id) this run collects.",
+    )
+
+
+def collection_needs(db: TargetDatabase) -> list[Need]:
+    """The tables a collection run reads and writes: existing, and granted."""
+    return [
+        Need(
+            db.schema_name, db.collections_table, ("SELECT",), field="target_db.collections_table"
+        ),
+        Need(
+            db.schema_name,
+            db.executions_table,
+            ("SELECT", "INSERT", "UPDATE"),
+            field="target_db.executions_table",
+        ),
+        weeks_need(db, "INSERT"),
+    ]
 
 
 @dg.op(name="collect_weeks", tags={"kind": "postgres"})
@@ -169,6 +190,7 @@ def collect_weeks(
     context: dg.OpExecutionContext, config: CollectionConfig, target_db: TargetDatabase
 ) -> dg.Output[int]:
     """Writes this week's row of each collection inside a tracked execution, every row stamped."""
+    refuse_without_grants(target_db, WORKFLOW_NAME, collection_needs(target_db))
     try:
         with exclusive_write(target_db, WORKFLOW_NAME):
             ids = first_collections(target_db, config.collections)

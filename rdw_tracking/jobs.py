@@ -9,7 +9,7 @@ from rdw_tracking.assets.performance import JoinPlanConfig, StorageConfig
 from rdw_tracking.assets.population import PopulationConfig
 from rdw_tracking.assets.restore import RestoreConfig
 from rdw_tracking.assets.rollback import RollbackConfig
-from rdw_tracking.collection import collect_weeks
+from rdw_tracking.collection import CollectionConfig, collect_weeks
 from rdw_tracking.resources import URL_ENV, TargetDatabase
 
 # Jobs that write to the looked-after database carry this tag; dagster.yaml lets one of
@@ -173,6 +173,7 @@ jobs += [rollback_execution_id, restore_execution_id]
 
 @dg.job(
     name="weekly_collection",
+    config=checked_at_launch(collect_weeks=CollectionConfig),
     tags=WRITE_JOB_TAGS,
     description=(
         "The demo collection run, with the fix: this week's row of each collection is written "
