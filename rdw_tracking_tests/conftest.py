@@ -8,6 +8,7 @@ holding a small demo dataset is built once per session; each test's database is 
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import os
 import warnings
@@ -235,3 +236,118 @@ def launch_refusal(run_job, name: str, run_config: dict, **kwargs) -> str:
         return str(err.value)
     assert isinstance(cause, RunConfigError), repr(err.value)
     return str(cause)
+
+
+# -- database fingerprints: "nothing changed" as two checksums ---------------------------
+
+_USER_SCHEMA = (
+    "n.nspname NOT IN ('pg_catalog', 'information_schema') "
+    "AND n.nspname NOT LIKE 'pg\\_toast%' AND n.nspname NOT LIKE 'pg\\_temp\\_%'"
+)
+SCHEMA_CHECKSUM = f"""
+SELECT md5(coalesce(string_agg(line, E'\\n' ORDER BY line), '')) FROM (
+    SELECT 'schema ' || n.nspname || ' ' || pg_get_userbyid(n.nspowner)
+           || ' ' || coalesce(n.nspacl::text, '')
+    FROM pg_namespace n WHERE {_USER_SCHEMA}
+    UNION ALL
+    SELECT 'relation ' || n.nspname || '.' || c.relname || ' ' || c.relkind::text || ' '
+           || pg_get_userbyid(c.relowner) || ' ' || coalesce(c.relacl::text, '')
+    FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE {_USER_SCHEMA}
+    UNION ALL
+    SELECT 'column ' || n.nspname || '.' || c.relname || '.' || a.attname || ' '
+           || format_type(a.atttypid, a.atttypmod) || ' ' || a.attnotnull || ' '
+           || coalesce(pg_get_expr(d.adbin, d.adrelid), '')
+    FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
+    JOIN pg_namespace n ON n.oid = c.relnamespace
+    LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+    WHERE a.attnum > 0 AND NOT a.attisdropped AND {_USER_SCHEMA}
+    UNION ALL
+    SELECT 'index ' || pg_get_indexdef(x.indexrelid) || ' ' || x.indisvalid || ' ' || x.indisready
+    FROM pg_index x JOIN pg_class c ON c.oid = x.indexrelid
+    JOIN pg_namespace n ON n.oid = c.relnamespace WHERE {_USER_SCHEMA}
+    UNION ALL
+    SELECT 'constraint ' || n.nspname || '.' || c.relname || ' ' || con.conname || ' '
+           || pg_get_constraintdef(con.oid) || ' ' || con.convalidated
+    FROM pg_constraint con JOIN pg_class c ON c.oid = con.conrelid
+    JOIN pg_namespace n ON n.oid = c.relnamespace WHERE {_USER_SCHEMA}
+) AS catalog(line)
+"""
+USER_TABLES = f"""
+SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relkind IN ('r', 'p') AND {_USER_SCHEMA} ORDER BY 1, 2
+"""
+
+
+def database_checksums(target: str | psycopg.Connection) -> tuple[str, str]:
+    """(schema checksum, data checksum) of every non-system schema of the database
+    (a URL, or an open autocommit connection to it).
+
+    The schema one covers schemas, relations (with owners and grants), columns, indexes
+    (with validity) and constraints; the data one every table's rows, ordered.
+    """
+    if isinstance(target, str):
+        with psycopg.connect(target, autocommit=True) as conn:
+            return database_checksums(conn)
+    schema = target.execute(SCHEMA_CHECKSUM).fetchone()[0]
+    per_table = [
+        sql.SQL(
+            "SELECT {label}, (SELECT md5(coalesce(string_agg(t::text, E'\\n' ORDER BY t::text),"
+            " '')) FROM {table} t)"
+        ).format(label=sql.Literal(f"{nspname}.{relname}"), table=sql.Identifier(nspname, relname))
+        for nspname, relname in target.execute(USER_TABLES).fetchall()
+    ]
+    rows = target.execute(sql.SQL(" UNION ALL ").join(per_table)).fetchall() if per_table else []
+    data = "\n".join(f"{label} {digest}" for label, digest in rows)
+    return schema, hashlib.md5(data.encode()).hexdigest()
+
+
+# -- roles with chosen grants ------------------------------------------------------------
+
+_roles = itertools.count()
+
+
+@pytest.fixture
+def role_url(database_url):
+    """make(*grants) -> URL of a fresh LOGIN role on this test's database.
+
+    Each grant is SQL with `{role}` where the role's name goes, e.g.
+    "GRANT SELECT ON report_data_weeks TO {role}". Roles are dropped afterwards.
+    """
+    made: list[str] = []
+
+    def make(*grants: str, name: str | None = None) -> str:
+        role = name or f"rdw_role_{os.getpid()}_{next(_roles)}"
+        ident = sql.Identifier(role)
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(ident))
+            conn.execute(sql.SQL("CREATE ROLE {} LOGIN").format(ident))
+            made.append(role)
+            for grant in grants:
+                conn.execute(sql.SQL(grant).format(role=ident))
+        params = conninfo_to_dict(database_url)
+        params["user"] = role
+        params.pop("password", None)
+        return make_conninfo("", **params)
+
+    yield make
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        for role in reversed(made):
+            ident = sql.Identifier(role)
+            conn.execute(sql.SQL("REASSIGN OWNED BY {} TO CURRENT_USER").format(ident))
+            conn.execute(sql.SQL("DROP OWNED BY {}").format(ident))
+            conn.execute(sql.SQL("DROP ROLE {}").format(ident))
+
+
+SELECT_ONLY_GRANTS = (
+    "GRANT USAGE ON SCHEMA public TO {role}",
+    "GRANT SELECT ON report_data_weeks, workflow_executions, report_data_collections TO {role}",
+)
+
+
+@pytest.fixture
+def select_only_url(role_url, monkeypatch) -> str:
+    """RDW_DATABASE_URL for a role holding only USAGE on the schema and SELECT on the
+    three tables."""
+    url = role_url(*SELECT_ONLY_GRANTS)
+    monkeypatch.setenv("RDW_DATABASE_URL", url)
+    return url

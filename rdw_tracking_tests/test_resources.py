@@ -30,9 +30,15 @@ def test_unreachable_server_names_host_and_database():
     assert "hunter22" not in message
 
 
-def test_malformed_url_is_a_clear_error():
-    with pytest.raises(TargetDatabaseError, match="not a valid libpq URI"):
-        TargetDatabase(url="postgresql://a:b@host:notaport/db?sslmode=bogus=").describe()
+def test_malformed_url_is_a_clear_error(monkeypatch):
+    bad = "postgresql://a:b@host:notaport/db?sslmode=bogus="
+    monkeypatch.setenv("RDW_DATABASE_URL", bad)
+    with pytest.raises(TargetDatabaseError, match="not a valid libpq URI") as err:
+        TargetDatabase().describe()
+    assert not err.value.allow_retries  # a malformed URL stays malformed
+    # Given as the resource's url, it is refused as the resource is built.
+    with pytest.raises(ValueError, match="url is not a valid libpq URI"):
+        TargetDatabase(url=bad)
 
 
 def test_wrong_password_names_place_not_password(password_url):

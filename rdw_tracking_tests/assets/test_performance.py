@@ -1,12 +1,8 @@
 """The join plan and storage assets, and the whole read-only set under a SELECT-only role."""
 
-import os
-
 import dagster as dg
 import psycopg
 import pytest
-from psycopg import sql
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from rdw_tracking_tests.assets.test_population import failure_text
 from rdw_tracking_tests.conftest import check_results, launch_refusal, materialization_metadata
@@ -153,33 +149,10 @@ def test_bad_storage_config_is_refused(db, run_job):
         {"ops": {STORAGE: {"config": {"sample_bytes": 0}}}},
         asset_selection=[dg.AssetKey(STORAGE)],
     )
-    assert "sample_bytes must be at least 8192" in message
+    assert "sample_bytes must be between 8192" in message
 
 
-READER = f"rdw_reader_{os.getpid()}"
-
-
-@pytest.fixture
-def select_only_url(database_url, sql_exec, monkeypatch):
-    """RDW_DATABASE_URL for a role holding only SELECT on the three tables."""
-    reader = sql.Identifier(READER)
-    sql_exec(sql.SQL("DROP ROLE IF EXISTS {}").format(reader))
-    sql_exec(sql.SQL("CREATE ROLE {} LOGIN").format(reader))
-    sql_exec(
-        sql.SQL(
-            "GRANT SELECT ON report_data_weeks, workflow_executions, report_data_collections TO {}"
-        ).format(reader)
-    )
-    params = conninfo_to_dict(database_url)
-    params["user"] = READER
-    params.pop("password", None)
-    url = make_conninfo("", **params)
-    monkeypatch.setenv("RDW_DATABASE_URL", url)
-    try:
-        yield url
-    finally:
-        sql_exec(sql.SQL("DROP OWNED BY {}").format(reader), url=database_url)
-        sql_exec(sql.SQL("DROP ROLE {}").format(reader), url=database_url)
+# select_only_url (conftest): USAGE on the schema and SELECT on the three tables only.
 
 
 def test_read_only_jobs_under_a_select_only_role(select_only_url, run_job, sql_exec):
