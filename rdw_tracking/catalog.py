@@ -96,6 +96,7 @@ class TableAccess:
     insert: bool
     update: bool  # on the whole table, or on every column asked about
     references: bool
+    schema_create: bool  # CREATE in the table's schema: CREATE INDEX needs it besides ownership
 
 
 def table_access(
@@ -115,7 +116,7 @@ def table_access(
                                    FROM pg_attribute a
                                    WHERE a.attrelid = c.oid AND a.attname = ANY(%(columns)s::text[])
                                      AND NOT a.attisdropped), false) END,
-               has_table_privilege(c.oid, 'REFERENCES')
+               has_table_privilege(c.oid, 'REFERENCES'), has_schema_privilege(n.oid, 'CREATE')
         FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
         WHERE n.nspname = %(schema)s AND c.relname = %(table)s AND c.relkind IN ('r', 'p')
         """,

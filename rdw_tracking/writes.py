@@ -75,7 +75,8 @@ TABLE_RIGHTS = ("SELECT", "INSERT", "UPDATE", "REFERENCES")
 
 @dataclass(frozen=True)
 class Need:
-    """Rights a job needs on `schema.table`: "OWNER" and/or table privileges.
+    """Rights a job needs on `schema.table`: "OWNER", "CREATE" (on the table's schema,
+    to create an index there) and/or table privileges.
 
     With `create_if_missing`, a missing table is fine when the role may create it
     (CREATE on the schema), as the rollback does with its backup tables.
@@ -131,6 +132,11 @@ def missing_grants(db: TargetDatabase, needs: list[Need]) -> tuple[str, list[str
                 missing.append(
                     f"ownership of {label} (owner {access.owner}): run the job as "
                     f"{access.owner} or as a member of that role"
+                )
+            if "CREATE" in need.rights and not access.schema_create:
+                missing.append(
+                    f"CREATE on schema {need.schema} (an index on {label} is created there): "
+                    f"GRANT CREATE ON SCHEMA {_quoted(need.schema)} TO {_quoted(role)}"
                 )
             lacking = [
                 r for r in TABLE_RIGHTS if r in need.rights and not getattr(access, r.lower())

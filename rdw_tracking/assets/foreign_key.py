@@ -20,6 +20,8 @@ from rdw_tracking.assets.indexes import (
     build_index,
     contract_indexes,
     describe,
+    equivalent_of,
+    lookup,
     raise_if_stuck,
     run_watched,
     with_lock_retries,
@@ -76,6 +78,14 @@ def orphans(db: TargetDatabase, sample: int = ORPHAN_SAMPLE) -> tuple[int, list[
     return int(row[0]), list(row[1])
 
 
+def index_to_build(db: TargetDatabase, spec) -> bool:
+    """Whether `build_index(spec)` would create or rebuild an index (as it decides it)."""
+    named, on_table = lookup(db, spec)
+    if named is not None:
+        return not named.valid
+    return equivalent_of(spec, on_table) is None
+
+
 def refuse_unless_possible(report: SchemaReport, db: TargetDatabase) -> None:
     weeks, executions = db.qualified(db.weeks_table), db.qualified(db.executions_table)
     if not report.weeks_exists:
@@ -129,11 +139,14 @@ def add_foreign_key(
     with exclusive_write(db, context.run.job_name):
         report = inspect_schema(db)
         refuse_unless_possible(report, db)
+        # CREATE on the schema only if the index must be built (an index lives there).
+        spec = contract_indexes(db)[EXECUTION_ID_INDEX]
+        builds_index = ("CREATE",) if index_to_build(db, spec) else ()
         refuse_without_grants(
             db,
             context.run.job_name,
             [
-                weeks_need(db, "OWNER", "SELECT"),
+                weeks_need(db, "OWNER", "SELECT", *builds_index),
                 Need(db.schema_name, db.executions_table, ("SELECT", "REFERENCES")),
             ],
         )

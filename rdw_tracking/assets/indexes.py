@@ -729,8 +729,8 @@ def execution_id_indexes(
     Rerunning changes nothing. An INVALID index left by a failed build is dropped
     (`DROP INDEX CONCURRENTLY`) and rebuilt; a same-named index of another definition is
     an error that touches nothing; an equivalent index under another name is kept.
-    Needs the table's owner role (checked before anything is built; for the opt-in
-    index, the owner of `workflow_executions` too). Progress is logged every few seconds.
+    Needs the table's owner role and CREATE on its schema (checked before anything is
+    built; for the opt-in index, on `workflow_executions` too). Progress is logged every few seconds.
     """
     specs = chosen_indexes(target_db, config)
     refuse_unless_buildable(target_db, specs)
@@ -738,7 +738,7 @@ def execution_id_indexes(
     refuse_without_grants(
         target_db,
         context.run.job_name,
-        [Need(target_db.schema_name, table, ("OWNER",)) for table in tables],
+        [Need(target_db.schema_name, table, ("OWNER", "CREATE")) for table in tables],
     )
     with exclusive_write(target_db, context.run.job_name):
         for spec in specs:  # refuse before building any, so a conflict changes nothing

@@ -299,6 +299,10 @@ def tables_present(conn: psycopg.Connection, tables: BackupTables) -> bool:
 
 
 def create_tables(conn: psycopg.Connection, tables: BackupTables) -> None:
+    # CREATE ... IF NOT EXISTS still needs CREATE on the schema: a role granted only
+    # INSERT on tables its owner made must not get that far.
+    if tables_present(conn, tables):
+        return
     exists = conn.execute(
         "SELECT 1 FROM pg_namespace WHERE nspname = %s", [tables.schema]
     ).fetchone()
