@@ -1,7 +1,6 @@
 """The join plan and storage assets, and the whole read-only set under a SELECT-only role."""
 
 import dagster as dg
-import psycopg
 import pytest
 
 from rdw_tracking_tests.assets.test_population import failure_text
@@ -150,47 +149,3 @@ def test_bad_storage_config_is_refused(db, run_job):
         asset_selection=[dg.AssetKey(STORAGE)],
     )
     assert "sample_bytes must be between 8192" in message
-
-
-# select_only_url (conftest): USAGE on the schema and SELECT on the three tables only.
-
-
-def test_read_only_jobs_under_a_select_only_role(select_only_url, run_job, sql_exec):
-    with (
-        psycopg.connect(select_only_url) as conn,
-        pytest.raises(psycopg.errors.InsufficientPrivilege),
-    ):
-        conn.execute("UPDATE report_data_weeks SET execution_id = NULL")
-    with (
-        psycopg.connect(select_only_url) as conn,
-        pytest.raises(psycopg.errors.InsufficientPrivilege),
-    ):
-        conn.execute("CREATE INDEX ON report_data_weeks (collection_id)")
-    verify = run_job("verify_execution_tracking")
-    assert verify.success, failure_text(verify)
-    assert {
-        "execution_id_schema",
-        "execution_id_population",
-        PLAN,
-        STORAGE,
-    } <= {e.asset_key.to_user_string() for e in verify.get_asset_materialization_events()}
-    checks = check_results(verify)
-    assert {
-        "execution_id_column_contract",
-        "execution_id_recent_population_rate",
-        "execution_ids_exist",
-        "execution_id_population_trend",
-        "execution_id_join_uses_index",
-    } <= set(checks)
-    # The template's few orphans are found under SELECT alone, like everything else.
-    orphans = sql_exec(
-        "SELECT count(*) FROM report_data_weeks w WHERE execution_id IS NOT NULL AND NOT EXISTS"
-        " (SELECT 1 FROM workflow_executions e WHERE e.id = w.execution_id)"
-    )[0][0]
-    assert checks["execution_ids_exist"].metadata["orphan_count"].value == orphans > 0
-    assert checks["execution_id_recent_population_rate"].passed
-    meta = materialization_metadata(verify, STORAGE)
-    assert meta["total_bytes"] > 0 and meta["execution_id_bytes"] == 16 * 400
-    post = run_job("post_collection_validation")
-    assert post.success, failure_text(post)
-    assert materialization_metadata(post, "execution_id_population")["total_rows"] == 2600
