@@ -23,6 +23,12 @@ from pydantic import Field, field_validator
 URL_ENV = "RDW_DATABASE_URL"
 APPLICATION_NAME = "rdw_tracking"
 _MAX_IDENTIFIER = 63
+# libpq's words for a login the server refused, as opposed to a server not there.
+_REFUSED_LOGIN = re.compile(
+    r"authentication failed|no password supplied|no pg_hba\.conf entry|"
+    r'(database|role) "[^"]*" does not exist',
+    re.IGNORECASE,
+)
 
 
 class TargetDatabaseError(Exception):
@@ -230,7 +236,10 @@ class TargetDatabase(dg.ConfigurableResource):
             )
         except psycopg.OperationalError as err:
             reason = redact(str(err).strip().splitlines()[-1] if str(err).strip() else "", url)
-            raise TargetDatabaseError(
+            # A refused login stays refused: fail once rather than after every retry
+            # (a down or restarting server is worth retrying, and still is).
+            error = NotRetryable if _REFUSED_LOGIN.search(str(err)) else TargetDatabaseError
+            raise error(
                 f"cannot connect to PostgreSQL at {where}: {reason}; "
                 f"check {URL_ENV} (or target_db.url) and that the server accepts connections"
             ) from None
