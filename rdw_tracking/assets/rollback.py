@@ -388,8 +388,13 @@ def plan_batches(
     """Contiguous block ranges `[start, end)` holding about `batch_size` matched rows each.
 
     `blocks` is (block, matched rows) in block order. The ranges tile everything from
-    `from_block` on; the last is open-ended (None) so rows moved past the end are walked too.
+    `from_block` to the last block that held a matched row. They stop there: the blocks
+    after it fill with the new versions of the rows the walk clears, and walking them
+    made the last batch the longest by far (seconds at 5M rows). A matched row that a
+    writer moved past it is found by the final sweep.
     """
+    if not blocks:
+        return []
     starts = [from_block]
     in_batch = 0
     for block, n in blocks:
@@ -397,7 +402,8 @@ def plan_batches(
             starts.append(block)
             in_batch = 0
         in_batch += n
-    return [(s, e) for s, e in zip(starts, starts[1:] + [None], strict=True)]
+    end = blocks[-1][0] + 1
+    return [(s, e) for s, e in zip(starts, starts[1:] + [end], strict=True)]
 
 
 def estimate_seconds(matched_rows: int, scan_seconds: float) -> float:
@@ -738,9 +744,11 @@ def clear(
         return n
 
     if state.phase == "walking":
-        for lo, hi in plan_batches(found.blocks, config.batch_size, state.next_block):
-            extra = {"lo": f"({lo},0)", "hi": None if hi is None else f"({hi},0)"}
-            batch(IN_BLOCKS, extra, "walking" if hi is not None else "sweeping", hi or 0)
+        ranges = plan_batches(found.blocks, config.batch_size, state.next_block)
+        for n, (lo, hi) in enumerate(ranges, start=1):
+            last = n == len(ranges)
+            extra = {"lo": f"({lo},0)", "hi": f"({hi},0)"}
+            batch(IN_BLOCKS, extra, "sweeping" if last else "walking", 0 if last else hi)
     # Rows the walk skipped or missed (updated meanwhile, or moved behind it) still
     # match: find them by id, a few rounds while writers keep touching them.
     find = sql.SQL("SELECT id FROM {weeks} WHERE {matched}").format(weeks=db.weeks, matched=MATCHED)

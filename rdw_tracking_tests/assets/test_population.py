@@ -378,8 +378,7 @@ def test_latest_rows_sample_is_exact_when_they_are_not_in_the_tail(
     sql_exec("DELETE FROM report_data_weeks WHERE ctid < '(1,0)' AND ctid > '(0,1)'")
     sql_exec("VACUUM report_data_weeks")
     sql_exec(
-        "UPDATE report_data_weeks SET created_at = now() - interval '1 minute'"
-        " WHERE ctid = '(0,1)'"
+        "UPDATE report_data_weeks SET created_at = now() - interval '1 minute' WHERE ctid = '(0,1)'"
     )
     assert sql_exec(
         "SELECT ctid < '(1,0)' FROM report_data_weeks ORDER BY created_at DESC LIMIT 1"
