@@ -82,3 +82,27 @@ def execution_id_foreign_keys(
         [schema, weeks_table, schema, executions_table],
     )
     return [ForeignKey(*row) for row in cur.fetchall()]
+
+
+def indexes_leading_with(cur: psycopg.Cursor, schema: str, table: str, column: str) -> list[str]:
+    """Valid, ready btree indexes of `schema.table` whose first key column is `column`.
+
+    Partial indexes count: a range condition on `column` lets the planner use one with
+    `WHERE column IS NOT NULL`. An INVALID index (a failed CONCURRENTLY build) does not.
+    """
+    cur.execute(
+        """
+        SELECT i.relname
+        FROM pg_index x
+        JOIN pg_class t ON t.oid = x.indrelid
+        JOIN pg_namespace n ON n.oid = t.relnamespace
+        JOIN pg_class i ON i.oid = x.indexrelid
+        JOIN pg_am am ON am.oid = i.relam
+        JOIN pg_attribute a ON a.attrelid = t.oid AND a.attnum = x.indkey[0]
+        WHERE n.nspname = %s AND t.relname = %s AND a.attname = %s
+          AND am.amname = 'btree' AND x.indisvalid AND x.indisready
+        ORDER BY i.relname
+        """,
+        [schema, table, column],
+    )
+    return [row[0] for row in cur.fetchall()]

@@ -11,6 +11,8 @@ from rdw_tracking.assets.schema import schema_assets, schema_checks
 from rdw_tracking.assets.tables import external_tables
 from rdw_tracking.jobs import jobs
 from rdw_tracking.resources import TargetDatabase
+from rdw_tracking.schedules import schedules
+from rdw_tracking.sensors import ExecutionsPolling, sensors
 
 defs = dg.Definitions(
     assets=[
@@ -24,8 +26,11 @@ defs = dg.Definitions(
     ],
     asset_checks=[*schema_checks, *index_checks],
     jobs=jobs,
+    schedules=schedules,
+    sensors=sensors,
     resources={
         "target_db": TargetDatabase(),
+        "executions_polling": ExecutionsPolling(),
         # Explicit, so in-process runs (the demo, tests) also store the population
         # DataFrame where notebooks find it: defs.load_asset_value("execution_id_population").
         "io_manager": dg.FilesystemIOManager(),

@@ -8,6 +8,7 @@ from rdw_tracking.assets.performance import JoinPlanConfig, StorageConfig
 from rdw_tracking.assets.population import PopulationConfig
 from rdw_tracking.assets.restore import RestoreConfig
 from rdw_tracking.assets.rollback import RollbackConfig
+from rdw_tracking.collection import collect_weeks
 
 # Jobs that write to the looked-after database carry this tag; dagster.yaml lets one of
 # them run at a time, and each also takes a PostgreSQL advisory lock (see writes.py).
@@ -144,3 +145,19 @@ restore_execution_id = dg.define_asset_job(
     ),
 )
 jobs += [rollback_execution_id, restore_execution_id]
+
+
+@dg.job(
+    name="weekly_collection",
+    tags=WRITE_JOB_TAGS,
+    description=(
+        "The demo collection run, with the fix: this week's row of each collection is written "
+        "inside a tracked workflow_executions row whose id is stamped on every row. Its "
+        "success triggers post_collection_validation through collection_run_sensor."
+    ),
+)
+def weekly_collection() -> None:
+    collect_weeks()
+
+
+jobs.append(weekly_collection)

@@ -6,6 +6,7 @@ visible afterwards in `make ui`.
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 from typing import Any
 
@@ -28,6 +29,8 @@ KEY_FIGURES = {
     "execution_id_storage": ["total_bytes", "index_bytes", "execution_id_bytes"],
     "execution_id_rollback": ["dry_run", "matched_rows", "cleared_rows", "rollback_id"],
 }
+# Written by weekly_collection: which execution stamped how many rows.
+KEY_FIGURES["report_data_weeks"] = ["rows_written", "execution_id"]
 
 
 def ensure_demo_data(rows: int, rebuild: bool = False) -> None:
@@ -99,6 +102,90 @@ def run_job(
     return result
 
 
+def tick_sensor(
+    instance: dg.DagsterInstance, name: str, cursor: str | None
+) -> tuple[list[dg.RunRequest], str | None]:
+    """One evaluation of a sensor as the daemon does it: its real evaluation function, the
+    instance's runs and events, the Definitions' resources. Returns (run requests, cursor)."""
+    from rdw_tracking.definitions import defs
+
+    repository = defs.get_repository_def()
+    sensor = repository.get_sensor_def(name)
+    context = dg.build_sensor_context(
+        instance=instance,
+        cursor=cursor,
+        repository_def=repository,
+        sensor_name=name,
+        resources=repository.get_top_level_resources(),
+    )
+    data = sensor.evaluate_tick(context)
+    requests = list(data.run_requests or [])
+    why = f" ({data.skip_message})" if data.skip_message else ""
+    print(f"  sensor {name}: {len(requests)} run request(s){why}")
+    return requests, data.cursor if data.cursor is not None else context.cursor
+
+
+def launch(
+    instance: dg.DagsterInstance, sensor_name: str, request: dg.RunRequest
+) -> dg.ExecuteInProcessResult:
+    """Run what a sensor requested, in process, tagged the way the daemon tags it."""
+    from rdw_tracking.definitions import defs
+
+    job_name = request.job_name or defs.get_repository_def().get_sensor_def(sensor_name).job_name
+    tags = {**request.tags, "dagster/sensor_name": sensor_name}
+    if request.run_key:
+        tags["dagster/run_key"] = request.run_key
+    job = defs.resolve_job_def(job_name)
+    quiet = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+    result = job.execute_in_process(
+        instance=instance,
+        run_config={**quiet, **request.run_config},
+        tags=tags,
+        raise_on_error=False,
+    )
+    print(
+        f"\n{job_name} requested by {sensor_name}: "
+        f"{'succeeded' if result.success else 'FAILED'} (run {result.run_id[:8]})"
+    )
+    print("\n".join(summarize(result)))
+    return result
+
+
+SENSORS = ("collection_run_sensor", "workflow_executions_sensor")
+
+
+def collection_and_sensors(instance: dg.DagsterInstance) -> list[dg.ExecuteInProcessResult]:
+    """A collection run, then both sensors ticked as the daemon would, then the runs they ask for.
+
+    Each sensor's first tick only sets its cursor (at the latest run event / the latest
+    completed execution), exactly as on a fresh daemon; the tick after the collection sees it.
+    """
+    cursors = {name: tick_sensor(instance, name, None)[1] for name in SENSORS}
+    collection = run_job(instance, "weekly_collection")
+    results = [collection]
+    for name in SENSORS:
+        requests, cursors[name] = tick_sensor(instance, name, cursors[name])
+        results += [launch(instance, name, request) for request in requests]
+    return results
+
+
+def run_table(results: list[dg.ExecuteInProcessResult]) -> list[str]:
+    """One line per run: job, what started it, outcome, checks passed."""
+    lines = []
+    for result in results:
+        tags = result.dagster_run.tags
+        trigger = tags.get("dagster/sensor_name", "demo")
+        if "rdw/triggered_by_run" in tags:
+            trigger += f" <- run {tags['rdw/triggered_by_run'][:8]}"
+        checks = result.get_asset_check_evaluations()
+        passed = sum(e.passed for e in checks)
+        lines.append(
+            f"  {result.dagster_run.job_name:<28} {trigger:<44} "
+            f"{'succeeded' if result.success else 'FAILED':<10} checks {passed}/{len(checks)} passed"
+        )
+    return lines
+
+
 def run(rows: int = 20_000) -> int:
     ensure_demo_data(rows, rebuild=True)
     instance = (
@@ -109,7 +196,14 @@ def run(rows: int = 20_000) -> int:
     results = [run_job(instance, "create_execution_id_indexes")]
     results.append(run_job(instance, "verify_execution_tracking"))
     results.append(run_job(instance, "post_collection_validation"))
+    results += collection_and_sensors(instance)
+    # The rollback, as a dry run: what clearing the last four weeks would touch.
+    cutoff = (dt.datetime.now(dt.timezone.utc).date() - dt.timedelta(days=28)).isoformat()
+    rollback = {"ops": {"execution_id_rollback": {"config": {"cutoff_date": cutoff}}}}
+    results.append(run_job(instance, "rollback_execution_id", rollback))
     failed = [r.dagster_run.job_name for r in results if not r.success]
+    print("\nsummary")
+    print("\n".join(run_table(results)))
     if failed:
         print(f"\nfailed jobs: {', '.join(failed)}")
         return 1

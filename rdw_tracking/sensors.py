@@ -1,0 +1,318 @@
+"""Sensors: validation follows every collection, without anyone switching it on.
+
+Both sensors default to running, so the daemon of `make ui` (or of a deployment)
+evaluates them from its first start:
+
+- `collection_run_sensor` watches Dagster's own runs: each successful
+  `weekly_collection` run requests one `post_collection_validation` run, keyed by the
+  collection run's id (so a re-evaluated tick never requests it twice).
+- `workflow_executions_sensor` is for collection systems outside Dagster: it polls
+  `workflow_executions` for executions completed since its cursor and requests one
+  `post_collection_validation` run per tick that saw any.
+"""
+
+# No `from __future__ import annotations`: Dagster reads resource annotations at runtime.
+
+import datetime as dt
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+import dagster as dg
+import psycopg
+from psycopg import sql
+from pydantic import Field
+
+from rdw_tracking import catalog
+from rdw_tracking.jobs import post_collection_validation, weekly_collection
+from rdw_tracking.resources import StatementTimeout, TargetDatabase, TargetDatabaseError, redact
+
+INDEX_NAME = "idx_workflow_executions_completed_at"
+TICK_STATEMENT_TIMEOUT_MS = 20_000  # well inside Dagster's 60 s sensor evaluation limit
+
+
+# -- collection_run_sensor ----------------------------------------------------------------
+
+
+@dg.run_status_sensor(
+    name="collection_run_sensor",
+    run_status=dg.DagsterRunStatus.SUCCESS,
+    monitored_jobs=[weekly_collection],
+    request_job=post_collection_validation,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    minimum_interval_seconds=15,
+    description=(
+        "After each successful weekly_collection run, requests post_collection_validation "
+        "(run key and tag rdw/triggered_by_run: the collection's run id; tag "
+        "rdw/execution_id: the workflow_executions id it stamped). Failed collections and "
+        "other jobs' runs request nothing."
+    ),
+)
+def collection_run_sensor(context: dg.RunStatusSensorContext):
+    """After each successful `weekly_collection` run, requests `post_collection_validation`.
+
+    The run key is the collection run's id, and the id is in the tags
+    (`rdw/triggered_by_run`), with the `workflow_executions` id it stamped
+    (`rdw/execution_id`), so the validation run links back to the collection it validates. Runs of any other job, and failed collection runs, request nothing.
+    """
+    run = context.dagster_run
+    # monitored_jobs already filters; this keeps the sensor from ever triggering itself
+    # should someone widen the monitored jobs.
+    if run.job_name != weekly_collection.name:
+        return dg.SkipReason(f"run {run.run_id} is {run.job_name}, not {weekly_collection.name}")
+    tags = {"rdw/trigger": "collection_run_sensor", "rdw/triggered_by_run": run.run_id}
+    execution_id = stamped_execution_id(context.instance, run.run_id)
+    if execution_id:
+        tags["rdw/execution_id"] = execution_id
+    return dg.RunRequest(run_key=run.run_id, tags=tags)
+
+
+def stamped_execution_id(instance: dg.DagsterInstance, run_id: str) -> str | None:
+    """The workflow_executions id a weekly_collection run stamped, from its materialization
+    of report_data_weeks; None if it recorded none."""
+    records = instance.get_records_for_run(
+        run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION
+    ).records
+    for record in records:
+        materialization = record.event_log_entry.asset_materialization
+        if materialization and "execution_id" in materialization.metadata:
+            return str(materialization.metadata["execution_id"].value)
+    return None
+
+
+# -- workflow_executions_sensor -----------------------------------------------------------
+
+
+class ExecutionsPolling(dg.ConfigurableResource):
+    """How `workflow_executions_sensor` polls (resource key `executions_polling`)."""
+
+    lookback_minutes: int = Field(
+        default=10,
+        ge=0,
+        description=(
+            "Each tick looks this far behind its watermark again, so an execution whose "
+            "transaction commits up to this long after its completed_at is still seen."
+        ),
+    )
+    max_per_tick: int = Field(
+        default=1000,
+        ge=1,
+        description="LIMIT of one tick's query; the rest waits for the next tick.",
+    )
+
+
+@dataclass(frozen=True)
+class ExecutionsCursor:
+    """Watermark (latest completed_at seen) and the ids seen within the look-back window."""
+
+    watermark: dt.datetime | None = None
+    seen: dict[str, dt.datetime] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "watermark": self.watermark.isoformat() if self.watermark else None,
+                "seen": {i: t.isoformat() for i, t in sorted(self.seen.items())},
+            }
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> "ExecutionsCursor":
+        try:
+            data = json.loads(text)
+            watermark = data.get("watermark")
+            return cls(
+                watermark=dt.datetime.fromisoformat(watermark) if watermark else None,
+                seen={i: dt.datetime.fromisoformat(t) for i, t in data.get("seen", {}).items()},
+            )
+        except (ValueError, TypeError, AttributeError):
+            # Guessing a cursor could skip executions; say so and let a person decide.
+            raise ValueError(
+                f"workflow_executions_sensor cursor {text[:80]!r} is not the JSON it writes "
+                '({"watermark": ..., "seen": {...}}); reset the cursor in the UI (the sensor '
+                "starts again from the latest completion) or set a valid one"
+            ) from None
+
+    def since(self, lookback: dt.timedelta) -> dt.datetime | None:
+        return self.watermark - lookback if self.watermark else None
+
+
+def advance(
+    cursor: ExecutionsCursor, rows: list[tuple[str, dt.datetime]], lookback: dt.timedelta
+) -> ExecutionsCursor:
+    """The cursor after `rows` (id, completed_at) were seen: watermark moves to the latest,
+    ids older than the look-back window behind it are forgotten (no query reaches them)."""
+    seen = {**cursor.seen, **{str(i): t for i, t in rows}}
+    watermark = max([t for t in [cursor.watermark, *seen.values()] if t is not None], default=None)
+    if watermark is None:
+        return cursor
+    horizon = watermark - lookback
+    return ExecutionsCursor(watermark, {i: t for i, t in seen.items() if t >= horizon})
+
+
+# Executions completed at or after `since` that the cursor has not seen, oldest first.
+# A range on completed_at: with idx_workflow_executions_completed_at an index scan that
+# stops at the LIMIT; without it a scan of the whole table.
+NEW_COMPLETIONS = """
+SELECT id::text, completed_at FROM {executions}
+WHERE completed_at >= %(since)s::timestamptz AND id <> ALL(%(seen)s::uuid[])
+ORDER BY completed_at, id
+LIMIT %(limit)s
+"""
+
+# First tick: the latest completion and every id within the look-back window behind it.
+LATEST_COMPLETIONS = """
+SELECT id::text, completed_at FROM {executions}
+WHERE completed_at >= (SELECT max(completed_at) FROM {executions} WHERE completed_at IS NOT NULL)
+                      - %(lookback)s
+"""
+
+
+@dataclass(frozen=True)
+class Poll:
+    rows: list[tuple[str, dt.datetime]]
+    index_names: list[str]
+    first_tick: bool
+
+
+def poll(
+    db: TargetDatabase, cursor: ExecutionsCursor | None, lookback: dt.timedelta, limit: int
+) -> Poll:
+    """One tick's read: raises TargetDatabaseError naming the table or server when it can't."""
+    try:
+        return _poll(db, cursor, lookback, limit)
+    except StatementTimeout:
+        raise TargetDatabaseError(
+            f"workflow_executions_sensor: the tick's query on {db.qualified(db.executions_table)} "
+            f"ran past {TICK_STATEMENT_TIMEOUT_MS // 1000} s; build the opt-in {INDEX_NAME} "
+            "(create_execution_id_indexes) or lower executions_polling.max_per_tick"
+        ) from None
+    except psycopg.Error as err:
+        # e.g. lock_timeout behind an ALTER TABLE: one line naming the table, no traceback
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise TargetDatabaseError(
+            f"workflow_executions_sensor could not read {db.qualified(db.executions_table)} "
+            f"on {db.describe()}: {redact(reason, db.resolved_url())}; the next tick retries "
+            "from the same cursor"
+        ) from None
+
+
+def _poll(
+    db: TargetDatabase, cursor: ExecutionsCursor | None, lookback: dt.timedelta, limit: int
+) -> Poll:
+    with db.connect() as conn, conn.cursor() as cur:
+        cur.execute(sql.SQL("SET LOCAL statement_timeout = {}").format(TICK_STATEMENT_TIMEOUT_MS))
+        if not catalog.table_exists(cur, db.schema_name, db.executions_table):
+            raise TargetDatabaseError(
+                f"table {db.qualified(db.executions_table)} does not exist; create it or set "
+                "target_db.executions_table; the sensor's cursor stays where it was"
+            )
+        indexes = catalog.indexes_leading_with(
+            cur, db.schema_name, db.executions_table, "completed_at"
+        )
+        if cursor is None:
+            cur.execute(
+                sql.SQL(LATEST_COMPLETIONS).format(executions=db.executions),
+                {"lookback": lookback},
+            )
+        else:
+            since = cursor.since(lookback)
+            cur.execute(
+                sql.SQL(NEW_COMPLETIONS).format(executions=db.executions),
+                {
+                    "since": since.isoformat() if since else "-infinity",
+                    "seen": list(cursor.seen),
+                    "limit": limit,
+                },
+            )
+        rows = cur.fetchall()
+        conn.rollback()
+    return Poll(rows=rows, index_names=indexes, first_tick=cursor is None)
+
+
+def index_note(db: TargetDatabase, index_names: list[str]) -> str:
+    table = db.qualified(db.executions_table)
+    if index_names:
+        return f"completed_at index: {', '.join(index_names)}"
+    return (
+        f"no index on {table}(completed_at): every tick scans the whole table; build the "
+        f"opt-in {INDEX_NAME} with the create_execution_id_indexes job (run config "
+        "ops.execution_id_indexes.config.workflow_executions_completed_at: true)"
+    )
+
+
+def run_key(watermark: dt.datetime, ids: list[str]) -> str:
+    """Watermark plus a digest of the new ids: a late commit seen under an unchanged
+    watermark still gets a run key of its own."""
+    digest = hashlib.sha1(",".join(sorted(ids)).encode()).hexdigest()[:12]
+    return f"workflow_executions:{watermark.isoformat()}:{digest}"
+
+
+@dg.sensor(
+    name="workflow_executions_sensor",
+    job=post_collection_validation,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    minimum_interval_seconds=30,
+    description=(
+        "For collection systems outside Dagster: polls workflow_executions for executions "
+        "completed since its cursor and requests one post_collection_validation per tick "
+        "that saw any (tags: rdw/new_executions, rdw/watermark). A look-back window "
+        "(resource executions_polling) catches ties and late commits; the first tick only "
+        "sets the cursor; when the database is unreachable the tick fails and the cursor "
+        "stays. Each tick says whether idx_workflow_executions_completed_at exists."
+    ),
+)
+def workflow_executions_sensor(
+    context: dg.SensorEvaluationContext,
+    target_db: TargetDatabase,
+    executions_polling: ExecutionsPolling,
+):
+    """Polls `workflow_executions` for executions completed since the last tick and requests
+    one `post_collection_validation` run per tick that saw any (for collection systems
+    outside Dagster).
+
+    Nothing is missed or repeated: the cursor keeps the latest `completed_at` seen and
+    the ids seen within a look-back window (`executions_polling.lookback_minutes`), and
+    each tick re-reads that window. Executions sharing a `completed_at`, and a long
+    transaction that commits after the cursor passed its earlier `completed_at`, are
+    each reported exactly once. The first tick only sets the cursor at the latest
+    completion. When the database or the table is unavailable the tick fails with a
+    message naming it, and the cursor stays where it was. Each tick says whether the
+    opt-in `idx_workflow_executions_completed_at` exists.
+    """
+    lookback = dt.timedelta(minutes=executions_polling.lookback_minutes)
+    cursor = ExecutionsCursor.from_json(context.cursor) if context.cursor else None
+    result = poll(target_db, cursor, lookback, executions_polling.max_per_tick)
+    note = index_note(target_db, result.index_names)
+    if not result.index_names:
+        context.log.warning(note)
+    new_cursor = advance(cursor or ExecutionsCursor(), result.rows, lookback)
+    if result.first_tick:
+        context.update_cursor(new_cursor.to_json())
+        latest = new_cursor.watermark.isoformat() if new_cursor.watermark else "none yet"
+        return dg.SkipReason(
+            f"first tick: cursor set at the latest completion ({latest}); no run requested. {note}"
+        )
+    if not result.rows:
+        return dg.SkipReason(
+            f"no execution completed since {cursor.watermark.isoformat() if cursor and cursor.watermark else 'the start'}. {note}"
+        )
+    ids = [i for i, _ in result.rows]
+    context.log.info(f"{len(ids)} new completed execution(s), watermark {new_cursor.watermark}")
+    return dg.SensorResult(
+        run_requests=[
+            dg.RunRequest(
+                run_key=run_key(new_cursor.watermark, ids),
+                tags={
+                    "rdw/trigger": "workflow_executions_sensor",
+                    "rdw/new_executions": str(len(ids)),
+                    "rdw/watermark": new_cursor.watermark.isoformat(),
+                    "rdw/completed_at_index": "present" if result.index_names else "missing",
+                },
+            )
+        ],
+        cursor=new_cursor.to_json(),
+    )
+
+
+sensors = [collection_run_sensor, workflow_executions_sensor]

@@ -1,0 +1,256 @@
+"""End to end through the UI's own API: `dagster dev` against the test database.
+
+Starts `dagster dev` (webserver, daemon, code server) on a free port with Dagster's
+storage in a fresh PostgreSQL database, asks its GraphQL API for the contract's names,
+launches `post_collection_validation` as the UI's Launch button does, and sees it
+succeed with its checks evaluated and its run and events stored in PostgreSQL.
+"""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from urllib.parse import quote
+
+import psycopg
+import pytest
+from psycopg.conninfo import conninfo_to_dict
+
+from .conftest import create_database, drop_database
+
+ROOT = Path(__file__).resolve().parents[1]
+LOCATION = "rdw_tracking"
+STARTUP_TIMEOUT = 150
+
+CONTRACT_ASSETS = {
+    "report_data_weeks",
+    "workflow_executions",
+    "report_data_collections",
+    "execution_id_schema",
+    "execution_id_indexes",
+    "execution_id_population",
+    "execution_id_join_plan",
+    "execution_id_storage",
+    "execution_id_rollback",
+}
+CONTRACT_CHECKS = {
+    "execution_id_column_contract",
+    "execution_id_foreign_key",
+    "execution_id_indexes_valid",
+    "execution_id_recent_population_rate",
+    "execution_ids_exist",
+    "execution_id_population_trend",
+    "execution_id_join_uses_index",
+}
+CONTRACT_JOBS = {
+    "verify_execution_tracking",
+    "create_execution_id_indexes",
+    "add_execution_id_foreign_key",
+    "rollback_execution_id",
+    "restore_execution_id",
+    "post_collection_validation",
+    "weekly_collection",
+}
+CONTRACT_SENSORS = {"collection_run_sensor", "workflow_executions_sensor"}
+CONTRACT_SCHEDULES = {"daily_population_snapshot", "weekly_execution_tracking_verification"}
+
+DEFINITIONS_QUERY = """
+{
+  assetNodes { assetKey { path } description
+    assetChecksOrError { ... on AssetChecks { checks { name description } } } }
+  repositoriesOrError { ... on RepositoryConnection { nodes {
+    name location { name }
+    jobs { name }
+    sensors { name sensorState { status } }
+    schedules { name cronSchedule executionTimezone }
+  } } }
+}
+"""
+
+LAUNCH = """
+mutation Launch($params: ExecutionParams!) {
+  launchRun(executionParams: $params) {
+    __typename
+    ... on LaunchRunSuccess { run { runId } }
+    ... on PythonError { message }
+    ... on RunConfigValidationInvalid { errors { message } }
+  }
+}
+"""
+
+RUN = """
+query Run($runId: ID!) {
+  runOrError(runId: $runId) { ... on Run { status } }
+  logsForRun(runId: $runId) { ... on EventConnection { events {
+    __typename
+    ... on MaterializationEvent { assetKey { path } }
+    ... on AssetCheckEvaluationEvent { evaluation { checkName success } } } } }
+}
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def sqlalchemy_url(libpq: str) -> str:
+    """The psycopg2 SQLAlchemy URL dagster-postgres needs, for a libpq conninfo or URI."""
+    info = conninfo_to_dict(libpq)
+    user = quote(str(info.get("user") or "postgres"), safe="")
+    password = f":{quote(str(info['password']), safe='')}" if info.get("password") else ""
+    query = [f"host={quote(str(info.get('host') or 'localhost'), safe='')}"]
+    if info.get("port"):
+        query.append(f"port={info['port']}")
+    return f"postgresql+psycopg2://{user}{password}@/{info['dbname']}?{'&'.join(query)}"
+
+
+def graphql(port: int, query: str, variables: dict | None = None) -> dict:
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/graphql",
+        data=json.dumps({"query": query, "variables": variables or {}}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        body = json.load(response)
+    assert not body.get("errors"), body["errors"]
+    return body["data"]
+
+
+@pytest.fixture
+def dagster_dev(tmp_path, admin_url, database_url):
+    """A running `dagster dev`; yields (port, storage libpq URL). Stopped by its pid."""
+    storage_name = f"rdw_test_dagster_{os.getpid()}"
+    storage = create_database(admin_url, storage_name)
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    shutil.copyfile(ROOT / "dagster.yaml", home / "dagster.yaml")
+    port = free_port()
+    env = {
+        **os.environ,
+        "DAGSTER_HOME": str(home),
+        "RDW_DAGSTER_STORAGE_URL": sqlalchemy_url(storage),
+        "RDW_DATABASE_URL": database_url,
+    }
+    log = (tmp_path / "dagster_dev.log").open("w")
+    command = [str(Path(sys.executable).with_name("dagster")), "dev", "-w", "workspace.yaml"]
+    proc = subprocess.Popen(
+        [*command, "-h", "127.0.0.1", "-p", str(port)],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # its own process group: webserver, daemon, code server
+    )
+    try:
+        # ~20 s on an idle 2-core machine; far more when other suites share its cores
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        while True:
+            assert proc.poll() is None, (tmp_path / "dagster_dev.log").read_text()[-3000:]
+            try:
+                data = graphql(port, "{ version }")
+                if data.get("version"):
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, (
+                f"dagster dev did not answer within {STARTUP_TIMEOUT} s"
+            )
+            time.sleep(0.5)
+        yield port, storage
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+        log.close()
+        drop_database(admin_url, storage_name)
+
+
+@pytest.mark.timeout(360)
+def test_ui_shows_the_contract_and_runs_validation(dagster_dev):
+    port, storage = dagster_dev
+    data = graphql(port, DEFINITIONS_QUERY)
+    nodes = {"/".join(n["assetKey"]["path"]): n for n in data["assetNodes"]}
+    assert CONTRACT_ASSETS <= set(nodes)
+    assert all(nodes[key]["description"] for key in CONTRACT_ASSETS)
+    checks = {
+        c["name"]: c
+        for n in nodes.values()
+        for c in (n["assetChecksOrError"] or {}).get("checks", [])
+    }
+    assert CONTRACT_CHECKS <= set(checks)
+    assert all(checks[name]["description"] for name in CONTRACT_CHECKS)
+    [repo] = data["repositoriesOrError"]["nodes"]
+    assert repo["location"]["name"] == LOCATION
+    assert CONTRACT_JOBS <= {j["name"] for j in repo["jobs"]}
+    sensors = {s["name"]: s["sensorState"]["status"] for s in repo["sensors"]}
+    assert {name: sensors.get(name) for name in CONTRACT_SENSORS} == dict.fromkeys(
+        CONTRACT_SENSORS, "RUNNING"
+    )
+    schedules = {s["name"]: s for s in repo["schedules"]}
+    assert CONTRACT_SCHEDULES <= set(schedules)
+    assert {s["executionTimezone"] for s in schedules.values()} == {"UTC"}
+
+    launched = graphql(
+        port,
+        LAUNCH,
+        {
+            "params": {
+                "selector": {
+                    "repositoryLocationName": LOCATION,
+                    "repositoryName": repo["name"],
+                    "jobName": "post_collection_validation",
+                },
+                "runConfigData": {},
+            }
+        },
+    )["launchRun"]
+    assert launched["__typename"] == "LaunchRunSuccess", launched
+    run_id = launched["run"]["runId"]
+
+    deadline = time.monotonic() + 75
+    while True:
+        run = graphql(port, RUN, {"runId": run_id})
+        status = run["runOrError"]["status"]
+        if status in ("SUCCESS", "FAILURE", "CANCELED"):
+            break
+        assert time.monotonic() < deadline, f"run {run_id} still {status} after 75 s"
+        time.sleep(1)
+    assert status == "SUCCESS"
+    events = run["logsForRun"]["events"]
+    materialized = {
+        "/".join(e["assetKey"]["path"]) for e in events if e["__typename"] == "MaterializationEvent"
+    }
+    evaluated = {
+        e["evaluation"]["checkName"]
+        for e in events
+        if e["__typename"] == "AssetCheckEvaluationEvent"
+    }
+    # every check of every asset the validation materialized was evaluated
+    expected = {
+        c["name"]
+        for key in materialized
+        for c in (nodes[key]["assetChecksOrError"] or {}).get("checks", [])
+    }
+    assert materialized and expected and evaluated == expected
+
+    with psycopg.connect(storage) as conn:
+        stored = conn.execute("SELECT status FROM runs WHERE run_id = %s", [run_id]).fetchone()
+        events = conn.execute(
+            "SELECT count(*) FILTER (WHERE dagster_event_type = 'ASSET_CHECK_EVALUATION'), "
+            "count(*) FROM event_logs WHERE run_id = %s",
+            [run_id],
+        ).fetchone()
+    assert stored == ("SUCCESS",)
+    assert events[0] == len(evaluated) and events[1] > events[0]
