@@ -15,11 +15,13 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import dagster as dg
 import psycopg
 import pytest
+from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
 from rdw_tracking.assets import READ_RETRY
@@ -436,3 +438,76 @@ def test_rollback_behind_a_lock_holder_names_it_then_continues(
         "AND created_at >= %s AND created_at < %s",
         [cutoff, meta["upper_bound"]],
     ) == [(0,)]
+
+
+# -- 5. the polling sensor with the database down ------------------------------------------
+
+# An unreachable URL: test_database_outage_fails_the_tick_and_keeps_the_cursor in
+# test_sensors.py. Here the server the cursor was read from really goes away.
+
+
+@contextmanager
+def database_down(admin_url: str, database_url: str) -> Iterator[None]:
+    """The embedded server stopped; on an external server (never stopped), the test's
+    database refusing connections (ALLOW_CONNECTIONS false, its backends terminated)."""
+    if not EXTERNAL:
+        from rdw_tracking import embedded
+
+        assert embedded.stop()
+        try:
+            yield
+        finally:
+            embedded.start()
+        return
+    database = conninfo_to_dict(database_url)["dbname"]
+    name = sql.Identifier(database)
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS false").format(name))
+        conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
+            [database],
+        )
+        try:
+            yield
+        finally:
+            conn.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS true").format(name))
+
+
+def test_polling_sensor_rides_out_a_database_outage(admin_url, database_url, sql_exec):
+    from rdw_tracking.resources import TargetDatabase, TargetDatabaseError
+    from rdw_tracking.sensors import ExecutionsCursor, ExecutionsPolling, workflow_executions_sensor
+
+    def context(cursor):
+        return dg.build_sensor_context(
+            cursor=cursor,
+            resources={
+                "target_db": TargetDatabase(url=database_url),
+                "executions_polling": ExecutionsPolling(),
+            },
+        )
+
+    def tick(cursor):
+        with context(cursor) as ctx:
+            return workflow_executions_sensor.evaluate_tick(ctx)
+
+    first = tick(None)
+    cursor = first.cursor
+    assert cursor and not first.run_requests
+    completed = sql_exec(
+        "INSERT INTO workflow_executions (status, completed_at) "
+        "SELECT 'completed', now() FROM generate_series(1, 3) RETURNING id::text"
+    )
+    with database_down(admin_url, database_url):
+        for _ in range(3):  # each tick of the outage fails alone, quickly; none moves the cursor
+            with context(cursor) as during:
+                started = time.monotonic()
+                with pytest.raises(TargetDatabaseError) as err:
+                    workflow_executions_sensor.evaluate_tick(during)
+                assert time.monotonic() - started < 5
+                assert "cannot connect to PostgreSQL at" in str(err.value)
+                assert during.cursor == cursor
+    healthy = tick(cursor)
+    (request,) = healthy.run_requests
+    assert request.tags["rdw/new_executions"] == "3"
+    assert {r[0] for r in completed} <= set(ExecutionsCursor.from_json(healthy.cursor).seen)
+    assert not tick(healthy.cursor).run_requests  # caught up once, not twice
