@@ -134,7 +134,12 @@ def test_every_read_only_step_retries_transient_errors(job):
 def test_restart_mid_run_is_retried_and_the_run_succeeds(
     job, admin_url, database_url, sql_exec, run_job
 ):
-    """The run's query waits on a lock; the server restarts under it; the step retries."""
+    """The run's query waits on a lock; the server restarts under it; the step retries.
+
+    On the embedded server a real stop and start. On an external server
+    (RDW_TEST_DATABASE_URL) the server is never restarted: every backend of the test's
+    database is terminated with pg_terminate_backend instead.
+    """
     blocker = HeldLock(database_url)
     struck: list = []
 
