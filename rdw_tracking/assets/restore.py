@@ -129,7 +129,7 @@ def restore(db: TargetDatabase, config: RestoreConfig, log: logging.Logger | Any
     started = time.monotonic()
     tables = BackupTables.of(db, config)
     weeks = db.qualified(db.weeks_table)
-    with batch_connection(db, RESTORE_APPLICATION_NAME, db.lock_timeout_ms) as conn:
+    with batch_connection(db, RESTORE_APPLICATION_NAME, db.lock_timeout_ms, RESTORE_JOB) as conn:
         state = find_rollback(conn, db, tables, config.rollback_id)
         if state is None:
             which = f"rollback {config.rollback_id}" if config.rollback_id else "no rollback"
@@ -166,6 +166,8 @@ def restore(db: TargetDatabase, config: RestoreConfig, log: logging.Logger | Any
         try:
             put_back(conn, db, tables, config, state, report, log)
         except psycopg.OperationalError:
+            if not conn.broken:  # a cancelled statement, not a lost connection
+                raise
             raise refuse(
                 f"the connection to {db.describe()} was lost while restoring rollback "
                 f"{state.rollback_id} of {weeks}; every finished batch is committed: run "
@@ -206,7 +208,7 @@ def put_back(
             return row
 
         (size, restored, found, already, last), ms = in_one_transaction(
-            conn, work, f"restore of rollback {state.rollback_id}"
+            conn, work, f"restore of rollback {state.rollback_id}", [db.weeks, tables.backup]
         )
         if size == 0:
             break
