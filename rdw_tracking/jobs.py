@@ -86,6 +86,8 @@ def _first_error(err: Exception) -> str:
 
 verify_execution_tracking = dg.define_asset_job(
     "verify_execution_tracking",
+    # Short read-only steps: one process saves a process start per step (seconds each).
+    executor_def=dg.in_process_executor,
     config=checked_at_launch(
         execution_id_population=PopulationConfig,
         execution_id_join_plan=JoinPlanConfig,
@@ -108,6 +110,8 @@ verify_execution_tracking = dg.define_asset_job(
 
 post_collection_validation = dg.define_asset_job(
     "post_collection_validation",
+    # Short read-only steps: one process saves a process start per step (seconds each).
+    executor_def=dg.in_process_executor,
     config=checked_at_launch(execution_id_population=PopulationConfig),
     selection=dg.AssetSelection.assets("execution_id_population"),
     description=(

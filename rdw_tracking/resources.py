@@ -264,7 +264,8 @@ class TargetDatabase(dg.ConfigurableResource):
             raise StatementTimeout(
                 f"{step + ': ' if step else ''}a query on {self.describe()} was cancelled by "
                 f"statement_timeout after {self.statement_timeout_ms} ms; raise "
-                "target_db.statement_timeout_ms in the resource config (0 = no limit) "
+                "target_db.statement_timeout_ms (run config "
+                "resources.target_db.config.statement_timeout_ms, 0 = no limit) "
                 "or run it when the table is less busy"
             ) from None
         finally:

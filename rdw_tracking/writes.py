@@ -64,8 +64,10 @@ def exclusive_write(db: TargetDatabase, job_name: str) -> Iterator[psycopg.Conne
         try:
             yield conn
         finally:
-            if not conn.closed:
+            try:
                 conn.execute("SELECT pg_advisory_unlock(%s, %s)", list(key))
+            except psycopg.OperationalError:
+                pass  # the session is gone (server restarted), and its lock with it
 
 
 # -- grants: checked before the first change, so a refusal leaves nothing half done ------

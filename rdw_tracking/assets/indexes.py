@@ -427,10 +427,16 @@ def _problem(db: TargetDatabase, spec: IndexSpec, err: psycopg.Error) -> dg.Fail
             f"building index {where} needs the owner of {db.qualified(spec.table)}: run the "
             "job as that role (or a member of it)"
         )
+    if isinstance(err, psycopg.errors.QueryCanceled) and "statement timeout" not in str(err):
+        return refuse(
+            f"building index {where} was cancelled by another session (pg_cancel_backend, "
+            "or a person at psql) before it finished; run the job again to build it"
+        )
     if isinstance(err, psycopg.errors.QueryCanceled):
         return refuse(
             f"building index {where} ran past target_db.statement_timeout_ms "
-            f"({db.statement_timeout_ms} ms); raise it for this job and run it again"
+            f"({db.statement_timeout_ms} ms); raise it for this job (run config "
+            "resources.target_db.config.statement_timeout_ms) and run it again"
         )
     if isinstance(err, psycopg.errors.DuplicateTable):
         return refuse(
@@ -530,9 +536,14 @@ def build_index(
             blocking_sessions=describe(wait.blockers),
             invalid_index_left=left,
         ) from None
-    except dg.Failure:
-        _drop_invalid_leftover(db, spec, log)
-        raise
+    except dg.Failure as failure:
+        if not _drop_invalid_leftover(db, spec, log):
+            raise
+        raise refuse(
+            f"{failure.description}. It left an INVALID {where} that could not be dropped "
+            "now; the next run drops and rebuilds it",
+            invalid_index_left=True,
+        ) from None
     log.info(f"{where}: {action} in {build.seconds:.2f} s")
     return build
 

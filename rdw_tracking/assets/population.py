@@ -12,6 +12,7 @@ from decimal import ROUND_HALF_UP, Decimal
 
 import dagster as dg
 import pandas as pd
+import psycopg
 from psycopg import sql
 from pydantic import Field, field_validator
 
@@ -169,15 +170,20 @@ SELECT CURRENT_DATE, CURRENT_DATE - %(window_days)s::int,
        GREATEST((CURRENT_DATE - %(window_days)s::int)::timestamptz, %(started_at)s::timestamptz)
 """
 
-# The one pass: each row meets its day of the window through a hash join on the date
-# (rows older than the window, or without created_at, meet none and share one group),
-# and FILTER counts what the recent window, tracking_started_at and the orphan check
-# need. Joining a day list of known size, rather than grouping by an expression of
-# created_at, lets the planner see ~window_days groups and aggregate in parallel. The
-# LEFT JOIN on workflow_executions' primary key adds no rows; a non-NULL execution_id
-# that finds no match is an orphan (NULLs are not).
-PASS_SQL = """
-SELECT d.day,
+# The one pass. Every bound is a timestamptz parameter: an expression such as
+# `CURRENT_DATE - 7` is re-evaluated (and cast) for every row, which made the pass
+# slower than the spec's three queries together. A LEFT JOIN on workflow_executions'
+# primary key adds no rows; a non-NULL execution_id that finds no match is an orphan
+# (NULLs are not).
+#
+# Short windows (the default 7 days) count each day with its own FILTER pair: a plain
+# aggregate with no grouping, which PostgreSQL runs in parallel. Longer windows meet a
+# day list through a hash join on the date instead (one group per day; rows older than
+# the window share one group), which stays cheap however many days there are.
+FILTER_DAYS_MAX = 31
+HEAD = 10  # figures before the per-day pairs
+
+HEAD_SQL = """
        count(*),
        count(w.execution_id),
        count(*) FILTER (WHERE w.created_at >= %(recent_since)s),
@@ -186,7 +192,14 @@ SELECT d.day,
        count(w.execution_id) FILTER (WHERE w.created_at >= %(started_at)s),
        {orphans},
        {recent_orphans},
-       count(*) FILTER (WHERE w.created_at >= %(tomorrow)s)
+       count(*) FILTER (WHERE w.created_at >= %(tomorrow)s),
+       count(*) FILTER (WHERE w.created_at >= %(sample_floor)s)"""
+
+GROUPED_PASS_SQL = (
+    """
+SELECT d.day,"""
+    + HEAD_SQL
+    + """
 FROM {weeks} AS w
 {join}
 LEFT JOIN (SELECT %(window_start)s::date + k AS day
@@ -194,6 +207,11 @@ LEFT JOIN (SELECT %(window_start)s::date + k AS day
        ON d.day = w.created_at::date
 GROUP BY d.day
 """
+)
+
+DAY_SQL = """
+       count(*) FILTER (WHERE w.created_at >= %(day{k})s AND w.created_at < %(day{n})s),
+       count(w.execution_id) FILTER (WHERE w.created_at >= %(day{k})s AND w.created_at < %(day{n})s)"""
 
 # Rows dated after today count under their own date; only asked when the pass saw some.
 FUTURE_DAYS_SQL = """
@@ -203,20 +221,52 @@ FROM {weeks} WHERE created_at >= %(tomorrow)s GROUP BY 1
 ORPHAN = "w.execution_id IS NOT NULL AND e.id IS NULL"
 
 
-def pass_query(db: TargetDatabase, with_executions: bool) -> sql.Composed:
-    if not with_executions:
+def midnight(day: dt.date) -> dt.datetime:
+    """Start of a UTC day, as the timestamptz the pass compares against."""
+    return dt.datetime.combine(day, dt.time(), tzinfo=dt.timezone.utc)
+
+
+def pass_query(db: TargetDatabase, with_executions: bool, days: int | None = None) -> sql.Composed:
+    """The one pass; `days` window days counted by FILTER pairs, or grouped when None."""
+    if with_executions:
+        parts = {
+            "join": sql.SQL("LEFT JOIN {} AS e ON e.id = w.execution_id").format(db.executions),
+            "orphans": sql.SQL(f"count(*) FILTER (WHERE {ORPHAN})"),
+            "recent_orphans": sql.SQL(
+                f"count(*) FILTER (WHERE {ORPHAN} AND w.created_at >= %(orphan_since)s)"
+            ),
+        }
+    else:
         null = sql.SQL("NULL::bigint")
-        return sql.SQL(PASS_SQL).format(
-            weeks=db.weeks, join=sql.SQL(""), orphans=null, recent_orphans=null
-        )
-    return sql.SQL(PASS_SQL).format(
-        weeks=db.weeks,
-        join=sql.SQL("LEFT JOIN {} AS e ON e.id = w.execution_id").format(db.executions),
-        orphans=sql.SQL(f"count(*) FILTER (WHERE {ORPHAN})"),
-        recent_orphans=sql.SQL(
-            f"count(*) FILTER (WHERE {ORPHAN} AND w.created_at >= CURRENT_DATE - 1)"
-        ),
-    )
+        parts = {"join": sql.SQL(""), "orphans": null, "recent_orphans": null}
+    if days is None:
+        return sql.SQL(GROUPED_PASS_SQL).format(weeks=db.weeks, **parts)
+    columns = "".join("," + DAY_SQL.format(k=k, n=k + 1) for k in range(days))
+    statement = "SELECT" + HEAD_SQL + columns + "\nFROM {weeks} AS w\n{join}"
+    return sql.SQL(statement).format(weeks=db.weeks, **parts)
+
+
+def run_pass(
+    cur: psycopg.Cursor, db: TargetDatabase, with_executions: bool, params: dict
+) -> tuple[tuple, dict]:
+    """(the ten head figures, {day: (total, with_execution_id)} of the window)."""
+    today, window_start = params["today"], params["window_start"]
+    days = (today - window_start).days + 1
+    if days <= FILTER_DAYS_MAX:
+        bounds = {f"day{k}": midnight(window_start + dt.timedelta(days=k)) for k in range(days + 1)}
+        row = cur.execute(pass_query(db, with_executions, days), params | bounds).fetchone()
+        per_day = row[HEAD:]
+        groups = {
+            window_start + dt.timedelta(days=k): (per_day[2 * k], per_day[2 * k + 1])
+            for k in range(days)
+        }
+        return tuple(row[:HEAD]), groups
+    cur.execute(pass_query(db, with_executions), params)
+    rows = cur.fetchall()
+    head = tuple(sum(row[i] or 0 for row in rows) for i in range(1, HEAD + 1))
+    if not with_executions:
+        head = head[:6] + (None, None) + head[8:]
+    return head, {row[0]: (row[1], row[2]) for row in rows if row[0] is not None}
 
 
 # The spec's "sample current data state": the latest rows as they are now. `since` is
@@ -240,15 +290,52 @@ def sample_since(daily: list[Day], size: int) -> dt.date | None:
     return None
 
 
-# Run only when the pass found orphans: which rows they are, newest first.
+# The latest rows of an append-mostly table sit in its last blocks: a TID range scan
+# of the tail finds candidates without reading the table. The pass then counts the rows
+# at or after the candidates' oldest created_at; when the tail holds all of them, the
+# candidates are exactly the latest rows, else SAMPLE_SQL asks the whole table.
+TAIL_BLOCKS = 512
+TAIL_START_SQL = """
+SELECT format('(%%s,0)', GREATEST(pg_relation_size(%(table)s::regclass)
+                                  / current_setting('block_size')::int - %(blocks)s, 0))
+"""
+TAIL_SAMPLE_SQL = """
+SELECT id, collection_id, week_start_date, status, execution_id, created_at
+FROM {weeks}
+WHERE ctid >= %(start)s::tid AND created_at IS NOT NULL
+ORDER BY created_at DESC
+LIMIT %(limit)s
+"""
+TAIL_COUNT_SQL = (
+    "SELECT count(*) FROM {weeks} WHERE ctid >= %(start)s::tid AND created_at >= %(floor)s"
+)
+
+
+# Run only when the pass found orphans: which rows they are. No ORDER BY, so the scan
+# stops at the tenth orphan instead of sorting them all.
 ORPHAN_SAMPLE_SQL = """
 SELECT w.id::text, w.execution_id::text
 FROM {weeks} AS w
 WHERE w.execution_id IS NOT NULL
   AND NOT EXISTS (SELECT 1 FROM {executions} AS e WHERE e.id = w.execution_id)
-ORDER BY w.created_at DESC NULLS LAST, w.id
 LIMIT %(limit)s
 """
+
+
+def tail_sample(
+    cur: psycopg.Cursor, db: TargetDatabase
+) -> tuple[list[dict], dt.datetime | None, int]:
+    """(latest rows of the table's tail, the oldest created_at among them, rows at/after it there)."""
+    cur.execute(TAIL_START_SQL, {"table": db.weeks.as_string(cur), "blocks": TAIL_BLOCKS})
+    tail = {"start": cur.fetchone()[0]}  # a constant, so PostgreSQL scans just that range
+    cur.execute(sql.SQL(TAIL_SAMPLE_SQL).format(weeks=db.weeks), tail | {"limit": ROW_SAMPLE_SIZE})
+    columns = [c.name for c in cur.description]
+    rows = [dict(zip(columns, row, strict=True)) for row in cur.fetchall()]
+    if len(rows) < ROW_SAMPLE_SIZE:
+        return rows, None, 0
+    floor = rows[-1]["created_at"]
+    cur.execute(sql.SQL(TAIL_COUNT_SQL).format(weeks=db.weeks), tail | {"floor": floor})
+    return rows, floor, cur.fetchone()[0]
 
 
 def window_days_of(today: dt.date, window_start: dt.date, groups: dict) -> list[Day]:
@@ -269,20 +356,29 @@ def take_snapshot(db: TargetDatabase, window_days: int, started_at: dt.datetime 
         with_executions = catalog.table_exists(cur, db.schema_name, db.executions_table)
         today, window_start, recent_since = cur.execute(BOUNDS_SQL, params).fetchone()
         tomorrow = today + dt.timedelta(days=1)
-        params |= {"window_start": window_start, "recent_since": recent_since, "tomorrow": tomorrow}
-        cur.execute(pass_query(db, with_executions), params)
-        groups = {row[0]: row[1:] for row in cur.fetchall()}
-        if sum(g[8] for g in groups.values()):
+        params |= {
+            "today": today,
+            "window_start": window_start,
+            "recent_since": recent_since,
+            "tomorrow": midnight(tomorrow),
+            "orphan_since": midnight(today - dt.timedelta(days=1)),
+        }
+        candidates, floor, in_tail = tail_sample(cur, db)
+        head, groups = run_pass(cur, db, with_executions, params | {"sample_floor": floor})
+        if head[8]:
             cur.execute(sql.SQL(FUTURE_DAYS_SQL).format(weeks=db.weeks), params)
             groups |= {day: (total, with_id) for day, total, with_id in cur.fetchall()}
         daily = window_days_of(today, window_start, groups)
-        cur.execute(
-            sql.SQL(SAMPLE_SQL).format(weeks=db.weeks),
-            {"since": sample_since(daily, ROW_SAMPLE_SIZE), "limit": ROW_SAMPLE_SIZE},
-        )
-        columns = [c.name for c in cur.description]
-        sample = [dict(zip(columns, row, strict=True)) for row in cur.fetchall()]
-        totals = [sum(g[i] or 0 for g in groups.values() if len(g) > 2) for i in range(8)]
+        if floor is not None and head[9] == in_tail:
+            sample = candidates
+        else:
+            cur.execute(
+                sql.SQL(SAMPLE_SQL).format(weeks=db.weeks),
+                {"since": sample_since(daily, ROW_SAMPLE_SIZE), "limit": ROW_SAMPLE_SIZE},
+            )
+            columns = [c.name for c in cur.description]
+            sample = [dict(zip(columns, row, strict=True)) for row in cur.fetchall()]
+        totals = [value or 0 for value in head[:8]]
         orphans = None
         if with_executions:
             orphan_sample = []

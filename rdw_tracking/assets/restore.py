@@ -141,7 +141,7 @@ def restore(db: TargetDatabase, config: RestoreConfig, log: logging.Logger | Any
     # Before the first change; a dry run needs only to read.
     reads = [weeks_need(db, "SELECT"), *tables.needs(("SELECT",), ("SELECT",), create=False)]
     refuse_without_grants(db, RESTORE_JOB, reads if config.dry_run else restore_needs(db, tables))
-    with batch_connection(db, RESTORE_APPLICATION_NAME, db.lock_timeout_ms) as conn:
+    with batch_connection(db, RESTORE_APPLICATION_NAME, db.lock_timeout_ms, RESTORE_JOB) as conn:
         state = find_rollback(conn, db, tables, config.rollback_id)
         if state is None:
             which = (
@@ -180,6 +180,8 @@ def restore(db: TargetDatabase, config: RestoreConfig, log: logging.Logger | Any
         try:
             put_back(conn, db, tables, config, state, report, log)
         except psycopg.OperationalError:
+            if not conn.broken:  # a cancelled statement, not a lost connection
+                raise
             raise refuse(
                 f"the connection to {db.describe()} was lost while restoring rollback "
                 f"{state.rollback_id} of {weeks}; every finished batch is committed: run "
@@ -220,7 +222,7 @@ def put_back(
             return row
 
         (size, restored, found, already, last), ms = in_one_transaction(
-            conn, work, f"restore of rollback {state.rollback_id}"
+            conn, work, f"restore of rollback {state.rollback_id}", [db.weeks, tables.backup]
         )
         if size == 0:
             break

@@ -40,6 +40,7 @@ from pydantic import Field, field_validator
 
 from rdw_tracking import catalog
 from rdw_tracking.assets import GROUP, refuse
+from rdw_tracking.assets.indexes import Session, describe
 from rdw_tracking.assets.tables import report_data_weeks
 from rdw_tracking.resources import TargetDatabase, _check_identifier
 from rdw_tracking.writes import (
@@ -436,8 +437,13 @@ def plan_batches(
     """Contiguous block ranges `[start, end)` holding about `batch_size` matched rows each.
 
     `blocks` is (block, matched rows) in block order. The ranges tile everything from
-    `from_block` on; the last is open-ended (None) so rows moved past the end are walked too.
+    `from_block` to the last block that held a matched row. They stop there: the blocks
+    after it fill with the new versions of the rows the walk clears, and walking them
+    made the last batch the longest by far (seconds at 5M rows). A matched row that a
+    writer moved past it is found by the final sweep.
     """
+    if not blocks:
+        return []
     starts = [from_block]
     in_batch = 0
     for block, n in blocks:
@@ -445,7 +451,8 @@ def plan_batches(
             starts.append(block)
             in_batch = 0
         in_batch += n
-    return [(s, e) for s, e in zip(starts, starts[1:] + [None], strict=True)]
+    end = blocks[-1][0] + 1
+    return [(s, e) for s, e in zip(starts, starts[1:] + [end], strict=True)]
 
 
 def estimate_seconds(matched_rows: int, scan_seconds: float) -> float:
@@ -483,18 +490,65 @@ WHERE rollback_id = %(rid)s
 """
 
 
+# Sessions that can be in a batch's way: open transactions holding more than a read lock
+# on one of the tables (a row lock comes with ROW SHARE, a write with ROW EXCLUSIVE). Row
+# locks themselves are not in pg_locks, so this names every such session, oldest first.
+_LOCK_HOLDERS = """
+SELECT a.pid, a.application_name, a.query_start, a.state
+FROM pg_stat_activity a
+WHERE a.pid <> pg_backend_pid() AND a.xact_start IS NOT NULL
+  AND EXISTS (SELECT 1 FROM pg_locks l
+              WHERE l.pid = a.pid AND l.granted AND l.locktype = 'relation'
+                AND l.mode <> 'AccessShareLock'
+                AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+                AND l.relation = ANY(ARRAY(SELECT to_regclass(t) FROM unnest(%s::text[]) AS t)))
+ORDER BY a.xact_start, a.pid
+"""
+
+
+def lock_holders(conn: psycopg.Connection, tables: Sequence[sql.Identifier]) -> list[Session]:
+    """Other sessions holding more than a read lock on `tables`, oldest transaction first."""
+    names = [table.as_string(conn) for table in tables]
+    return [Session(*row) for row in conn.execute(_LOCK_HOLDERS, [names]).fetchall()]
+
+
 @contextmanager
-def batch_connection(db: TargetDatabase, application_name: str, lock_timeout_ms: int):
+def batch_connection(
+    db: TargetDatabase, application_name: str, lock_timeout_ms: int, job: str = ROLLBACK_JOB
+):
     """An autocommit connection named `application_name`; each batch is one explicit
-    transaction on it."""
+    transaction on it. A lock wait outside the batches (another session holding the
+    whole table) and a lost connection end `job` with a message saying who and what next."""
+    weeks = db.qualified(db.weeks_table)
     with db.connect(autocommit=True) as conn:
         conn.execute("SELECT set_config('application_name', %s, false)", [application_name])
         conn.execute("SELECT set_config('lock_timeout', %s, false)", [f"{lock_timeout_ms}ms"])
-        yield conn
+        try:
+            yield conn
+        except errors.LockNotAvailable:
+            holders = describe(lock_holders(conn, [db.weeks]))
+            raise refuse(
+                f"{job} gave up after waiting {lock_timeout_ms} ms for a lock on {weeks} held "
+                f"by {holders}; run {job} again once that session has finished",
+                blocking_sessions=holders,
+            ) from None
+        except psycopg.OperationalError:
+            if not conn.broken:  # a cancelled statement, not a lost connection
+                raise
+            raise refuse(
+                f"the connection to {db.describe()} was lost during {job} of {weeks}; every "
+                f"finished batch is committed: run {job} again with the same config to "
+                "continue where it stopped"
+            ) from None
 
 
-def in_one_transaction(conn: psycopg.Connection, work, what: str) -> tuple[Any, float]:
-    """`work(conn)` in a transaction, retried after a lock timeout or deadlock; (result, ms)."""
+def in_one_transaction(
+    conn: psycopg.Connection, work, what: str, tables: Sequence[sql.Identifier] = ()
+) -> tuple[Any, float]:
+    """`work(conn)` in a transaction, retried after a lock timeout or deadlock; (result, ms).
+
+    Gives up after LOCK_ATTEMPTS, naming the sessions holding locks on `tables`.
+    """
     for attempt in range(LOCK_ATTEMPTS):
         started = time.monotonic()
         try:
@@ -503,9 +557,13 @@ def in_one_transaction(conn: psycopg.Connection, work, what: str) -> tuple[Any, 
             return result, (time.monotonic() - started) * 1000
         except (errors.LockNotAvailable, errors.DeadlockDetected):
             time.sleep(0.1 * 2**attempt)
+    lock_timeout = conn.execute("SHOW lock_timeout").fetchone()[0]
+    holders = describe(lock_holders(conn, tables))
     raise refuse(
-        f"{what}: rows stayed locked by other transactions through {LOCK_ATTEMPTS} attempts; "
-        "find the long transaction in pg_stat_activity, then run the job again to continue"
+        f"{what}: rows stayed locked by other transactions through {LOCK_ATTEMPTS} attempts "
+        f"of up to {lock_timeout} each; held by {holders}. End that session or let it "
+        "finish, then run the job again to continue",
+        blocking_sessions=holders,
     )
 
 
@@ -742,6 +800,8 @@ def rollback(
         try:
             clear(conn, db, tables, config, resume, found, report, log)
         except psycopg.OperationalError:
+            if not conn.broken:  # a cancelled statement, not a lost connection
+                raise
             raise refuse(
                 f"the connection to {db.describe()} was lost during rollback "
                 f"{resume.rollback_id} of {weeks}; every finished batch is committed with "
@@ -787,16 +847,23 @@ def clear(
             )
             return n
 
-        n, ms = in_one_transaction(conn, work, f"rollback {state.rollback_id} of {weeks_label}")
+        n, ms = in_one_transaction(
+            conn,
+            work,
+            f"rollback {state.rollback_id} of {weeks_label}",
+            [db.weeks, tables.backup, tables.state],
+        )
         progress.add(n, ms)
         if progress.due():
             log.info(progress.line("cleared", state.cleared_rows))
         return n
 
     if state.phase == "walking":
-        for lo, hi in plan_batches(found.blocks, config.batch_size, state.next_block):
-            extra = {"lo": f"({lo},0)", "hi": None if hi is None else f"({hi},0)"}
-            batch(IN_BLOCKS, extra, "walking" if hi is not None else "sweeping", hi or 0)
+        ranges = plan_batches(found.blocks, config.batch_size, state.next_block)
+        for n, (lo, hi) in enumerate(ranges, start=1):
+            last = n == len(ranges)
+            extra = {"lo": f"({lo},0)", "hi": f"({hi},0)"}
+            batch(IN_BLOCKS, extra, "sweeping" if last else "walking", 0 if last else hi)
     # Rows the walk skipped or missed (updated meanwhile, or moved behind it) still
     # match: find them by id, a few rounds while writers keep touching them.
     find = sql.SQL("SELECT id FROM {weeks} WHERE {matched}").format(weeks=db.weeks, matched=MATCHED)

@@ -363,3 +363,26 @@ def test_jobs_select_the_population_and_its_checks():
         "execution_ids_exist",
         "execution_id_population_trend",
     }
+
+
+@pytest.mark.parametrize("blocks", [0, 1])
+def test_latest_rows_sample_is_exact_when_they_are_not_in_the_tail(
+    db, sql_exec, run_job, monkeypatch, blocks
+):
+    """The tail shortcut falls back to the whole table whenever it could be wrong."""
+    from rdw_tracking.assets import population
+
+    monkeypatch.setattr(population, "TAIL_BLOCKS", blocks)
+    # Make room in the first block, then make one of its rows the latest: the new
+    # version stays in that block (a HOT update), far from the tail.
+    sql_exec("DELETE FROM report_data_weeks WHERE ctid < '(1,0)' AND ctid > '(0,1)'")
+    sql_exec("VACUUM report_data_weeks")
+    sql_exec(
+        "UPDATE report_data_weeks SET created_at = now() - interval '1 minute' WHERE ctid = '(0,1)'"
+    )
+    assert sql_exec(
+        "SELECT ctid < '(1,0)' FROM report_data_weeks ORDER BY created_at DESC LIMIT 1"
+    )[0][0]
+    _, meta, _ = snapshot(run_job)
+    latest = sql_exec("SELECT id::text FROM report_data_weeks ORDER BY created_at DESC LIMIT 5")
+    assert [r.data["id"] for r in meta["sample"].records] == [r[0] for r in latest]

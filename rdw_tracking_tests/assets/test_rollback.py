@@ -94,10 +94,10 @@ def test_parse_cutoff():
 
 def test_plan_batches_tiles_from_the_cursor():
     blocks = [(0, 60), (1, 60), (5, 60), (9, 10), (12, 100)]
-    assert plan_batches(blocks, 100, 0) == [(0, 1), (1, 5), (5, 12), (12, None)]
-    assert plan_batches([], 100, 7) == [(7, None)]
+    assert plan_batches(blocks, 100, 0) == [(0, 1), (1, 5), (5, 12), (12, 13)]
+    assert plan_batches([], 100, 7) == []
     # A block fuller than a batch is a batch of its own, never split.
-    assert plan_batches([(3, 250), (4, 1)], 100, 3) == [(3, 4), (4, None)]
+    assert plan_batches([(3, 250), (4, 1)], 100, 3) == [(3, 4), (4, 5)]
 
 
 def test_config_bounds():
