@@ -11,27 +11,21 @@ evaluation of the `post_collection_validation` run that `collection_run_sensor` 
 """
 
 import datetime as dt
-import json
 import os
 import shutil
-import signal
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
-import urllib.request
 from functools import partial
 from pathlib import Path
-from urllib.parse import quote
 
 import dagster as dg
 import psycopg
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from rdw_tracking import demo
+from rdw_tracking import demo, devserver
+from rdw_tracking.devserver import graphql, sqlalchemy_url
 from rdw_tracking.resources import TargetDatabase
 from rdw_tracking.sensors import INDEX_NAME, ExecutionsPolling, workflow_executions_sensor
 
@@ -180,29 +174,6 @@ def fresh_database(url: str, name: str) -> str:
     return with_database(url, name)
 
 
-def sqlalchemy_url(libpq: str) -> str:
-    info = conninfo_to_dict(libpq)
-    user = quote(str(info.get("user") or "postgres"), safe="")
-    password = f":{quote(str(info['password']), safe='')}" if info.get("password") else ""
-    query = [f"host={quote(str(info.get('host') or 'localhost'), safe='')}"]
-    if info.get("port"):
-        query.append(f"port={info['port']}")
-    return f"postgresql+psycopg2://{user}{password}@/{info['dbname']}?{'&'.join(query)}"
-
-
-def graphql(port: int, query: str, variables: dict | None = None) -> dict:
-    request = urllib.request.Request(
-        f"http://127.0.0.1:{port}/graphql",
-        data=json.dumps({"query": query, "variables": variables or {}}).encode(),
-        headers={"Content-Type": "application/json"},
-    )
-    with urllib.request.urlopen(request, timeout=30) as response:
-        body = json.load(response)
-    if body.get("errors"):
-        raise RuntimeError(body["errors"])
-    return body["data"]
-
-
 SENSOR_TICKS = """
 query Ticks($selector: SensorSelector!) {
   sensorOrError(sensorSelector: $selector) { ... on Sensor { sensorState { ticks(limit: 1) { status } } } }
@@ -262,23 +233,15 @@ def latency(args) -> list[dict]:
     storage = fresh_database(args.url, "rdw_bench_dagster")
     home = Path(tempfile.mkdtemp(prefix="rdw_bench_home_"))
     shutil.copyfile(ROOT / "dagster.yaml", home / "dagster.yaml")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = devserver.free_port()
     env = {
         **os.environ,
         "DAGSTER_HOME": str(home),
         "RDW_DAGSTER_STORAGE_URL": sqlalchemy_url(storage),
         "RDW_DATABASE_URL": target,
     }
-    dagster = str(Path(sys.executable).with_name("dagster"))
-    proc = subprocess.Popen(
-        [dagster, "dev", "-w", "workspace.yaml", "-h", "127.0.0.1", "-p", str(port)],
-        cwd=ROOT,
-        env=env,
-        stdout=(home / "dagster_dev.log").open("w"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
+    proc = devserver.start(
+        ROOT / "workspace.yaml", port, env=env, log=(home / "dagster_dev.log").open("w")
     )
     results = []
     try:
@@ -326,12 +289,6 @@ def latency(args) -> list[dict]:
                 }
             )
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
+        devserver.stop(proc)
         shutil.rmtree(home, ignore_errors=True)
     return results

@@ -5,13 +5,11 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import signal
-import subprocess
 import sys
 import warnings
 from pathlib import Path
 
-from rdw_tracking import embedded
+from rdw_tracking import devserver, embedded
 
 warnings.filterwarnings("ignore", module="platformdirs")
 
@@ -66,30 +64,14 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
     started = use_embedded_environment()
     walkthrough.ensure_demo_data(rows=args.rows)
-    command = [
-        str(Path(sys.executable).with_name("dagster")),
-        "dev",
-        "-w",
-        str(embedded.PROJECT_ROOT / "workspace.yaml"),
-        "-h",
-        args.host,
-        "-p",
-        str(args.port),
-    ]
     print(f"Dagster UI on http://{args.host}:{args.port} (Ctrl-C stops it)", flush=True)
-    # Its own process group, so that stopping it stops the webserver and the daemon too.
-    proc = subprocess.Popen(command, cwd=embedded.PROJECT_ROOT, start_new_session=True)
+    proc = devserver.start(embedded.PROJECT_ROOT / "workspace.yaml", args.port, host=args.host)
     try:
         return proc.wait()
     except KeyboardInterrupt:
         return 0
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+        devserver.stop(proc)
         if started:
             embedded.stop()
 

@@ -6,21 +6,16 @@ launches `post_collection_validation` as the UI's Launch button does, and sees i
 succeed with its checks evaluated and its run and events stored in PostgreSQL.
 """
 
-import json
 import os
 import shutil
-import signal
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
-from urllib.parse import quote
 
 import psycopg
 import pytest
-from psycopg.conninfo import conninfo_to_dict
+
+from rdw_tracking import devserver
+from rdw_tracking.devserver import free_port, graphql, sqlalchemy_url
 
 from .conftest import create_database, drop_database
 
@@ -95,35 +90,6 @@ query Run($runId: ID!) {
 """
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def sqlalchemy_url(libpq: str) -> str:
-    """The psycopg2 SQLAlchemy URL dagster-postgres needs, for a libpq conninfo or URI."""
-    info = conninfo_to_dict(libpq)
-    user = quote(str(info.get("user") or "postgres"), safe="")
-    password = f":{quote(str(info['password']), safe='')}" if info.get("password") else ""
-    query = [f"host={quote(str(info.get('host') or 'localhost'), safe='')}"]
-    if info.get("port"):
-        query.append(f"port={info['port']}")
-    return f"postgresql+psycopg2://{user}{password}@/{info['dbname']}?{'&'.join(query)}"
-
-
-def graphql(port: int, query: str, variables: dict | None = None) -> dict:
-    request = urllib.request.Request(
-        f"http://127.0.0.1:{port}/graphql",
-        data=json.dumps({"query": query, "variables": variables or {}}).encode(),
-        headers={"Content-Type": "application/json"},
-    )
-    with urllib.request.urlopen(request, timeout=30) as response:
-        body = json.load(response)
-    assert not body.get("errors"), body["errors"]
-    return body["data"]
-
-
 @pytest.fixture
 def dagster_dev(tmp_path, admin_url, database_url):
     """A running `dagster dev`; yields (port, storage libpq URL). Stopped by its pid."""
@@ -140,39 +106,16 @@ def dagster_dev(tmp_path, admin_url, database_url):
         "RDW_DATABASE_URL": database_url,
     }
     log = (tmp_path / "dagster_dev.log").open("w")
-    command = [str(Path(sys.executable).with_name("dagster")), "dev", "-w", "workspace.yaml"]
-    proc = subprocess.Popen(
-        [*command, "-h", "127.0.0.1", "-p", str(port)],
-        cwd=ROOT,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,  # its own process group: webserver, daemon, code server
-    )
+    proc = devserver.start(ROOT / "workspace.yaml", port, env=env, log=log)
     try:
         # ~20 s on an idle 2-core machine; far more when other suites share its cores
-        deadline = time.monotonic() + STARTUP_TIMEOUT
-        while True:
-            assert proc.poll() is None, (tmp_path / "dagster_dev.log").read_text()[-3000:]
-            try:
-                data = graphql(port, "{ version }")
-                if data.get("version"):
-                    break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, (
-                f"dagster dev did not answer within {STARTUP_TIMEOUT} s"
-            )
-            time.sleep(0.5)
+        try:
+            devserver.wait_ready(proc, port, STARTUP_TIMEOUT)
+        except (RuntimeError, TimeoutError) as err:
+            pytest.fail(f"{err}\n{(tmp_path / 'dagster_dev.log').read_text()[-3000:]}")
         yield port, storage
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
+        devserver.stop(proc, timeout_s=15)
         log.close()
         drop_database(admin_url, storage_name)
 
