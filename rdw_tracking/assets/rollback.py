@@ -455,6 +455,20 @@ def plan_batches(
     return [(s, e) for s, e in zip(starts, starts[1:] + [end], strict=True)]
 
 
+# A batch holds its rows' locks until it commits: aim each at BATCH_TARGET_MS. After a
+# batch much slower or faster than that, the rest of the walk is re-planned with a
+# batch size scaled to match, between MIN_BATCH_ROWS and the configured batch_size.
+BATCH_TARGET_MS = 150
+MIN_BATCH_ROWS = 100
+
+
+def batch_rows(size: int, last_ms: float, max_rows: int) -> int:
+    """The batch size for the next batches, given how long the last one took."""
+    if last_ms <= 0 or BATCH_TARGET_MS / 2 <= last_ms <= BATCH_TARGET_MS:
+        return size
+    return max(MIN_BATCH_ROWS, min(max_rows, int(size * BATCH_TARGET_MS / last_ms)))
+
+
 def estimate_seconds(matched_rows: int, scan_seconds: float) -> float:
     return round(2 * scan_seconds + matched_rows / ESTIMATED_ROWS_PER_S, 1)
 
@@ -575,6 +589,7 @@ class Progress:
     done: int = 0
     batches: int = 0
     longest_ms: float = 0.0
+    last_ms: float = 0.0
     started: float = field(default_factory=time.monotonic)
     logged: float = field(default_factory=time.monotonic)
 
@@ -582,6 +597,7 @@ class Progress:
         self.done += rows
         self.batches += 1
         self.longest_ms = max(self.longest_ms, ms)
+        self.last_ms = ms
 
     def line(self, verb: str, done_before: int = 0) -> str:
         elapsed = max(time.monotonic() - self.started, 1e-6)
@@ -859,11 +875,17 @@ def clear(
         return n
 
     if state.phase == "walking":
-        ranges = plan_batches(found.blocks, config.batch_size, state.next_block)
-        for n, (lo, hi) in enumerate(ranges, start=1):
-            last = n == len(ranges)
+        size = config.batch_size
+        ranges = plan_batches(found.blocks, size, state.next_block)
+        while ranges:
+            lo, hi = ranges.pop(0)
+            last = not ranges
             extra = {"lo": f"({lo},0)", "hi": f"({hi},0)"}
             batch(IN_BLOCKS, extra, "sweeping" if last else "walking", 0 if last else hi)
+            resized = batch_rows(size, progress.last_ms, config.batch_size)
+            if resized != size and ranges:
+                size = resized
+                ranges = plan_batches([b for b in found.blocks if b[0] >= hi], size, hi)
     # Rows the walk skipped or missed (updated meanwhile, or moved behind it) still
     # match: find them by id, a few rounds while writers keep touching them.
     find = sql.SQL("SELECT id FROM {weeks} WHERE {matched}").format(weeks=db.weeks, matched=MATCHED)

@@ -472,3 +472,12 @@ def test_restore_after_rollback_is_checksum_identical(database_url, sql_exec, ru
     assert result.success, step_failure_messages(result)
     assert materialization_metadata(result, "execution_id_restore")["skipped_rows"] == 0
     assert checksum(sql_exec) == original
+
+
+def test_batch_rows_follow_the_time_target():
+    from rdw_tracking.assets.rollback import BATCH_TARGET_MS, MIN_BATCH_ROWS, batch_rows
+
+    assert batch_rows(5_000, BATCH_TARGET_MS * 0.8, 5_000) == 5_000  # on target: keep
+    assert batch_rows(5_000, BATCH_TARGET_MS * 2, 5_000) == 2_500  # too slow: shrink
+    assert batch_rows(2_500, BATCH_TARGET_MS / 4, 5_000) == 5_000  # fast again: grow, capped
+    assert batch_rows(200, BATCH_TARGET_MS * 100, 5_000) == MIN_BATCH_ROWS
