@@ -314,11 +314,16 @@ def progress_line(name: str, progress: Progress, seconds: float) -> str:
     return " — ".join(parts)
 
 
+# pg_blocking_pids() takes every lock-manager partition lock: asked several times a
+# second through a build, it slowed the build itself. Only a backend waiting on a lock
+# has blockers to name.
 _WATCH = """
     SELECT p.phase, p.blocks_done, p.blocks_total, p.tuples_done, p.tuples_total,
-           p.lockers_done, p.lockers_total, pg_blocking_pids(%(pid)s)
+           p.lockers_done, p.lockers_total,
+           CASE WHEN a.wait_event_type = 'Lock' THEN pg_blocking_pids(%(pid)s) END
     FROM (SELECT 1) AS one
     LEFT JOIN pg_stat_progress_create_index p ON p.pid = %(pid)s
+    LEFT JOIN pg_stat_activity a ON a.pid = %(pid)s
 """
 
 
@@ -328,7 +333,7 @@ def run_watched(
     what: str,
     log: Log,
     progress_every_s: float = 5.0,
-    poll_s: float = 0.1,
+    poll_s: float = 0.25,
 ) -> float:
     """Run one statement on an autocommit connection of its own (so it is its own
     transaction), watching it from another: who blocks it, and for index builds the

@@ -460,6 +460,7 @@ def plan_batches(
 # batch size scaled to match, between MIN_BATCH_ROWS and the configured batch_size.
 BATCH_TARGET_MS = 150
 MIN_BATCH_ROWS = 100
+FIRST_BATCH_ROWS = 1_000
 
 
 def batch_rows(size: int, last_ms: float, max_rows: int) -> int:
@@ -875,7 +876,7 @@ def clear(
         return n
 
     if state.phase == "walking":
-        size = config.batch_size
+        size = min(config.batch_size, FIRST_BATCH_ROWS)  # a probe, then sized by time
         ranges = plan_batches(found.blocks, size, state.next_block)
         while ranges:
             lo, hi = ranges.pop(0)
