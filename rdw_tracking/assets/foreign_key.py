@@ -10,7 +10,6 @@ from typing import Any
 
 import dagster as dg
 import psycopg
-from psycopg import sql
 from pydantic import Field, field_validator
 
 from rdw_tracking.assets import refuse
@@ -26,6 +25,7 @@ from rdw_tracking.assets.indexes import (
     run_watched,
     with_lock_retries,
 )
+from rdw_tracking.assets.population import find_orphans
 from rdw_tracking.assets.schema import (
     FK_NAME,
     ON_DELETE_ACTIONS,
@@ -35,8 +35,6 @@ from rdw_tracking.assets.schema import (
 )
 from rdw_tracking.resources import TargetDatabase
 from rdw_tracking.writes import Need, exclusive_write, refuse_without_grants, weeks_need
-
-ORPHAN_SAMPLE = 10
 
 
 class ForeignKeyConfig(dg.Config):
@@ -60,22 +58,10 @@ class ForeignKeyConfig(dg.Config):
         return action
 
 
-def orphans(db: TargetDatabase, sample: int = ORPHAN_SAMPLE) -> tuple[int, list[str]]:
-    """(how many rows carry an `execution_id` with no `workflow_executions` row, some ids)."""
-    row = db.fetch_one(
-        sql.SQL(
-            """
-            WITH orphan AS MATERIALIZED (
-                SELECT w.execution_id FROM {weeks} w
-                WHERE w.execution_id IS NOT NULL
-                  AND NOT EXISTS (SELECT 1 FROM {executions} e WHERE e.id = w.execution_id))
-            SELECT (SELECT count(*) FROM orphan),
-                   ARRAY(SELECT DISTINCT execution_id::text FROM orphan ORDER BY 1 LIMIT %s)
-            """
-        ).format(weeks=db.weeks, executions=db.executions),
-        [sample],
-    )
-    return int(row[0]), list(row[1])
+def orphans(db: TargetDatabase) -> tuple[int, list[str]]:
+    """(how many orphaned execution_ids there are, some of them): the population's query."""
+    count, pairs = find_orphans(db)
+    return count, [execution_id for _, execution_id in pairs]
 
 
 def index_to_build(db: TargetDatabase, spec) -> bool:

@@ -311,15 +311,33 @@ TAIL_COUNT_SQL = (
 )
 
 
-# Run only when the pass found orphans: which rows they are. No ORDER BY, so the scan
-# stops at the tenth orphan instead of sorting them all.
-ORPHAN_SAMPLE_SQL = """
-SELECT w.id::text, w.execution_id::text
-FROM {weeks} AS w
-WHERE w.execution_id IS NOT NULL
-  AND NOT EXISTS (SELECT 1 FROM {executions} AS e WHERE e.id = w.execution_id)
-LIMIT %(limit)s
-"""
+# Orphans asked on their own (the pass counts them with everything else). The sample
+# has no ORDER BY, so its scan stops at the tenth orphan instead of sorting them all.
+ORPHAN_WHERE = """w.execution_id IS NOT NULL
+  AND NOT EXISTS (SELECT 1 FROM {executions} AS e WHERE e.id = w.execution_id)"""
+ORPHAN_SAMPLE_SQL = (
+    "SELECT w.id::text, w.execution_id::text FROM {weeks} AS w WHERE "
+    + ORPHAN_WHERE
+    + " LIMIT %(limit)s"
+)
+ORPHAN_COUNT_SQL = "SELECT count(*) FROM {weeks} AS w WHERE " + ORPHAN_WHERE
+
+
+def orphan_sample(cur: psycopg.Cursor, db: TargetDatabase) -> list[tuple[str, str]]:
+    """Up to ORPHAN_SAMPLE_SIZE (row id, execution_id) pairs of orphaned ids."""
+    cur.execute(
+        sql.SQL(ORPHAN_SAMPLE_SQL).format(weeks=db.weeks, executions=db.executions),
+        {"limit": ORPHAN_SAMPLE_SIZE},
+    )
+    return [tuple(row) for row in cur.fetchall()]
+
+
+def find_orphans(db: TargetDatabase) -> tuple[int, list[tuple[str, str]]]:
+    """(how many rows carry an execution_id with no workflow_executions row, a sample)."""
+    with db.cursor() as cur:
+        cur.execute(sql.SQL(ORPHAN_COUNT_SQL).format(weeks=db.weeks, executions=db.executions))
+        count = cur.fetchone()[0]
+        return count, orphan_sample(cur, db) if count else []
 
 
 def tail_sample(
@@ -381,14 +399,8 @@ def take_snapshot(db: TargetDatabase, window_days: int, started_at: dt.datetime 
         totals = [value or 0 for value in head[:8]]
         orphans = None
         if with_executions:
-            orphan_sample = []
-            if totals[6]:
-                cur.execute(
-                    sql.SQL(ORPHAN_SAMPLE_SQL).format(weeks=db.weeks, executions=db.executions),
-                    {"limit": ORPHAN_SAMPLE_SIZE},
-                )
-                orphan_sample = [tuple(row) for row in cur.fetchall()]
-            orphans = Orphans(totals[6], totals[7], orphan_sample)
+            sample_pairs = orphan_sample(cur, db) if totals[6] else []
+            orphans = Orphans(totals[6], totals[7], sample_pairs)
     return Snapshot(
         today=today,
         window_start=window_start,
