@@ -101,5 +101,6 @@ def database_url(database: str = DEMO_DATABASE) -> str:
 
 def dagster_storage_url() -> str:
     """SQLAlchemy URL of Dagster's own storage database on the embedded server."""
-    url = database_url(DAGSTER_DATABASE)
-    return url.replace("postgresql://", "postgresql+psycopg2://", 1)
+    from rdw_tracking.devserver import sqlalchemy_url
+
+    return sqlalchemy_url(database_url(DAGSTER_DATABASE))
