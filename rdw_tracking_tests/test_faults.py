@@ -299,8 +299,8 @@ def test_restart_mid_rollback_then_rerun_ends_as_an_uninterrupted_run(
     from rdw_tracking.resources import TargetDatabase
     from rdw_tracking_tests.assets.test_rollback import (
         BACKUP,
-        _comparable,
         add_recent_rows,
+        assert_rerun_ends_like_twin,
         days_ago,
         rollback_config,
     )
@@ -343,13 +343,7 @@ def test_restart_mid_rollback_then_rerun_ends_as_an_uninterrupted_run(
         done = backed_up()
         assert 0 < done < matched
 
-        second = run_job("rollback_execution_id", config)
-        assert second.success, failure_text(second)
-        meta = materialization_metadata(second, "execution_id_rollback")
-        assert meta["resumed"] is True
-        assert meta["matched_rows"] == meta["cleared_rows"] == matched
-        assert meta["cleared_this_run"] == matched - done
-        assert _comparable(sql_exec, database_url) == _comparable(sql_exec, twin_url)
+        assert_rerun_ends_like_twin(run_job, config, matched, done, sql_exec, twin_url)
     finally:
         drop_database(admin_url, twin_name)
 

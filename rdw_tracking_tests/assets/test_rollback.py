@@ -326,6 +326,18 @@ def _failures(result) -> list[str]:
     ]
 
 
+def assert_rerun_ends_like_twin(run_job, config, matched, done, sql_exec, twin_url) -> None:
+    """The rerun after an interrupted rollback continues it and ends as the uninterrupted
+    twin did: same table, same backup."""
+    second = run_job("rollback_execution_id", config)
+    assert second.success, step_failure_messages(second)
+    meta = materialization_metadata(second, "execution_id_rollback")
+    assert meta["resumed"] is True
+    assert meta["matched_rows"] == meta["cleared_rows"] == matched
+    assert meta["cleared_this_run"] == matched - done
+    assert _comparable(sql_exec, os.environ["RDW_DATABASE_URL"]) == _comparable(sql_exec, twin_url)
+
+
 def _comparable(sql_exec, url: str) -> tuple:
     """Checksums of the table and the backup that don't depend on when the run ran:
     a cleared row's updated_at is the run's own clock, checked against its backup."""
@@ -395,13 +407,7 @@ def test_killed_connection_then_rerun_ends_as_an_uninterrupted_run(
             f"AND id IN (SELECT id FROM {BACKUP})"  # noqa: S608
         ) == [(done,)]
 
-        second = run_job("rollback_execution_id", config)
-        assert second.success, step_failure_messages(second)
-        meta = materialization_metadata(second, "execution_id_rollback")
-        assert meta["resumed"] is True
-        assert meta["matched_rows"] == meta["cleared_rows"] == matched
-        assert meta["cleared_this_run"] == matched - done
-        assert _comparable(sql_exec, database_url) == _comparable(sql_exec, twin_url)
+        assert_rerun_ends_like_twin(run_job, config, matched, done, sql_exec, twin_url)
     finally:
         drop_database(admin_url, twin_name)
 
