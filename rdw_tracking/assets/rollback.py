@@ -458,16 +458,36 @@ def plan_batches(
 # A batch holds its rows' locks until it commits: aim each at BATCH_TARGET_MS. After a
 # batch much slower or faster than that, the rest of the walk is re-planned with a
 # batch size scaled to match, between MIN_BATCH_ROWS and the configured batch_size.
-BATCH_TARGET_MS = 150
+#
+# A batch must also write less WAL than the server's WAL buffers hold (wal_buffers: 4MB
+# on a server with the stock 128MB shared_buffers, 16MB from 512MB up). A batch that
+# overflows them writes WAL out itself, and waits for the WAL write lock while another
+# session's commit is syncing: on a busy disk that turned ~100 ms batches into 300-770 ms
+# ones (measured at 5M rows, benchmarks/RESULTS.md). So each batch is also capped at
+# WAL_BUDGET_SHARE of wal_buffers, at the WAL per row the last batch wrote.
+BATCH_TARGET_MS = 100
 MIN_BATCH_ROWS = 100
 FIRST_BATCH_ROWS = 1_000
+WAL_BUDGET_SHARE = 0.75
 
 
-def batch_rows(size: int, last_ms: float, max_rows: int) -> int:
-    """The batch size for the next batches, given how long the last one took."""
-    if last_ms <= 0 or BATCH_TARGET_MS / 2 <= last_ms <= BATCH_TARGET_MS:
-        return size
-    return max(MIN_BATCH_ROWS, min(max_rows, int(size * BATCH_TARGET_MS / last_ms)))
+@dataclass(frozen=True)
+class LastBatch:
+    """What the previous batch of the walk took: rows, milliseconds, WAL bytes."""
+
+    rows: int
+    ms: float
+    wal_bytes: int | None
+
+
+def batch_rows(size: int, last: LastBatch, max_rows: int, wal_budget: int | None = None) -> int:
+    """The batch size for the next batches, given what the last one took."""
+    rows = size
+    if last.ms > 0 and not BATCH_TARGET_MS / 2 <= last.ms <= BATCH_TARGET_MS:
+        rows = int(size * BATCH_TARGET_MS / last.ms)
+    if wal_budget and last.wal_bytes and last.rows:
+        rows = min(rows, int(wal_budget * last.rows / last.wal_bytes))
+    return max(MIN_BATCH_ROWS, min(max_rows, rows))
 
 
 def estimate_seconds(matched_rows: int, scan_seconds: float) -> float:
@@ -563,11 +583,19 @@ def in_one_transaction(
     """`work(conn)` in a transaction, retried after a lock timeout or deadlock; (result, ms).
 
     Gives up after LOCK_ATTEMPTS, naming the sessions holding locks on `tables`.
+
+    The transaction commits without waiting for its WAL to reach disk (synchronous_commit
+    off, for it alone): a batch's commit then never queues behind a checkpoint's fsyncs,
+    which made the longest batches. Nothing can be lost by it. A server crash can undo
+    only whole batches (rows, their backup and the progress mark commit together), and
+    the next run does them again; the callers end with a normal commit (the run marked
+    finished), which flushes every batch before the job reports success.
     """
     for attempt in range(LOCK_ATTEMPTS):
         started = time.monotonic()
         try:
             with conn.transaction():
+                conn.execute("SET LOCAL synchronous_commit = off")
                 result = work(conn)
             return result, (time.monotonic() - started) * 1000
         except (errors.LockNotAvailable, errors.DeadlockDetected):
@@ -590,7 +618,6 @@ class Progress:
     done: int = 0
     batches: int = 0
     longest_ms: float = 0.0
-    last_ms: float = 0.0
     started: float = field(default_factory=time.monotonic)
     logged: float = field(default_factory=time.monotonic)
 
@@ -598,7 +625,6 @@ class Progress:
         self.done += rows
         self.batches += 1
         self.longest_ms = max(self.longest_ms, ms)
-        self.last_ms = ms
 
     def line(self, verb: str, done_before: int = 0) -> str:
         elapsed = max(time.monotonic() - self.started, 1e-6)
@@ -625,14 +651,29 @@ def wal_lsn(conn: psycopg.Connection) -> str | None:
         return None
 
 
-def wal_bytes_since(conn: psycopg.Connection, lsn: str | None) -> int | None:
+def wal_insert_lsn(conn: psycopg.Connection) -> str | None:
+    """Where WAL is being inserted now (pg_current_wal_lsn lags it: it is what was written)."""
+    try:
+        return conn.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()[0]
+    except psycopg.Error:
+        return None
+
+
+def wal_bytes_since(conn: psycopg.Connection, lsn: str | None, insert: bool = False) -> int | None:
     if lsn is None:
         return None
+    now = "pg_current_wal_insert_lsn()" if insert else "pg_current_wal_lsn()"
+    try:
+        return int(conn.execute(f"SELECT pg_wal_lsn_diff({now}, %s::pg_lsn)", [lsn]).fetchone()[0])
+    except psycopg.Error:
+        return None
+
+
+def wal_buffers_bytes(conn: psycopg.Connection) -> int | None:
+    """The server's wal_buffers in bytes."""
     try:
         return int(
-            conn.execute(
-                "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), %s::pg_lsn)", [lsn]
-            ).fetchone()[0]
+            conn.execute("SELECT pg_size_bytes(current_setting('wal_buffers'))").fetchone()[0]
         )
     except psycopg.Error:
         return None
@@ -855,7 +896,12 @@ def clear(
     weeks_label = db.qualified(db.weeks_table)
     progress = Progress(total=state.matched_rows - state.cleared_rows)
 
-    def batch(where: sql.Composable, extra: dict, phase: str, next_block: int) -> int:
+    wal_budget = wal_buffers_bytes(conn)
+    if wal_budget:
+        wal_budget = int(wal_budget * WAL_BUDGET_SHARE)
+    capped = False
+
+    def batch(where: sql.Composable, extra: dict, phase: str, next_block: int) -> LastBatch:
         def work(c: psycopg.Connection) -> int:
             n = c.execute(clear_statement(db, tables, where), {**params, **extra}).fetchone()[0]
             c.execute(
@@ -864,6 +910,7 @@ def clear(
             )
             return n
 
+        before = wal_insert_lsn(conn)
         n, ms = in_one_transaction(
             conn,
             work,
@@ -873,17 +920,25 @@ def clear(
         progress.add(n, ms)
         if progress.due():
             log.info(progress.line("cleared", state.cleared_rows))
-        return n
+        return LastBatch(n, ms, wal_bytes_since(conn, before, insert=True))
 
+    size = min(config.batch_size, FIRST_BATCH_ROWS)  # a probe, then sized by time and WAL
     if state.phase == "walking":
-        size = min(config.batch_size, FIRST_BATCH_ROWS)  # a probe, then sized by time
         ranges = plan_batches(found.blocks, size, state.next_block)
         while ranges:
             lo, hi = ranges.pop(0)
             last = not ranges
             extra = {"lo": f"({lo},0)", "hi": f"({hi},0)"}
-            batch(IN_BLOCKS, extra, "sweeping" if last else "walking", 0 if last else hi)
-            resized = batch_rows(size, progress.last_ms, config.batch_size)
+            done = batch(IN_BLOCKS, extra, "sweeping" if last else "walking", 0 if last else hi)
+            resized = batch_rows(size, done, config.batch_size, wal_budget)
+            if not capped and resized < batch_rows(size, done, config.batch_size):
+                capped = True
+                log.info(
+                    f"batches of {resized:,} rows, each writing at most "
+                    f"{wal_budget / 2**20:.1f} MB of WAL to stay within wal_buffers "
+                    f"({wal_budget / WAL_BUDGET_SHARE / 2**20:.0f} MB); a larger "
+                    "wal_buffers allows larger, faster batches"
+                )
             if resized != size and ranges:
                 size = resized
                 ranges = plan_batches([b for b in found.blocks if b[0] >= hi], size, hi)
@@ -895,8 +950,8 @@ def clear(
         leftover = [row[0] for row in conn.execute(find, params).fetchall()]
         if not leftover:
             break
-        for i in range(0, len(leftover), config.batch_size):
-            swept += batch(BY_ID, {"ids": leftover[i : i + config.batch_size]}, "sweeping", 0)
+        for i in range(0, len(leftover), size):
+            swept += batch(BY_ID, {"ids": leftover[i : i + size]}, "sweeping", 0).rows
     else:
         left = len(conn.execute(find, params).fetchall())
         if left:

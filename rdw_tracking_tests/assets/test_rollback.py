@@ -481,9 +481,26 @@ def test_restore_after_rollback_is_checksum_identical(database_url, sql_exec, ru
 
 
 def test_batch_rows_follow_the_time_target():
-    from rdw_tracking.assets.rollback import BATCH_TARGET_MS, MIN_BATCH_ROWS, batch_rows
+    from rdw_tracking.assets.rollback import BATCH_TARGET_MS, MIN_BATCH_ROWS, LastBatch, batch_rows
 
-    assert batch_rows(5_000, BATCH_TARGET_MS * 0.8, 5_000) == 5_000  # on target: keep
-    assert batch_rows(5_000, BATCH_TARGET_MS * 2, 5_000) == 2_500  # too slow: shrink
-    assert batch_rows(2_500, BATCH_TARGET_MS / 4, 5_000) == 5_000  # fast again: grow, capped
-    assert batch_rows(200, BATCH_TARGET_MS * 100, 5_000) == MIN_BATCH_ROWS
+    def took(ms: float) -> LastBatch:
+        return LastBatch(5_000, ms, None)
+
+    assert batch_rows(5_000, took(BATCH_TARGET_MS * 0.8), 5_000) == 5_000  # on target: keep
+    assert batch_rows(5_000, took(BATCH_TARGET_MS * 2), 5_000) == 2_500  # too slow: shrink
+    assert batch_rows(2_500, took(BATCH_TARGET_MS / 4), 5_000) == 5_000  # fast: grow, capped
+    assert batch_rows(200, took(BATCH_TARGET_MS * 100), 5_000) == MIN_BATCH_ROWS
+
+
+def test_batch_rows_stay_within_the_wal_budget():
+    from rdw_tracking.assets.rollback import MIN_BATCH_ROWS, LastBatch, batch_rows
+
+    mb = 2**20
+    # 5,000 rows wrote 17 MB: with a 3 MB budget the next batches hold 882 rows, however fast.
+    assert batch_rows(5_000, LastBatch(5_000, 90, 17 * mb), 5_000, 3 * mb) == 882
+    assert batch_rows(882, LastBatch(882, 10, 3 * mb), 5_000, 3 * mb) == 882
+    # Within the budget time rules, as it does without a WAL figure or budget.
+    assert batch_rows(5_000, LastBatch(5_000, 90, 2 * mb), 5_000, 3 * mb) == 5_000
+    assert batch_rows(5_000, LastBatch(5_000, 90, None), 5_000, 3 * mb) == 5_000
+    assert batch_rows(5_000, LastBatch(5_000, 90, 10 * mb), 5_000, None) == 5_000
+    assert batch_rows(5_000, LastBatch(5_000, 90, 10**12), 5_000, 3 * mb) == MIN_BATCH_ROWS
