@@ -5,7 +5,8 @@ its own) run the spec's data-quality queries one after another on one connection
 (population count, 7-day breakdown, recent-orphan anti-join), and each job in process.
 Database time of a job is the time spent inside psycopg's `execute` (statements and
 their results) plus connecting; Dagster's overhead is the rest of the job's wall time.
-Each figure is the median of `--repeat` runs after one warm-up run of everything.
+Each figure is the median of `--repeat` rounds (spec queries, then each job) after
+one warm-up run of everything.
 """
 
 import multiprocessing
@@ -46,7 +47,7 @@ JOBS = ("post_collection_validation", "verify_execution_tracking")
 
 def add_arguments(parser) -> None:
     parser.add_argument("--rows", type=int, nargs="+", default=[1_000_000, 5_000_000])
-    parser.add_argument("--repeat", type=int, default=3, help="timed runs per figure")
+    parser.add_argument("--repeat", type=int, default=5, help="timed rounds per figure")
 
 
 def run(args) -> list[dict]:
@@ -57,6 +58,7 @@ def run(args) -> list[dict]:
     for rows in args.rows:
         summary = demo.build(args.url, demo.DemoShape(rows=rows))
         print(f"built {rows:,} rows in {summary['seconds']} s", flush=True)
+        settle(args.url)
         pool = spawn.Pool(1)
         figures = pool.apply(measure, (args.url, args.repeat))
         pool.close()
@@ -64,6 +66,16 @@ def run(args) -> list[dict]:
         results.append({"rows": summary["rows"], **figures})
         print(figures, flush=True)
     return results
+
+
+def settle(url: str) -> None:
+    """Start measuring from a quiet disk: the build leaves gigabytes of dirty pages in
+    PostgreSQL and the OS cache, and their write-back slowed whatever ran next by a third."""
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("CHECKPOINT")
+    os.sync()
 
 
 class _DatabaseClock:
@@ -130,19 +142,23 @@ def measure(url: str, repeat: int) -> dict:
     clock = _DatabaseClock()
     for name in JOBS:
         run_job(name)
-    spec = [_spec_by_hand(url) for _ in range(repeat)]
+    # Rounds of (spec queries, each job), so that both sides meet the same machine: a
+    # side measured all in a row can catch a slow minute (the OS writing back, another
+    # process) that the other side missed, which swung the ratio by 20%.
+    spec, runs = [], {name: [] for name in JOBS}
+    for _ in range(repeat):
+        spec.append(_spec_by_hand(url))
+        for name in JOBS:
+            runs[name].append(run_job(name))
     figures: dict = {
         f"spec_{name}_s": statistics.median(t[name] for t in spec) for name in SPEC_QUERIES
     }
     spec_total = statistics.median(sum(t.values()) for t in spec)
     figures["spec_total_s"] = spec_total
     for name, short in zip(JOBS, ("post", "verify"), strict=True):
-        runs = [run_job(name) for _ in range(repeat)]
-        wall = statistics.median(w for w, _ in runs)
-        db = statistics.median(d for _, d in runs)
-        figures[f"{short}_wall_s"] = wall
-        figures[f"{short}_db_s"] = db
-        figures[f"{short}_overhead_s"] = statistics.median(w - d for w, d in runs)
+        figures[f"{short}_wall_s"] = statistics.median(w for w, _ in runs[name])
+        figures[f"{short}_db_s"] = statistics.median(d for _, d in runs[name])
+        figures[f"{short}_overhead_s"] = statistics.median(w - d for w, d in runs[name])
     figures["db_ratio"] = figures["post_db_s"] / spec_total
     figures["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     return figures

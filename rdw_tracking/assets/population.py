@@ -181,7 +181,7 @@ SELECT CURRENT_DATE, CURRENT_DATE - %(window_days)s::int,
 # day list through a hash join on the date instead (one group per day; rows older than
 # the window share one group), which stays cheap however many days there are.
 FILTER_DAYS_MAX = 31
-HEAD = 10  # figures before the per-day pairs
+HEAD = 11  # figures before the per-day pairs
 
 HEAD_SQL = """
        count(*),
@@ -193,7 +193,8 @@ HEAD_SQL = """
        {orphans},
        {recent_orphans},
        count(*) FILTER (WHERE w.created_at >= %(tomorrow)s),
-       count(*) FILTER (WHERE w.created_at >= %(sample_floor)s)"""
+       count(*) FILTER (WHERE w.created_at >= %(sample_floor)s),
+       {sample_ctids}"""
 
 GROUPED_PASS_SQL = (
     """
@@ -226,10 +227,15 @@ def midnight(day: dt.date) -> dt.datetime:
     return dt.datetime.combine(day, dt.time(), tzinfo=dt.timezone.utc)
 
 
-def pass_query(db: TargetDatabase, with_executions: bool, days: int | None = None) -> sql.Composed:
-    """The one pass; `days` window days counted by FILTER pairs, or grouped when None."""
+def pass_query(
+    db: TargetDatabase, with_executions: bool, days: int | None = None, collect_ctids: bool = False
+) -> sql.Composed:
+    """The one pass; `days` window days counted by FILTER pairs, or grouped when None.
+
+    With `collect_ctids` it also gathers where the rows at or after the sample floor are."""
+    parts: dict = {"sample_ctids": sql.SQL(SAMPLE_CTIDS if collect_ctids else "NULL::text")}
     if with_executions:
-        parts = {
+        parts |= {
             "join": sql.SQL("LEFT JOIN {} AS e ON e.id = w.execution_id").format(db.executions),
             "orphans": sql.SQL(f"count(*) FILTER (WHERE {ORPHAN})"),
             "recent_orphans": sql.SQL(
@@ -238,7 +244,7 @@ def pass_query(db: TargetDatabase, with_executions: bool, days: int | None = Non
         }
     else:
         null = sql.SQL("NULL::bigint")
-        parts = {"join": sql.SQL(""), "orphans": null, "recent_orphans": null}
+        parts |= {"join": sql.SQL(""), "orphans": null, "recent_orphans": null}
     if days is None:
         return sql.SQL(GROUPED_PASS_SQL).format(weeks=db.weeks, **parts)
     columns = "".join("," + DAY_SQL.format(k=k, n=k + 1) for k in range(days))
@@ -247,25 +253,33 @@ def pass_query(db: TargetDatabase, with_executions: bool, days: int | None = Non
 
 
 def run_pass(
-    cur: psycopg.Cursor, db: TargetDatabase, with_executions: bool, params: dict
+    cur: psycopg.Cursor,
+    db: TargetDatabase,
+    with_executions: bool,
+    params: dict,
+    collect_ctids: bool = False,
 ) -> tuple[tuple, dict]:
-    """(the ten head figures, {day: (total, with_execution_id)} of the window)."""
+    """(the head figures, {day: (total, with_execution_id)} of the window)."""
     today, window_start = params["today"], params["window_start"]
     days = (today - window_start).days + 1
     if days <= FILTER_DAYS_MAX:
         bounds = {f"day{k}": midnight(window_start + dt.timedelta(days=k)) for k in range(days + 1)}
-        row = cur.execute(pass_query(db, with_executions, days), params | bounds).fetchone()
+        row = cur.execute(
+            pass_query(db, with_executions, days, collect_ctids), params | bounds
+        ).fetchone()
         per_day = row[HEAD:]
         groups = {
             window_start + dt.timedelta(days=k): (per_day[2 * k], per_day[2 * k + 1])
             for k in range(days)
         }
         return tuple(row[:HEAD]), groups
-    cur.execute(pass_query(db, with_executions), params)
+    cur.execute(pass_query(db, with_executions, None, collect_ctids), params)
     rows = cur.fetchall()
-    head = tuple(sum(row[i] or 0 for row in rows) for i in range(1, HEAD + 1))
+    head = tuple(sum(row[i] or 0 for row in rows) for i in range(1, HEAD))
     if not with_executions:
         head = head[:6] + (None, None) + head[8:]
+    ctids = [row[HEAD] for row in rows if row[HEAD]]
+    head += ("{" + ",".join(c.strip("{}") for c in ctids) + "}" if ctids else None,)
     return head, {row[0]: (row[1], row[2]) for row in rows if row[0] is not None}
 
 
@@ -309,6 +323,36 @@ LIMIT %(limit)s
 TAIL_COUNT_SQL = (
     "SELECT count(*) FROM {weeks} WHERE ctid >= %(start)s::tid AND created_at >= %(floor)s"
 )
+
+# When the latest rows are not all in the tail (rows of one day spread over the table),
+# the pass also gathers the ctids of every row at or after the tail's floor, and the
+# latest rows are read from those. Only when the planner expects few such rows: the
+# array costs memory per row. Before PostgreSQL 16, array_agg would make the whole pass
+# serial, so it is not asked there.
+SAMPLE_CANDIDATES_MAX = 20_000
+PARALLEL_ARRAY_AGG = 160000
+SAMPLE_CTIDS = "array_agg(w.ctid) FILTER (WHERE w.created_at >= %(sample_floor)s)::text"
+ESTIMATE_SQL = "EXPLAIN (FORMAT JSON) SELECT 1 FROM {weeks} WHERE created_at >= {floor}"
+BY_CTID_SQL = """
+SELECT id, collection_id, week_start_date, status, execution_id, created_at
+FROM {weeks}
+WHERE ctid = ANY(%(ctids)s::tid[])
+ORDER BY created_at DESC
+LIMIT %(limit)s
+"""
+
+
+def few_rows_since(cur: psycopg.Cursor, db: TargetDatabase, floor: dt.datetime) -> bool:
+    """Whether the planner expects at most SAMPLE_CANDIDATES_MAX rows at or after `floor`."""
+    statement = sql.SQL(ESTIMATE_SQL).format(weeks=db.weeks, floor=sql.Literal(floor))
+    plan = cur.execute(statement).fetchone()[0]
+    return plan[0]["Plan"]["Plan Rows"] <= SAMPLE_CANDIDATES_MAX
+
+
+def fetch_rows(cur: psycopg.Cursor, statement: sql.Composable, params: dict) -> list[dict]:
+    cur.execute(statement, params)
+    columns = [c.name for c in cur.description]
+    return [dict(zip(columns, row, strict=True)) for row in cur.fetchall()]
 
 
 # Orphans asked on their own (the pass counts them with everything else). The sample
@@ -382,20 +426,33 @@ def take_snapshot(db: TargetDatabase, window_days: int, started_at: dt.datetime 
             "orphan_since": midnight(today - dt.timedelta(days=1)),
         }
         candidates, floor, in_tail = tail_sample(cur, db)
-        head, groups = run_pass(cur, db, with_executions, params | {"sample_floor": floor})
+        collect = (
+            floor is not None
+            and cur.connection.info.server_version >= PARALLEL_ARRAY_AGG
+            and few_rows_since(cur, db, floor)
+        )
+        head, groups = run_pass(cur, db, with_executions, params | {"sample_floor": floor}, collect)
         if head[8]:
             cur.execute(sql.SQL(FUTURE_DAYS_SQL).format(weeks=db.weeks), params)
             groups |= {day: (total, with_id) for day, total, with_id in cur.fetchall()}
         daily = window_days_of(today, window_start, groups)
+        sample = None
         if floor is not None and head[9] == in_tail:
             sample = candidates
-        else:
-            cur.execute(
+        elif head[10]:
+            sample = fetch_rows(
+                cur,
+                sql.SQL(BY_CTID_SQL).format(weeks=db.weeks),
+                {"ctids": head[10], "limit": ROW_SAMPLE_SIZE},
+            )
+            if len(sample) < min(ROW_SAMPLE_SIZE, head[9]):  # moved since the pass
+                sample = None
+        if sample is None:
+            sample = fetch_rows(
+                cur,
                 sql.SQL(SAMPLE_SQL).format(weeks=db.weeks),
                 {"since": sample_since(daily, ROW_SAMPLE_SIZE), "limit": ROW_SAMPLE_SIZE},
             )
-            columns = [c.name for c in cur.description]
-            sample = [dict(zip(columns, row, strict=True)) for row in cur.fetchall()]
         totals = [value or 0 for value in head[:8]]
         orphans = None
         if with_executions:

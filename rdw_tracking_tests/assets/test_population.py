@@ -365,14 +365,30 @@ def test_jobs_select_the_population_and_its_checks():
     }
 
 
-@pytest.mark.parametrize("blocks", [0, 1])
+@pytest.mark.parametrize(
+    ("blocks", "candidates", "window_days"),
+    [(0, 10**9, 7), (2, 10**9, 7), (2, 10**9, 90), (2, 0, 7)],
+    ids=["no-tail", "rows-found-by-the-pass", "found-by-the-grouped-pass", "whole-table"],
+)
 def test_latest_rows_sample_is_exact_when_they_are_not_in_the_tail(
-    db, sql_exec, run_job, monkeypatch, blocks
+    db, sql_exec, run_job, monkeypatch, blocks, candidates, window_days
 ):
-    """The tail shortcut falls back to the whole table whenever it could be wrong."""
+    """The tail shortcut falls back whenever it could be wrong: to the rows at or after
+    its floor that the pass found (PostgreSQL 16 and later, when the planner expects few),
+    else to the whole table."""
     from rdw_tracking.assets import population
 
     monkeypatch.setattr(population, "TAIL_BLOCKS", blocks)
+    monkeypatch.setattr(population, "SAMPLE_CANDIDATES_MAX", candidates)
+    by_ctid = []
+    fetch_rows = population.fetch_rows
+    monkeypatch.setattr(
+        population,
+        "fetch_rows",
+        lambda cur, statement, params: (
+            by_ctid.append("ctids" in params) or fetch_rows(cur, statement, params)
+        ),
+    )
     # Make room in the first block, then make one of its rows the latest: the new
     # version stays in that block (a HOT update), far from the tail.
     sql_exec("DELETE FROM report_data_weeks WHERE ctid < '(1,0)' AND ctid > '(0,1)'")
@@ -383,6 +399,10 @@ def test_latest_rows_sample_is_exact_when_they_are_not_in_the_tail(
     assert sql_exec(
         "SELECT ctid < '(1,0)' FROM report_data_weeks ORDER BY created_at DESC LIMIT 1"
     )[0][0]
-    _, meta, _ = snapshot(run_job)
+    _, meta, _ = snapshot(run_job, window_days=window_days)
     latest = sql_exec("SELECT id::text FROM report_data_weeks ORDER BY created_at DESC LIMIT 5")
     assert [r.data["id"] for r in meta["sample"].records] == [r[0] for r in latest]
+    pass_finds_them = (
+        candidates > 0 and blocks > 0 and int(sql_exec("SHOW server_version_num")[0][0]) >= 160000
+    )
+    assert by_ctid == [pass_finds_them]
