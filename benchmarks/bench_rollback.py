@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import random
 import statistics
 import threading
@@ -14,7 +13,7 @@ import harness
 import psycopg
 from psycopg import sql
 
-from rdw_tracking import demo
+from rdw_tracking import catalog, demo
 from rdw_tracking.assets.rollback import (
     DEFAULT_BACKUP_TABLE,
     DEFAULT_STATE_TABLE,
@@ -120,24 +119,17 @@ def prepare(url: str, rows: int, fraction: float) -> tuple[str, list]:
                 [cutoff],
             )
         ]
-        conn.execute("CHECKPOINT")
-    # Start from a quiet disk: the build leaves gigabytes of dirty pages in the OS cache,
-    # whose write-back otherwise stalls whichever method runs next.
-    os.sync()
+    harness.settle(url)
     return cutoff, ids
 
 
-def wal_position(url: str) -> str:
+def wal_position(url: str) -> str | None:
     with psycopg.connect(url) as conn:
-        return conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()[0]
+        return catalog.wal_lsn(conn)
 
 
-def wal_mb_since(url: str, lsn: str) -> float:
-    with psycopg.connect(url) as conn:
-        diff = conn.execute(
-            "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), %s::pg_lsn)", [lsn]
-        ).fetchone()[0]
-    return round(float(diff) / 2**20, 1)
+def wal_mb_since(url: str, lsn: str | None) -> float:
+    return round(catalog.wal_bytes(lsn, wal_position(url)) / 2**20, 1)
 
 
 def single_update(url: str, rows: int, fraction: float, pause_ms: float) -> dict:

@@ -15,6 +15,8 @@ import resource
 import statistics
 import time
 
+import harness
+
 TITLE = "Validation jobs vs the spec's queries"
 NOTES = (
     "Targets: db_ratio = post_collection_validation's database time / the spec's three "
@@ -58,7 +60,7 @@ def run(args) -> list[dict]:
     for rows in args.rows:
         summary = demo.build(args.url, demo.DemoShape(rows=rows))
         print(f"built {rows:,} rows in {summary['seconds']} s", flush=True)
-        settle(args.url)
+        harness.settle(args.url)  # right after a build, the job ran a third slower
         pool = spawn.Pool(1)
         figures = pool.apply(measure, (args.url, args.repeat))
         pool.close()
@@ -66,16 +68,6 @@ def run(args) -> list[dict]:
         results.append({"rows": summary["rows"], **figures})
         print(figures, flush=True)
     return results
-
-
-def settle(url: str) -> None:
-    """Start measuring from a quiet disk: the build leaves gigabytes of dirty pages in
-    PostgreSQL and the OS cache, and their write-back slowed whatever ran next by a third."""
-    import psycopg
-
-    with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute("CHECKPOINT")
-    os.sync()
 
 
 class _DatabaseClock:

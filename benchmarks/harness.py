@@ -33,6 +33,16 @@ def database_url(url: str | None) -> str:
     return embedded.database_url(BENCH_DATABASE)
 
 
+def settle(url: str) -> None:
+    """Start measuring from a quiet disk: a demo build leaves gigabytes of dirty pages in
+    PostgreSQL and the OS cache, and their write-back stalls whatever runs next."""
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("CHECKPOINT")
+    os.sync()
+
+
 @contextmanager
 def server_setting(name: str, value: str | None):
     """The embedded server restarted with `name` set to `value` (None: its default) for

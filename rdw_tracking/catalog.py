@@ -161,3 +161,23 @@ def indexes_leading_with(cur: psycopg.Cursor, schema: str, table: str, column: s
         [schema, table, column],
     )
     return [row[0] for row in cur.fetchall()]
+
+
+def wal_lsn(cur: psycopg.Cursor | psycopg.Connection) -> str | None:
+    """Where the server inserts WAL now; None where it can't say (a standby)."""
+    try:
+        return cur.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()[0]
+    except psycopg.Error:
+        return None
+
+
+def wal_bytes(start: str | None, end: str | None) -> int | None:
+    """Bytes of WAL from LSN `start` to LSN `end` (None when either is unknown)."""
+    if start is None or end is None:
+        return None
+
+    def position(lsn: str) -> int:
+        high, low = lsn.split("/")
+        return (int(high, 16) << 32) + int(low, 16)
+
+    return position(end) - position(start)

@@ -576,18 +576,9 @@ def _drop_invalid_leftover(db: TargetDatabase, spec: IndexSpec, log: Log) -> boo
     return _invalid_leftover(db, spec)
 
 
-def wal_lsn(db: TargetDatabase) -> str:
+def wal_lsn(db: TargetDatabase) -> str | None:
     with db.connect(autocommit=True) as conn:
-        return conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()[0]
-
-
-def wal_bytes_since(db: TargetDatabase, lsn: str) -> int:
-    with db.connect(autocommit=True) as conn:
-        return int(
-            conn.execute(
-                "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), %s::pg_lsn)", [lsn]
-            ).fetchone()[0]
-        )
+        return catalog.wal_lsn(conn)
 
 
 # -- the asset and its check -----------------------------------------------------------
@@ -691,7 +682,7 @@ def indexes_table(
 
 
 def build_metadata(
-    db: TargetDatabase, specs: list[IndexSpec], builds: list[IndexBuild], wal_bytes: int
+    db: TargetDatabase, specs: list[IndexSpec], builds: list[IndexBuild], wal_bytes: int | None
 ) -> dict[str, Any]:
     with db.cursor() as cur:
         found = table_indexes(
@@ -771,7 +762,7 @@ def execution_id_indexes(
             )
             for spec in specs
         ]
-        wal_bytes = wal_bytes_since(target_db, lsn)
+        wal_bytes = catalog.wal_bytes(lsn, wal_lsn(target_db))
     return dg.MaterializeResult(metadata=build_metadata(target_db, specs, builds, wal_bytes))
 
 

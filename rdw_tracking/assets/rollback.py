@@ -644,31 +644,6 @@ class Progress:
         return False
 
 
-def wal_lsn(conn: psycopg.Connection) -> str | None:
-    try:
-        return conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()[0]
-    except psycopg.Error:
-        return None
-
-
-def wal_insert_lsn(conn: psycopg.Connection) -> str | None:
-    """Where WAL is being inserted now (pg_current_wal_lsn lags it: it is what was written)."""
-    try:
-        return conn.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()[0]
-    except psycopg.Error:
-        return None
-
-
-def wal_bytes_since(conn: psycopg.Connection, lsn: str | None, insert: bool = False) -> int | None:
-    if lsn is None:
-        return None
-    now = "pg_current_wal_insert_lsn()" if insert else "pg_current_wal_lsn()"
-    try:
-        return int(conn.execute(f"SELECT pg_wal_lsn_diff({now}, %s::pg_lsn)", [lsn]).fetchone()[0])
-    except psycopg.Error:
-        return None
-
-
 def wal_buffers_bytes(conn: psycopg.Connection) -> int | None:
     """The server's wal_buffers in bytes."""
     try:
@@ -854,7 +829,7 @@ def rollback(
             )
             report.rollback_id = resume.rollback_id
             log.info(f"rollback {resume.rollback_id}: backing up into {report.backup_table}")
-        wal_start = wal_lsn(conn)
+        wal_start = catalog.wal_lsn(conn)
         try:
             clear(conn, db, tables, config, resume, found, report, log)
         except psycopg.OperationalError:
@@ -866,7 +841,7 @@ def rollback(
                 f"its backup: run {ROLLBACK_JOB} again with cutoff_date {config.cutoff} to "
                 "continue"
             ) from None
-        report.wal_bytes = wal_bytes_since(conn, wal_start)
+        report.wal_bytes = catalog.wal_bytes(wal_start, catalog.wal_lsn(conn))
     report.seconds = time.monotonic() - started
     log.info(
         f"rollback {report.rollback_id} finished: cleared {report.cleared_rows:,} of "
@@ -900,8 +875,11 @@ def clear(
     if wal_budget:
         wal_budget = int(wal_budget * WAL_BUDGET_SHARE)
     capped = False
+    mark = catalog.wal_lsn(conn)  # where the next batch's WAL starts
 
     def batch(where: sql.Composable, extra: dict, phase: str, next_block: int) -> LastBatch:
+        nonlocal mark
+
         def work(c: psycopg.Connection) -> int:
             n = c.execute(clear_statement(db, tables, where), {**params, **extra}).fetchone()[0]
             c.execute(
@@ -910,7 +888,6 @@ def clear(
             )
             return n
 
-        before = wal_insert_lsn(conn)
         n, ms = in_one_transaction(
             conn,
             work,
@@ -920,7 +897,8 @@ def clear(
         progress.add(n, ms)
         if progress.due():
             log.info(progress.line("cleared", state.cleared_rows))
-        return LastBatch(n, ms, wal_bytes_since(conn, before, insert=True))
+        start, mark = mark, catalog.wal_lsn(conn)
+        return LastBatch(n, ms, catalog.wal_bytes(start, mark))
 
     size = min(config.batch_size, FIRST_BATCH_ROWS)  # a probe, then sized by time and WAL
     if state.phase == "walking":
