@@ -309,6 +309,7 @@ def test_restart_mid_rollback_then_rerun_ends_as_an_uninterrupted_run(
         add_recent_rows,
         assert_rerun_ends_like_twin,
         days_ago,
+        last_matched_row_locked,
         rollback_config,
     )
 
@@ -335,8 +336,8 @@ def test_restart_mid_rollback_then_rerun_ends_as_an_uninterrupted_run(
             return rows[0][0] if rows else 0
 
         def fault():
-            wait_for(lambda: backed_up() >= 1_000, "a thousand rows cleared")
-            restart(admin_url, database_url, mode)
+            with last_matched_row_locked(database_url, days_ago(20), sql_exec):
+                restart(admin_url, database_url, mode)
 
         thread = threading.Thread(target=fault)
         thread.start()

@@ -5,6 +5,8 @@ import os
 import threading
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 
 import psycopg
 import pytest
@@ -78,6 +80,44 @@ def add_recent_rows(sql_exec, rows: int) -> None:
         [rows],
     )
     sql_exec("VACUUM ANALYZE report_data_weeks")
+
+
+@contextmanager
+def last_matched_row_locked(url: str, cutoff: str, sql_exec) -> Iterator[None]:
+    """Once the walk has begun, another session takes the row lock of the matched row the
+    walk reaches last: the run stalls there, retrying under lock_timeout, and the block
+    strikes while it waits. (Taken before the run, the lock's transaction would be one the
+    run waits out before it starts.) Without it a fault aimed at "mid-run" raced the run,
+    and lost once batches got fast."""
+    deadline = time.monotonic() + 30
+    while not backup_exists(sql_exec) or not sql_exec(f"SELECT 1 FROM {BACKUP} LIMIT 1"):  # noqa: S608
+        assert time.monotonic() < deadline, "the walk never began"
+        time.sleep(0.002)
+    conn = psycopg.connect(url)
+    try:
+        conn.execute(
+            "SELECT 1 FROM report_data_weeks WHERE execution_id IS NOT NULL "
+            "AND created_at >= %s::date ORDER BY ctid DESC LIMIT 1 FOR UPDATE",
+            [cutoff],
+        )
+        while not rollback_waits_on_a_lock(sql_exec):
+            assert time.monotonic() < deadline, "the walk never reached the locked row"
+            time.sleep(0.005)
+        yield
+    finally:
+        with suppress(psycopg.Error):
+            conn.close()
+
+
+def rollback_waits_on_a_lock(sql_exec) -> bool:
+    """Whether the rollback's batch connection is waiting for a lock."""
+    return bool(
+        sql_exec(
+            "SELECT count(*) FROM pg_stat_activity "
+            "WHERE application_name = %s AND wait_event_type = 'Lock'",
+            [ROLLBACK_APPLICATION_NAME],
+        )[0][0]
+    )
 
 
 # -- pure functions ---------------------------------------------------------------------
@@ -379,20 +419,13 @@ def test_killed_connection_then_rerun_ends_as_an_uninterrupted_run(
         killed = threading.Event()
 
         def killer():
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline and not killed.is_set():
-                try:
-                    done = sql_exec(f"SELECT count(*) FROM {BACKUP}")[0][0]  # noqa: S608
-                except psycopg.errors.UndefinedTable:
-                    done = 0
-                if done >= 1_000:
-                    sql_exec(
-                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                        "WHERE application_name = %s",
-                        [ROLLBACK_APPLICATION_NAME],
-                    )
-                    killed.set()
-                time.sleep(0.005)
+            with last_matched_row_locked(database_url, cutoff, sql_exec):
+                sql_exec(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE application_name = %s",
+                    [ROLLBACK_APPLICATION_NAME],
+                )
+                killed.set()
 
         thread = threading.Thread(target=killer)
         thread.start()
