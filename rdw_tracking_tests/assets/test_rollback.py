@@ -13,9 +13,9 @@ import pytest
 
 from rdw_tracking.assets.rollback import (
     ROLLBACK_APPLICATION_NAME,
+    BlockWalk,
     RollbackConfig,
     parse_cutoff,
-    plan_batches,
 )
 from rdw_tracking.resources import TargetDatabase
 from rdw_tracking_tests.conftest import (
@@ -132,12 +132,27 @@ def test_parse_cutoff():
         parse_cutoff("2025-03-02", dt.date(2025, 3, 1))
 
 
-def test_plan_batches_tiles_from_the_cursor():
+def walk_all(blocks, sizes, from_block=0):
+    walk, ranges = BlockWalk(blocks, from_block), []
+    while not walk.done:
+        ranges.append(walk.next(sizes[min(len(ranges), len(sizes) - 1)]))
+    return ranges
+
+
+def test_block_walk_tiles_from_the_cursor():
     blocks = [(0, 60), (1, 60), (5, 60), (9, 10), (12, 100)]
-    assert plan_batches(blocks, 100, 0) == [(0, 1), (1, 5), (5, 12), (12, 13)]
-    assert plan_batches([], 100, 7) == []
+    assert walk_all(blocks, [100]) == [(0, 1), (1, 5), (5, 12), (12, 13)]
+    assert walk_all([], [100], 7) == []
     # A block fuller than a batch is a batch of its own, never split.
-    assert plan_batches([(3, 250), (4, 1)], 100, 3) == [(3, 4), (4, 5)]
+    assert walk_all([(3, 250), (4, 1)], [100], 3) == [(3, 4), (4, 5)]
+    # Resuming: the walk starts at the saved block, whatever the plan held before it.
+    assert walk_all(blocks, [100], 5) == [(5, 12), (12, 13)]
+
+
+def test_block_walk_takes_each_batch_at_its_own_size():
+    blocks = [(b, 10) for b in range(10)]
+    # 20 rows, then 50, then 10 for the rest: still one tiling of blocks 0-9.
+    assert walk_all(blocks, [20, 50, 10]) == [(0, 2), (2, 7), (7, 8), (8, 9), (9, 10)]
 
 
 def test_config_bounds():
