@@ -480,11 +480,17 @@ class BlockWalk:
 # overflows them writes WAL out itself, and waits for the WAL write lock while another
 # session's commit is syncing: on a busy disk that turned ~100 ms batches into 300-770 ms
 # ones (measured at 5M rows, benchmarks/RESULTS.md). So each batch is also capped at
-# WAL_BUDGET_SHARE of wal_buffers, at the WAL per row the last batch wrote.
+# WAL_BUDGET_SHARE of wal_buffers, at the WAL per row the last batch wrote, and starts
+# only once the buffers have room for it: while a sync holds the WAL write lock, the
+# previous batches' WAL stays unwritten, and the batch that then ran out of buffers took
+# the rest of the stall with its rows locked. Waiting before the batch, holding nothing,
+# took the batches over 80 ms from 4-5 a run to 0-2 (5M rows, 4MB wal_buffers), for
+# about 1 s of waits in a 33 s run.
 BATCH_TARGET_MS = 100
 MIN_BATCH_ROWS = 100
 FIRST_BATCH_ROWS = 1_000
 WAL_BUDGET_SHARE = 0.75
+WAL_ROOM_WAIT_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -668,6 +674,20 @@ def wal_buffers_bytes(conn: psycopg.Connection) -> int | None:
         )
     except psycopg.Error:
         return None
+
+
+def wait_for_wal_room(conn: psycopg.Connection, most_unwritten: int) -> float:
+    """Wait, outside any transaction, until at most `most_unwritten` bytes of WAL are
+    inserted but not yet written out (at most WAL_ROOM_WAIT_S); seconds waited."""
+    started = time.monotonic()
+    while time.monotonic() - started < WAL_ROOM_WAIT_S:
+        unwritten = conn.execute(
+            "SELECT pg_current_wal_insert_lsn() - pg_current_wal_lsn()"
+        ).fetchone()[0]
+        if unwritten <= most_unwritten:
+            break
+        time.sleep(0.001)
+    return time.monotonic() - started
 
 
 def wait_for_older_transactions(conn: psycopg.Connection, bound: dt.datetime, log) -> None:
@@ -887,14 +907,16 @@ def clear(
     weeks_label = db.qualified(db.weeks_table)
     progress = Progress(total=state.matched_rows - state.cleared_rows)
 
-    wal_budget = wal_buffers_bytes(conn)
-    if wal_budget:
-        wal_budget = int(wal_budget * WAL_BUDGET_SHARE)
+    wal_buffers = wal_buffers_bytes(conn)
+    wal_budget = int(wal_buffers * WAL_BUDGET_SHARE) if wal_buffers else None
     capped = False
     mark = catalog.wal_lsn(conn)  # where the next batch's WAL starts
+    wal_waited = 0.0
 
     def batch(where: sql.Composable, extra: dict, phase: str, next_block: int) -> LastBatch:
-        nonlocal mark
+        nonlocal mark, wal_waited
+        if wal_budget:
+            wal_waited += wait_for_wal_room(conn, wal_buffers - wal_budget)
 
         def work(c: psycopg.Connection) -> int:
             n = c.execute(clear_statement(db, tables, where), {**params, **extra}).fetchone()[0]
@@ -930,7 +952,7 @@ def clear(
                 log.info(
                     f"batches of {resized:,} rows, each writing at most "
                     f"{wal_budget / 2**20:.1f} MB of WAL to stay within wal_buffers "
-                    f"({wal_budget / WAL_BUDGET_SHARE / 2**20:.0f} MB); a larger "
+                    f"({wal_buffers / 2**20:.0f} MB); a larger "
                     "wal_buffers allows larger, faster batches"
                 )
             size = resized
@@ -960,6 +982,11 @@ def clear(
     )
     if swept:
         log.info(f"the final sweep cleared {swept:,} rows that moved during the walk")
+    if wal_waited >= 1:
+        log.info(
+            f"between batches, the run waited {wal_waited:,.1f} s in all for the server "
+            "to write out WAL (its disk was busy); no row was locked while it waited"
+        )
     report.cleared_rows = state.cleared_rows + progress.done
     report.cleared_this_run = progress.done
     report.batches = state.batches + progress.batches

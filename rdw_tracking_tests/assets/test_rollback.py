@@ -552,3 +552,16 @@ def test_batch_rows_stay_within_the_wal_budget():
     assert batch_rows(5_000, LastBatch(5_000, 90, None), 5_000, 3 * mb) == 5_000
     assert batch_rows(5_000, LastBatch(5_000, 90, 10 * mb), 5_000, None) == 5_000
     assert batch_rows(5_000, LastBatch(5_000, 90, 10**12), 5_000, 3 * mb) == MIN_BATCH_ROWS
+
+
+def test_wait_for_wal_room_is_bounded_and_outside_any_transaction(database_url, monkeypatch):
+    from rdw_tracking.assets import rollback
+
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        # Room for any batch: no wait.
+        assert rollback.wait_for_wal_room(conn, 2**40) < 0.5
+        # Room that never comes (less than nothing unwritten): gives up after the bound.
+        monkeypatch.setattr(rollback, "WAL_ROOM_WAIT_S", 0.05)
+        waited = rollback.wait_for_wal_room(conn, -1)
+        assert 0.05 <= waited < 1
+        assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
