@@ -171,6 +171,13 @@ def wal_lsn(cur: psycopg.Cursor | psycopg.Connection) -> str | None:
         return None
 
 
+def wal_unwritten(cur: psycopg.Cursor | psycopg.Connection) -> int:
+    """Bytes of WAL inserted but not yet written out of the server's WAL buffers."""
+    return int(
+        cur.execute("SELECT pg_current_wal_insert_lsn() - pg_current_wal_lsn()").fetchone()[0]
+    )
+
+
 def wal_bytes(start: str | None, end: str | None) -> int | None:
     """Bytes of WAL from LSN `start` to LSN `end` (None when either is unknown)."""
     if start is None or end is None:

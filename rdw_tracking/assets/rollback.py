@@ -681,10 +681,7 @@ def wait_for_wal_room(conn: psycopg.Connection, most_unwritten: int) -> float:
     inserted but not yet written out (at most WAL_ROOM_WAIT_S); seconds waited."""
     started = time.monotonic()
     while time.monotonic() - started < WAL_ROOM_WAIT_S:
-        unwritten = conn.execute(
-            "SELECT pg_current_wal_insert_lsn() - pg_current_wal_lsn()"
-        ).fetchone()[0]
-        if unwritten <= most_unwritten:
+        if catalog.wal_unwritten(conn) <= most_unwritten:
             break
         time.sleep(0.001)
     return time.monotonic() - started
