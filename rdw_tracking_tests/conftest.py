@@ -351,3 +351,24 @@ def select_only_url(role_url, monkeypatch) -> str:
     url = role_url(*SELECT_ONLY_GRANTS)
     monkeypatch.setenv("RDW_DATABASE_URL", url)
     return url
+
+
+# -- layouts: the same demo rows as a partitioned or inheritance table --------------------
+
+# Every layout a job must handle exactly (CONTRACT.md): "ordinary" is the template as is.
+LAYOUTS = ("ordinary", "range", "list", "hash", "multilevel", "inheritance")
+
+
+@pytest.fixture(params=LAYOUTS)
+def layout(request) -> str:
+    """Each supported layout of report_data_weeks in turn (use with `layout_url`)."""
+    return request.param
+
+
+@pytest.fixture
+def layout_url(database_url: str, layout: str) -> str:
+    """This test's database with report_data_weeks rebuilt in `layout`, same rows."""
+    from rdw_tracking.demo_layouts import relayout
+
+    relayout(database_url, layout)
+    return database_url
