@@ -222,7 +222,11 @@ def test_rollback_and_restore_need_update_and_backup_rights(
 
     # The README's way: the owner creates the backup tables once, then grants.
     with psycopg.connect(database_url, autocommit=True) as conn:
-        create_tables(conn, BackupTables("public", DEFAULT_BACKUP_TABLE, DEFAULT_STATE_TABLE))
+        create_tables(
+            conn,
+            TargetDatabase(url=database_url),
+            BackupTables("public", DEFAULT_BACKUP_TABLE, DEFAULT_STATE_TABLE),
+        )
     restorer = role_url(
         *SELECT_ONLY_GRANTS,
         f"GRANT SELECT ON {DEFAULT_BACKUP_TABLE} TO {{role}}",

@@ -331,12 +331,18 @@ TAIL_COUNT_SQL = (
 # serial, so it is not asked there.
 SAMPLE_CANDIDATES_MAX = 20_000
 PARALLEL_ARRAY_AGG = 160000
-SAMPLE_CTIDS = "array_agg(w.ctid) FILTER (WHERE w.created_at >= %(sample_floor)s)::text"
+# A ctid names a row only inside its own heap (partitions and child tables repeat them):
+# each candidate is `tableoid@ctid`.
+SAMPLE_CTIDS = (
+    "array_agg(w.tableoid::text || '@' || w.ctid::text) "
+    "FILTER (WHERE w.created_at >= %(sample_floor)s)::text"
+)
 ESTIMATE_SQL = "EXPLAIN (FORMAT JSON) SELECT 1 FROM {weeks} WHERE created_at >= {floor}"
 BY_CTID_SQL = """
 SELECT id, collection_id, week_start_date, status, execution_id, created_at
 FROM {weeks}
-WHERE ctid = ANY(%(ctids)s::tid[])
+WHERE ctid = ANY(ARRAY(SELECT split_part(r, '@', 2)::tid FROM unnest(%(ctids)s::text[]) AS r))
+  AND tableoid::text || '@' || ctid::text = ANY(%(ctids)s::text[])
 ORDER BY created_at DESC
 LIMIT %(limit)s
 """

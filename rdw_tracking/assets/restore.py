@@ -30,6 +30,7 @@ from rdw_tracking.assets.rollback import (
     batch_connection,
     find_rollback,
     in_one_transaction,
+    layout_or_refuse,
 )
 from rdw_tracking.assets.tables import report_data_weeks
 from rdw_tracking.resources import TargetDatabase
@@ -64,34 +65,38 @@ def restore_needs(db: TargetDatabase, tables: BackupTables) -> list:
     ]
 
 
-# One batch of backup rows in backup order. The counting subqueries see the table as it
-# was before this statement: rows already holding the backed-up value were restored by
-# an earlier (interrupted) restore; any other non-NULL value was written since.
-RESTORE_BATCH = """
+# One batch of backup rows in backup order. A row is the one with the backed-up id in the
+# physical table (partition, child) it was cleared in: ids need not be unique across a
+# partitioned or inherited table. The counting subqueries see the table as it was before
+# this statement: rows already holding the backed-up value were restored by an earlier
+# (interrupted) restore; any other non-NULL value was written since.
+SAME_ROW = "w.id = b.id AND (b.relid IS NULL OR w.tableoid = b.relid)"
+RESTORE_BATCH = f"""
 WITH batch AS MATERIALIZED (
-    SELECT seq, id, execution_id, updated_at, cleared_at FROM {backup}
+    SELECT seq, id, relid, execution_id, updated_at, cleared_at FROM {{backup}}
     WHERE rollback_id = %(rid)s AND seq > %(after)s
     ORDER BY seq LIMIT %(limit)s
 ), restored AS (
-    UPDATE {weeks} w
+    UPDATE {{weeks}} w
     SET execution_id = b.execution_id,
         updated_at = CASE WHEN w.updated_at IS NOT DISTINCT FROM b.cleared_at
                           THEN b.updated_at ELSE w.updated_at END
     FROM batch b
-    WHERE w.id = ANY(ARRAY(SELECT id FROM batch)) AND w.id = b.id AND w.execution_id IS NULL
+    WHERE w.id = ANY(ARRAY(SELECT id FROM batch)) AND {SAME_ROW} AND w.execution_id IS NULL
     RETURNING w.id
 )
 SELECT (SELECT count(*) FROM batch),
        (SELECT count(*) FROM restored),
-       (SELECT count(*) FROM {weeks} w WHERE w.id = ANY(ARRAY(SELECT id FROM batch))),
-       (SELECT count(*) FROM {weeks} w JOIN batch b ON b.id = w.id
+       (SELECT count(*) FROM {{weeks}} w JOIN batch b ON {SAME_ROW}
+        WHERE w.id = ANY(ARRAY(SELECT id FROM batch))),
+       (SELECT count(*) FROM {{weeks}} w JOIN batch b ON {SAME_ROW}
         WHERE w.id = ANY(ARRAY(SELECT id FROM batch)) AND w.execution_id = b.execution_id),
        (SELECT max(seq) FROM batch)
 """
-RESTORE_PREVIEW = """
+RESTORE_PREVIEW = f"""
 SELECT count(*), count(w.id), count(*) FILTER (WHERE w.id IS NOT NULL AND w.execution_id IS NULL),
        count(*) FILTER (WHERE w.execution_id = b.execution_id)
-FROM {backup} b LEFT JOIN {weeks} w ON w.id = b.id
+FROM {{backup}} b LEFT JOIN {{weeks}} w ON {SAME_ROW}
 WHERE b.rollback_id = %s
 """
 SET_PHASE = "UPDATE {state} SET phase = %s WHERE rollback_id = %s"
@@ -141,6 +146,7 @@ def restore(db: TargetDatabase, config: RestoreConfig, log: logging.Logger | Any
     # Before the first change; a dry run needs only to read.
     reads = [weeks_need(db, "SELECT"), *tables.needs(("SELECT",), ("SELECT",), create=False)]
     refuse_without_grants(db, RESTORE_JOB, reads if config.dry_run else restore_needs(db, tables))
+    layout_or_refuse(db, RESTORE_JOB)
     with batch_connection(db, RESTORE_APPLICATION_NAME, db.lock_timeout_ms, RESTORE_JOB) as conn:
         state = find_rollback(conn, db, tables, config.rollback_id)
         if state is None:

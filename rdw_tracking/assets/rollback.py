@@ -43,6 +43,7 @@ from rdw_tracking import catalog
 from rdw_tracking.assets import GROUP, refuse
 from rdw_tracking.assets.indexes import Session, describe
 from rdw_tracking.assets.tables import report_data_weeks
+from rdw_tracking.layout import Layout, is_member, member_by_oid, table_layout
 from rdw_tracking.resources import TargetDatabase, _check_identifier
 from rdw_tracking.writes import (
     Need,
@@ -221,31 +222,81 @@ class BackupTables:
 CLEARED_COLUMNS = ("execution_id", "updated_at")
 
 
-def rollback_needs(db: TargetDatabase, tables: BackupTables) -> list[Need]:
+def leaf_needs(layout: Layout, *rights: str) -> list[Need]:
+    """The batches change each partition or child directly (a ctid means something only
+    inside its own table), and PostgreSQL checks a table's own grants when it is named:
+    the rights granted on the parent must be granted on each of them too."""
+    return [
+        Need(
+            leaf.schema,
+            leaf.name,
+            rights,
+            CLEARED_COLUMNS if "UPDATE" in rights else (),
+            field=f"the grants on {layout.label}'s partitions and child tables",
+        )
+        for leaf in layout.leaves
+        if leaf.oid != layout.root.oid
+    ]
+
+
+def rollback_needs(db: TargetDatabase, tables: BackupTables, layout: Layout) -> list[Need]:
     """A real rollback's rights: change the table, write the backup (or create it)."""
     return [
         weeks_need(db, "SELECT", "UPDATE", update_columns=CLEARED_COLUMNS),
+        *leaf_needs(layout, "SELECT", "UPDATE"),
         *tables.needs(("SELECT", "INSERT"), ("SELECT", "INSERT", "UPDATE"), create=True),
     ]
 
 
-BACKUP_COLUMNS = ["seq", "rollback_id", "id", "execution_id", "updated_at", "cleared_at"]
-STATE_COLUMNS = [
-    "rollback_id",
-    "schema_name",
-    "table_name",
-    "cutoff_date",
-    "upper_bound",
-    "matched_rows",
-    "phase",
-    "next_block",
-    "cleared_rows",
-    "batches",
-    "started_at",
-    "finished_at",
-    "restored_at",
-    "restored_rows",
-]
+def layout_or_refuse(db: TargetDatabase, job: str) -> Layout:
+    """The weeks table's layout; refuses a view, a foreign table or rules before any change."""
+    with db.cursor() as cur:
+        layout = table_layout(cur, db.schema_name, db.weeks_table)
+    if layout is None:
+        raise refuse(
+            f"table {db.qualified(db.weeks_table)} does not exist; check "
+            "target_db.schema_name and target_db.weeks_table"
+        )
+    refusal = layout.refusal(job)
+    if refusal:
+        raise refuse(refusal)
+    return layout
+
+
+# Each table's columns exactly as the rollback creates them: (type, NOT NULL, default,
+# identity). A table found under the expected name is used only if it matches these,
+# belongs to the running role (or the weeks table's owner) and carries nothing that runs
+# code or hides rows: no trigger, rule, row-level security, child or parent table, and no
+# write right for PUBLIC. Else a BEFORE INSERT trigger could drop the backup of rows the
+# rollback clears, or a forged state or backup row steer the next run or the restore.
+TIMESTAMPTZ = "timestamp with time zone"
+BACKUP_COLUMNS = {
+    "seq": ("bigint", True, None, "a"),
+    "rollback_id": ("uuid", True, None, ""),
+    "id": ("uuid", True, None, ""),
+    "execution_id": ("uuid", True, None, ""),
+    "updated_at": (TIMESTAMPTZ, False, None, ""),
+    "cleared_at": (TIMESTAMPTZ, True, None, ""),
+    # the physical table (partition, child) the row was cleared in; NULL in backups
+    # written before rdw_tracking knew partitions
+    "relid": ("oid", False, None, ""),
+}
+STATE_COLUMNS = {
+    "rollback_id": ("uuid", True, None, ""),
+    "schema_name": ("text", True, None, ""),
+    "table_name": ("text", True, None, ""),
+    "cutoff_date": ("date", True, None, ""),
+    "upper_bound": (TIMESTAMPTZ, True, None, ""),
+    "matched_rows": ("bigint", True, None, ""),
+    "phase": ("text", True, None, ""),
+    "next_block": ("bigint", True, "0", ""),
+    "cleared_rows": ("bigint", True, "0", ""),
+    "batches": ("integer", True, "0", ""),
+    "started_at": (TIMESTAMPTZ, True, "now()", ""),
+    "finished_at": (TIMESTAMPTZ, False, None, ""),
+    "restored_at": (TIMESTAMPTZ, False, None, ""),
+    "restored_rows": ("bigint", True, "0", ""),
+}
 
 # cleared_at is the updated_at the rollback wrote. The only index is on an ascending seq:
 # cheap to append to, and the restore's walking order.
@@ -256,10 +307,11 @@ CREATE TABLE IF NOT EXISTS {backup} (
     id uuid NOT NULL,
     execution_id uuid NOT NULL,
     updated_at timestamptz,
-    cleared_at timestamptz NOT NULL)
+    cleared_at timestamptz NOT NULL,
+    relid oid)
 """
 CREATE_BACKUP_INDEX = "CREATE INDEX IF NOT EXISTS {name} ON {backup} (rollback_id, seq)"
-# phase: walking (ctid batches from next_block) -> sweeping (rows the walk missed) ->
+# phase: walking (ctid batches, leaf by leaf) -> sweeping (rows the walk missed) ->
 # finished; restored once restore_execution_id has put the values back.
 CREATE_STATE = """
 CREATE TABLE IF NOT EXISTS {state} (
@@ -279,31 +331,103 @@ CREATE TABLE IF NOT EXISTS {state} (
     restored_rows bigint NOT NULL DEFAULT 0)
 """
 
-
-def tables_present(conn: psycopg.Connection, tables: BackupTables) -> bool:
-    """Whether both tables exist; refuses when one exists without the expected columns."""
-    with conn.cursor() as cur:
-        present = []
-        for name, expected in (
-            (tables.backup_name, BACKUP_COLUMNS),
-            (tables.state_name, STATE_COLUMNS),
-        ):
-            found = [c.name for c in catalog.columns(cur, tables.schema, name)]
-            if found and not set(expected) <= set(found):
-                missing = ", ".join(c for c in expected if c not in found)
-                raise refuse(
-                    f"{tables.label(name)} exists but is not an rdw_tracking rollback table "
-                    f"(no column {missing}); set backup_schema, backup_table or state_table "
-                    "to names of their own"
-                )
-            present.append(bool(found))
-    return all(present)
+_TRUST = """
+SELECT c.relkind::text AS relkind, pg_get_userbyid(c.relowner) AS owner,
+       c.relowner = (SELECT oid FROM pg_roles WHERE rolname = current_user)
+         OR c.relowner = (SELECT relowner FROM pg_class WHERE oid = to_regclass(%(weeks)s))
+         AS trusted_owner,
+       c.relrowsecurity OR c.relforcerowsecurity AS rls,
+       ARRAY(SELECT tgname::text FROM pg_trigger WHERE tgrelid = c.oid AND NOT tgisinternal
+             ORDER BY 1) AS triggers,
+       ARRAY(SELECT rulename::text FROM pg_rewrite
+             WHERE ev_class = c.oid AND rulename <> '_RETURN' ORDER BY 1) AS rules,
+       EXISTS (SELECT 1 FROM pg_inherits WHERE inhparent = c.oid OR inhrelid = c.oid)
+         AS inherits,
+       ARRAY(SELECT p FROM unnest(ARRAY['INSERT', 'UPDATE', 'DELETE', 'TRUNCATE']) AS p
+             WHERE has_table_privilege('public', c.oid, p)) AS public_writes
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE n.nspname = %(schema)s AND c.relname = %(name)s
+"""
 
 
-def create_tables(conn: psycopg.Connection, tables: BackupTables) -> None:
+def _columns_of(conn: psycopg.Connection, schema: str, name: str) -> dict[str, tuple]:
+    rows = conn.execute(
+        """
+        SELECT a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull,
+               pg_get_expr(d.adbin, d.adrelid), a.attidentity::text
+        FROM pg_attribute a
+        JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+        LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+        WHERE n.nspname = %s AND c.relname = %s AND a.attnum > 0 AND NOT a.attisdropped
+        """,
+        [schema, name],
+    ).fetchall()
+    return {attname: tuple(rest) for attname, *rest in rows}
+
+
+def trusted_table(
+    conn: psycopg.Connection, db: TargetDatabase, tables: BackupTables, name: str, expected: dict
+) -> bool:
+    """Whether `name` exists; refuses, naming what is wrong, a table not to be trusted."""
+    row = conn.execute(
+        _TRUST,
+        {"schema": tables.schema, "name": name, "weeks": db.weeks.as_string(conn)},
+    ).fetchone()
+    if row is None:
+        return False
+    relkind, owner, trusted_owner, rls, triggers, rules, inherits, public_writes = row
+    label = tables.label(name)
+    found = _columns_of(conn, tables.schema, name)
+    wrong = []
+    if relkind != "r":
+        wrong.append("it is not an ordinary table")
+    if not trusted_owner:
+        wrong.append(f"it belongs to {owner}, neither this role nor the weeks table's owner")
+    if rls:
+        wrong.append("it has row-level security")
+    if triggers:
+        wrong.append(f"it has triggers ({', '.join(triggers)})")
+    if rules:
+        wrong.append(f"it has rules ({', '.join(rules)})")
+    if inherits:
+        wrong.append("it has parent or child tables")
+    if public_writes:
+        wrong.append(f"PUBLIC may {', '.join(public_writes)} it")
+    legacy = name == tables.backup_name and "relid" not in found
+    want = {k: v for k, v in expected.items() if not (legacy and k == "relid")}
+    if found != want:
+        differing = sorted(set(found) ^ set(want) | {c for c in found if found[c] != want.get(c)})
+        wrong.append(f"its columns differ from the rollback's ({', '.join(differing)})")
+    if wrong:
+        raise refuse(
+            f"{label} exists but is not a table rdw_tracking can trust with a rollback's "
+            f"backup: {'; '.join(wrong)}. Nothing was changed. Drop or rename it, or set "
+            "backup_schema, backup_table or state_table to names of their own (in a schema "
+            "where PUBLIC cannot create tables)"
+        )
+    if legacy:
+        # A backup table from before partitions were known: give it the leaf column.
+        try:
+            conn.execute(sql.SQL("ALTER TABLE {} ADD COLUMN relid oid").format(tables.backup))
+        except errors.InsufficientPrivilege:
+            raise refuse(
+                f"{label} predates partition support and needs a column relid oid; run "
+                f"ALTER TABLE {label} ADD COLUMN relid oid as its owner {owner}"
+            ) from None
+    return True
+
+
+def tables_present(conn: psycopg.Connection, db: TargetDatabase, tables: BackupTables) -> bool:
+    """Whether both tables exist; refuses when one exists but cannot be trusted."""
+    backup = trusted_table(conn, db, tables, tables.backup_name, BACKUP_COLUMNS)
+    state = trusted_table(conn, db, tables, tables.state_name, STATE_COLUMNS)
+    return backup and state
+
+
+def create_tables(conn: psycopg.Connection, db: TargetDatabase, tables: BackupTables) -> None:
     # CREATE ... IF NOT EXISTS still needs CREATE on the schema: a role granted only
     # INSERT on tables its owner made must not get that far.
-    if tables_present(conn, tables):
+    if tables_present(conn, db, tables):
         return
     exists = conn.execute(
         "SELECT 1 FROM pg_namespace WHERE nspname = %s", [tables.schema]
@@ -354,7 +478,7 @@ def unfinished_rollbacks(
     conn: psycopg.Connection, db: TargetDatabase, tables: BackupTables
 ) -> list[RollbackState]:
     """Rollbacks of this table that stopped before finishing (killed, or refused a batch)."""
-    if not tables_present(conn, tables):
+    if not tables_present(conn, db, tables):
         return []
     rows = conn.execute(
         sql.SQL(_STATE_SELECT + " AND phase IN ('walking', 'sweeping') ORDER BY started_at").format(
@@ -369,7 +493,7 @@ def find_rollback(
     conn: psycopg.Connection, db: TargetDatabase, tables: BackupTables, rollback_id: str | None
 ) -> RollbackState | None:
     """The rollback `rollback_id` of this table, or its latest one when None."""
-    if not tables_present(conn, tables):
+    if not tables_present(conn, db, tables):
         return None
     query = _STATE_SELECT + (
         " AND rollback_id = %(rid)s" if rollback_id else " ORDER BY started_at DESC LIMIT 1"
@@ -383,11 +507,18 @@ def find_rollback(
 
 # -- matching and planning ------------------------------------------------------------
 
+
 # The run's row set; %(bound)s is the run's start, fixed for the run and all its resumptions.
-MATCHED = sql.SQL(
-    "execution_id IS NOT NULL AND created_at >= %(cutoff)s AND created_at < %(bound)s "
-    "AND (updated_at IS NULL OR updated_at < %(bound)s)"
-)
+def matched(alias: str | None = None) -> sql.Composed:
+    """The run's predicate, its columns qualified by `alias` where given."""
+    col = (lambda c: sql.Identifier(alias, c)) if alias else sql.Identifier
+    return sql.SQL(
+        "{e} IS NOT NULL AND {c} >= %(cutoff)s AND {c} < %(bound)s "
+        "AND ({u} IS NULL OR {u} < %(bound)s)"
+    ).format(e=col("execution_id"), c=col("created_at"), u=col("updated_at"))
+
+
+MATCHED = matched()
 
 
 def midnight(day: dt.date) -> dt.datetime:
@@ -396,40 +527,49 @@ def midnight(day: dt.date) -> dt.datetime:
 
 @dataclass(frozen=True)
 class Survey:
-    """What one scan found: matching rows per heap block and per creation day."""
+    """What one scan found: matched rows per heap block of each physical table (leaf) and
+    per creation day. Blocks are per leaf: every partition or child has its own heap and
+    repeats the others' ctids."""
 
-    blocks: list[tuple[int, int]]
+    leaves: dict[int, list[tuple[int, int]]]  # leaf oid -> [(block, matched rows)]
     days: list[tuple[dt.date, int]]
     seconds: float
 
     @property
     def matched_rows(self) -> int:
-        return sum(n for _, n in self.blocks)
+        return sum(n for blocks in self.leaves.values() for _, n in blocks)
+
+    @property
+    def blocks(self) -> list[tuple[int, int]]:
+        """The blocks of a one-leaf table (an ordinary table)."""
+        return [b for blocks in self.leaves.values() for b in blocks]
 
 
 def survey(
-    conn: psycopg.Connection,
-    db: TargetDatabase,
-    cutoff: dt.date,
-    bound: dt.datetime,
-    from_block: int = 0,
+    conn: psycopg.Connection, db: TargetDatabase, cutoff: dt.date, bound: dt.datetime
 ) -> Survey:
-    """One scan of the table: matched rows per block (for planning) and per day."""
+    """One scan of the table: matched rows per (leaf, block), for planning, and per day.
+
+    On a table range-partitioned on created_at, the planner prunes every partition whose
+    bounds lie wholly before the cutoff: they are never read."""
     started = time.monotonic()
     rows = conn.execute(
         sql.SQL(
             """
-            SELECT GROUPING(block) = 0, block, day, count(*)
-            FROM (SELECT (ctid::text::point)[0]::bigint AS block, created_at::date AS day
-                  FROM {weeks} WHERE ctid >= %(from)s::tid AND {matched}) m
-            GROUP BY GROUPING SETS ((block), (day))
+            SELECT GROUPING(leaf, block) = 0, leaf, block, day, count(*)
+            FROM (SELECT tableoid::bigint AS leaf, (ctid::text::point)[0]::bigint AS block,
+                         created_at::date AS day
+                  FROM {weeks} WHERE {matched}) m
+            GROUP BY GROUPING SETS ((leaf, block), (day))
             """
         ).format(weeks=db.weeks, matched=MATCHED),
-        {"cutoff": midnight(cutoff), "bound": bound, "from": f"({from_block},0)"},
+        {"cutoff": midnight(cutoff), "bound": bound},
     ).fetchall()
-    blocks = sorted((block, n) for by_block, block, _, n in rows if by_block)
-    days = sorted((day, n) for by_block, _, day, n in rows if not by_block)
-    return Survey(blocks, days, time.monotonic() - started)
+    leaves: dict[int, list[tuple[int, int]]] = {}
+    for _, leaf, block, _, n in sorted(r for r in rows if r[0]):
+        leaves.setdefault(leaf, []).append((block, n))
+    days = sorted((day, n) for by_block, _, _, day, n in rows if not by_block)
+    return Survey(leaves, days, time.monotonic() - started)
 
 
 class BlockWalk:
@@ -518,33 +658,67 @@ def estimate_seconds(matched_rows: int, scan_seconds: float) -> float:
 
 # -- clearing ---------------------------------------------------------------------------
 
-# One batch, one statement: read the matched rows of the range, clear them by ctid and
-# back up their old values. A row a writer updated after the read has a new ctid, so it
-# is skipped here (never cleared without its latest values backed up) and found again
-# by the final sweep. The ctid = ANY(...) keeps the UPDATE on a TID scan whatever the
-# planner thinks of the batch's size.
+# One batch, one statement, on one leaf (a physical table: the table itself, a partition
+# or an inheritance child; ONLY, so an inheritance parent's own rows): read the matched
+# rows of the range, clear them by ctid and back up their old values. A ctid names a row
+# only inside its own heap, so the statement never reaches past the leaf, and the backup
+# records the leaf. The UPDATE re-checks the run's predicate on the row it changes. A row
+# a writer updated after the read has a new ctid, so it is skipped here (never cleared
+# without its latest values backed up) and found again by the final sweep. The
+# ctid = ANY(...) keeps the UPDATE on a TID scan whatever the planner thinks of the
+# batch's size.
 CLEAR_BATCH = """
 WITH old AS MATERIALIZED (
-    SELECT ctid, execution_id, updated_at FROM {weeks} WHERE {where} AND {matched}
+    SELECT ctid, execution_id, updated_at FROM ONLY {leaf} WHERE {where} AND {matched}
 ), cleared AS (
-    UPDATE {weeks} w SET execution_id = NULL, updated_at = now()
+    UPDATE ONLY {leaf} w SET execution_id = NULL, updated_at = now()
     FROM old
-    WHERE w.ctid = ANY(ARRAY(SELECT ctid FROM old)) AND w.ctid = old.ctid
+    WHERE w.ctid = ANY(ARRAY(SELECT ctid FROM old)) AND w.ctid = old.ctid AND {matched_w}
     RETURNING w.id, old.execution_id, old.updated_at
 ), saved AS (
-    INSERT INTO {backup} (rollback_id, id, execution_id, updated_at, cleared_at)
-    SELECT %(rid)s, id, execution_id, updated_at, now() FROM cleared
+    INSERT INTO {backup} (rollback_id, relid, id, execution_id, updated_at, cleared_at)
+    SELECT %(rid)s, %(leaf_oid)s::oid, id, execution_id, updated_at, now() FROM cleared
     RETURNING 1
 )
 SELECT count(*) FROM saved
 """
 IN_BLOCKS = sql.SQL("ctid >= %(lo)s::tid AND (%(hi)s::tid IS NULL OR ctid < %(hi)s::tid)")
-BY_ID = sql.SQL("id = ANY(%(ids)s)")
+BY_CTID = sql.SQL("ctid = ANY(%(ctids)s::tid[])")
 ADVANCE = """
 UPDATE {state} SET phase = %(phase)s, next_block = %(next)s,
     cleared_rows = cleared_rows + %(cleared)s, batches = batches + 1
 WHERE rollback_id = %(rid)s
 """
+
+
+class LeafGone(Exception):
+    """The leaf a batch was about to change is no longer part of the table (a partition
+    detached, a child no longer inheriting, or renamed away): its rows are left alone."""
+
+
+@dataclass(frozen=True)
+class Leaf:
+    """One physical table of the weeks table, by oid, under the name it has now."""
+
+    oid: int
+    ident: sql.Identifier
+    label: str
+
+    @classmethod
+    def find(cls, conn: psycopg.Connection, oid: int) -> "Leaf | None":
+        found = member_by_oid(conn, oid)
+        if found is None:
+            return None
+        return cls(oid, sql.Identifier(*found), ".".join(found))
+
+
+def still_a_leaf(conn: psycopg.Connection, root_oid: int, leaf: Leaf) -> bool:
+    """Run inside a batch, after its UPDATE took the leaf's lock (so no DETACH can commit
+    until the batch does): whether the name still names this leaf, in this table."""
+    same = conn.execute(
+        "SELECT to_regclass(%s)::oid = %s::oid", [leaf.ident.as_string(conn), leaf.oid]
+    ).fetchone()[0]
+    return bool(same) and is_member(conn, root_oid, leaf.oid)
 
 
 # Sessions that can be in a batch's way: open transactions holding more than a read lock
@@ -735,6 +909,9 @@ class RollbackReport:
     estimated_seconds: float | None = None
     seconds: float = 0.0
     backup_table: str = ""
+    layout: str = ""
+    leaves_walked: int = 0
+    leaves_left_alone: list[str] = field(default_factory=list)
 
     def metadata(self) -> dict[str, Any]:
         daily = dg.MetadataValue.table(
@@ -765,6 +942,9 @@ class RollbackReport:
             "estimated_seconds": self.estimated_seconds,
             "seconds": round(self.seconds, 2),
             "backup_table": self.backup_table,
+            "layout": self.layout,
+            "leaves_walked": self.leaves_walked,
+            "leaves_left_alone": ", ".join(self.leaves_left_alone),
             "daily": daily,
         }
 
@@ -778,12 +958,16 @@ def rollback(
     weeks = db.qualified(db.weeks_table)
     # Before anything else: a refusal for want of a grant must leave nothing half done.
     refuse_without_grants(db, ROLLBACK_JOB, [weeks_need(db, "SELECT")])
+    layout = layout_or_refuse(db, ROLLBACK_JOB)
+    needs = rollback_needs(db, tables, layout)
     if config.dry_run:
-        role, missing = missing_grants(db, rollback_needs(db, tables))
+        role, missing = missing_grants(db, needs)
         if missing:
             log.warning(f"a real run as role {role} would be refused: " + "; ".join(missing))
     else:
-        refuse_without_grants(db, ROLLBACK_JOB, rollback_needs(db, tables))
+        refuse_without_grants(db, ROLLBACK_JOB, needs)
+    if layout.is_tree:
+        log.info(f"{layout.describe()}: the run clears one physical table at a time")
     with batch_connection(db, ROLLBACK_APPLICATION_NAME, config.lock_timeout_ms) as conn:
         unfinished = unfinished_rollbacks(conn, db, tables)
         resume = next((r for r in unfinished if r.cutoff == config.cutoff), None)
@@ -799,13 +983,20 @@ def rollback(
                 raise refuse(message)
             log.warning(message)
         if resume:
-            bound, from_block = resume.upper_bound, resume.next_block
+            bound = resume.upper_bound
+            if bound > conn.execute("SELECT now()").fetchone()[0]:
+                raise refuse(
+                    f"rollback {resume.rollback_id} in {tables.label(tables.state_name)} has "
+                    f"its upper bound {bound.isoformat()} in the future, which no rollback "
+                    "run writes; nothing was changed. Check who writes to that table, and "
+                    "delete that row or set state_table to a table of its own"
+                )
         else:
             bound = conn.execute("SELECT now()").fetchone()[0]
-            from_block = 0
             if not config.dry_run:
                 wait_for_older_transactions(conn, bound, log)
-        found = survey(conn, db, config.cutoff, bound, from_block)
+        # Cleared rows no longer match, so a resumed run's scan finds just what is left.
+        found = survey(conn, db, config.cutoff, bound)
         report = RollbackReport(
             dry_run=config.dry_run,
             cutoff=config.cutoff,
@@ -818,6 +1009,7 @@ def rollback(
             days=found.days,
             estimated_seconds=estimate_seconds(found.matched_rows, found.seconds),
             backup_table=tables.label(tables.backup_name),
+            layout=layout.describe(),
         )
         if resume:
             log.info(
@@ -842,7 +1034,7 @@ def rollback(
             return report
 
         if not resume:
-            create_tables(conn, tables)
+            create_tables(conn, db, tables)
             resume = RollbackState(
                 str(uuid.uuid4()), config.cutoff, bound, found.matched_rows, "walking", 0, 0, 0
             )
@@ -864,7 +1056,7 @@ def rollback(
             log.info(f"rollback {resume.rollback_id}: backing up into {report.backup_table}")
         wal_start = catalog.wal_lsn(conn)
         try:
-            clear(conn, db, tables, config, resume, found, report, log)
+            clear(conn, db, tables, config, resume, found, report, log, layout.root.oid)
         except psycopg.OperationalError:
             if not conn.broken:  # a cancelled statement, not a lost connection
                 raise
@@ -884,6 +1076,143 @@ def rollback(
     return report
 
 
+@dataclass
+class Walker:
+    """One real run's batches: each clears part of one leaf in its own transaction, backs
+    its rows up and advances the state row; sizes follow the time aim and the WAL room."""
+
+    conn: psycopg.Connection
+    db: TargetDatabase
+    tables: BackupTables
+    state: RollbackState
+    root_oid: int
+    max_rows: int
+    log: Any
+    progress: Progress = field(init=False)
+    wal_buffers: int | None = field(init=False)
+    wal_budget: int | None = field(init=False)
+    capped: bool = False
+    wal_waited: float = 0.0
+    gone: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.progress = Progress(total=self.state.matched_rows - self.state.cleared_rows)
+        self.wal_buffers = wal_buffers_bytes(self.conn)
+        self.wal_budget = int(self.wal_buffers * WAL_BUDGET_SHARE) if self.wal_buffers else None
+        self.mark = catalog.wal_lsn(self.conn)  # where the next batch's WAL starts
+        self.params = {
+            "cutoff": midnight(self.state.cutoff),
+            "bound": self.state.upper_bound,
+            "rid": self.state.rollback_id,
+        }
+        self.what = f"rollback {self.state.rollback_id} of {self.db.qualified(self.db.weeks_table)}"
+
+    def batch(
+        self, leaf: Leaf, where: sql.Composable, extra: dict, phase: str, next_block: int
+    ) -> LastBatch:
+        """Clear the matched rows of `leaf` that `where` selects; LeafGone if it left."""
+        if self.wal_budget:
+            self.wal_waited += wait_for_wal_room(self.conn, self.wal_buffers - self.wal_budget)
+        statement = sql.SQL(CLEAR_BATCH).format(
+            leaf=leaf.ident,
+            backup=self.tables.backup,
+            where=where,
+            matched=MATCHED,
+            matched_w=matched("w"),
+        )
+        advance = sql.SQL(ADVANCE).format(state=self.tables.state)
+
+        def work(c: psycopg.Connection) -> int:
+            n = c.execute(statement, {**self.params, **extra, "leaf_oid": leaf.oid}).fetchone()[0]
+            if not still_a_leaf(c, self.root_oid, leaf):
+                raise LeafGone(leaf.label)  # rolls the batch back: nothing changed there
+            c.execute(
+                advance,
+                {"phase": phase, "next": next_block, "cleared": n, "rid": self.state.rollback_id},
+            )
+            return n
+
+        n, ms = in_one_transaction(
+            self.conn, work, self.what, [self.db.weeks, self.tables.backup, self.tables.state]
+        )
+        self.progress.add(n, ms)
+        if self.progress.due():
+            self.log.info(self.progress.line("cleared", self.state.cleared_rows))
+        start, self.mark = self.mark, catalog.wal_lsn(self.conn)
+        return LastBatch(n, ms, catalog.wal_bytes(start, self.mark))
+
+    def resize(self, size: int, done: LastBatch) -> int:
+        resized = batch_rows(size, done, self.max_rows, self.wal_budget)
+        if not self.capped and resized < batch_rows(size, done, self.max_rows):
+            self.capped = True
+            self.log.info(
+                f"batches of {resized:,} rows, each writing at most "
+                f"{self.wal_budget / 2**20:.1f} MB of WAL to stay within wal_buffers "
+                f"({self.wal_buffers / 2**20:.0f} MB); a larger "
+                "wal_buffers allows larger, faster batches"
+            )
+        return resized
+
+    def left_alone(self, label: str) -> None:
+        self.gone.append(label)
+        self.log.warning(
+            f"{label} left {self.db.qualified(self.db.weeks_table)} during {self.what} "
+            "(detached, no longer inheriting, or renamed): its rows are no longer part of "
+            "the table and were left alone"
+        )
+
+    def walk(self, found: Survey, size: int) -> int:
+        """Every leaf's planned block ranges in turn, one leaf at a time; the batch size."""
+        for oid, blocks in sorted(found.leaves.items()):
+            leaf = Leaf.find(self.conn, oid)
+            if leaf is None:
+                self.left_alone(f"table oid {oid}")
+                continue
+            walk = BlockWalk(blocks)
+            try:
+                while not walk.done:
+                    lo, hi = walk.next(size)
+                    done = self.batch(
+                        leaf, IN_BLOCKS, {"lo": f"({lo},0)", "hi": f"({hi},0)"}, "walking", hi
+                    )
+                    size = self.resize(size, done)
+            except LeafGone:
+                self.left_alone(leaf.label)
+        return size
+
+    def sweep(self, size: int) -> int:
+        """Rows the walk skipped or missed (updated meanwhile, or moved behind it) still
+        match: find them by (leaf, ctid), a few rounds while writers keep touching them."""
+        find = sql.SQL("SELECT tableoid::bigint, ctid::text FROM {weeks} WHERE {matched}").format(
+            weeks=self.db.weeks, matched=MATCHED
+        )
+        swept = 0
+        for _ in range(SWEEP_ROUNDS):
+            leftover: dict[int, list[str]] = {}
+            for oid, ctid in self.conn.execute(find, self.params).fetchall():
+                leftover.setdefault(oid, []).append(ctid)
+            if not leftover:
+                return swept
+            for oid, ctids in sorted(leftover.items()):
+                leaf = Leaf.find(self.conn, oid)
+                try:
+                    if leaf is None:
+                        raise LeafGone(f"table oid {oid}")
+                    for i in range(0, len(ctids), size):
+                        chunk = {"ctids": ctids[i : i + size]}
+                        swept += self.batch(leaf, BY_CTID, chunk, "sweeping", 0).rows
+                except LeafGone as gone:
+                    self.left_alone(str(gone))
+        left = len(self.conn.execute(find, self.params).fetchall())
+        if left:
+            raise refuse(
+                f"{self.what}: {left:,} matched rows kept changing under {SWEEP_ROUNDS} "
+                f"sweeps; run {ROLLBACK_JOB} again with cutoff_date {self.state.cutoff} to "
+                "continue once writes calm down"
+            )
+        return swept
+
+
 def clear(
     conn: psycopg.Connection,
     db: TargetDatabase,
@@ -893,84 +1222,15 @@ def clear(
     found: Survey,
     report: RollbackReport,
     log,
+    root_oid: int,
 ) -> None:
-    """Walk the planned block ranges, then sweep up rows that moved; mark the run finished."""
-    params = {
-        "cutoff": midnight(state.cutoff),
-        "bound": state.upper_bound,
-        "rid": state.rollback_id,
-    }
-    advance = sql.SQL(ADVANCE).format(state=tables.state)
-    weeks_label = db.qualified(db.weeks_table)
-    progress = Progress(total=state.matched_rows - state.cleared_rows)
-
-    wal_buffers = wal_buffers_bytes(conn)
-    wal_budget = int(wal_buffers * WAL_BUDGET_SHARE) if wal_buffers else None
-    capped = False
-    mark = catalog.wal_lsn(conn)  # where the next batch's WAL starts
-    wal_waited = 0.0
-
-    def batch(where: sql.Composable, extra: dict, phase: str, next_block: int) -> LastBatch:
-        nonlocal mark, wal_waited
-        if wal_budget:
-            wal_waited += wait_for_wal_room(conn, wal_buffers - wal_budget)
-
-        def work(c: psycopg.Connection) -> int:
-            n = c.execute(clear_statement(db, tables, where), {**params, **extra}).fetchone()[0]
-            c.execute(
-                advance,
-                {"phase": phase, "next": next_block, "cleared": n, "rid": state.rollback_id},
-            )
-            return n
-
-        n, ms = in_one_transaction(
-            conn,
-            work,
-            f"rollback {state.rollback_id} of {weeks_label}",
-            [db.weeks, tables.backup, tables.state],
-        )
-        progress.add(n, ms)
-        if progress.due():
-            log.info(progress.line("cleared", state.cleared_rows))
-        start, mark = mark, catalog.wal_lsn(conn)
-        return LastBatch(n, ms, catalog.wal_bytes(start, mark))
-
+    """Walk the planned block ranges leaf by leaf, then sweep up rows that moved; mark the
+    run finished."""
+    walker = Walker(conn, db, tables, state, root_oid, config.batch_size, log)
     size = min(config.batch_size, FIRST_BATCH_ROWS)  # a probe, then sized by time and WAL
     if state.phase == "walking":
-        walk = BlockWalk(found.blocks, state.next_block)
-        while not walk.done:
-            lo, hi = walk.next(size)
-            extra = {"lo": f"({lo},0)", "hi": f"({hi},0)"}
-            last = walk.done
-            done = batch(IN_BLOCKS, extra, "sweeping" if last else "walking", 0 if last else hi)
-            resized = batch_rows(size, done, config.batch_size, wal_budget)
-            if not capped and resized < batch_rows(size, done, config.batch_size):
-                capped = True
-                log.info(
-                    f"batches of {resized:,} rows, each writing at most "
-                    f"{wal_budget / 2**20:.1f} MB of WAL to stay within wal_buffers "
-                    f"({wal_buffers / 2**20:.0f} MB); a larger "
-                    "wal_buffers allows larger, faster batches"
-                )
-            size = resized
-    # Rows the walk skipped or missed (updated meanwhile, or moved behind it) still
-    # match: find them by id, a few rounds while writers keep touching them.
-    find = sql.SQL("SELECT id FROM {weeks} WHERE {matched}").format(weeks=db.weeks, matched=MATCHED)
-    swept = 0
-    for _ in range(SWEEP_ROUNDS):
-        leftover = [row[0] for row in conn.execute(find, params).fetchall()]
-        if not leftover:
-            break
-        for i in range(0, len(leftover), size):
-            swept += batch(BY_ID, {"ids": leftover[i : i + size]}, "sweeping", 0).rows
-    else:
-        left = len(conn.execute(find, params).fetchall())
-        if left:
-            raise refuse(
-                f"rollback {state.rollback_id} of {weeks_label}: {left:,} matched rows kept "
-                f"changing under {SWEEP_ROUNDS} sweeps; run {ROLLBACK_JOB} again with "
-                f"cutoff_date {state.cutoff} to continue once writes calm down"
-            )
+        size = walker.walk(found, size)
+    swept = walker.sweep(size)
     conn.execute(
         sql.SQL(
             "UPDATE {state} SET phase = 'finished', finished_at = now() WHERE rollback_id = %s"
@@ -979,24 +1239,19 @@ def clear(
     )
     if swept:
         log.info(f"the final sweep cleared {swept:,} rows that moved during the walk")
-    if wal_waited >= 1:
+    if walker.wal_waited >= 1:
         log.info(
-            f"between batches, the run waited {wal_waited:,.1f} s in all for the server "
-            "to write out WAL (its disk was busy); no row was locked while it waited"
+            f"between batches, the run waited {walker.wal_waited:,.1f} s in all for the "
+            "server to write out WAL (its disk was busy); no row was locked while it waited"
         )
+    progress = walker.progress
     report.cleared_rows = state.cleared_rows + progress.done
     report.cleared_this_run = progress.done
     report.batches = state.batches + progress.batches
     report.longest_batch_ms = progress.longest_ms
     report.swept_rows = swept
-
-
-def clear_statement(
-    db: TargetDatabase, tables: BackupTables, where: sql.Composable
-) -> sql.Composed:
-    return sql.SQL(CLEAR_BATCH).format(
-        weeks=db.weeks, backup=tables.backup, where=where, matched=MATCHED
-    )
+    report.leaves_walked = len(found.leaves)
+    report.leaves_left_alone = walker.gone
 
 
 # -- Dagster definitions ----------------------------------------------------------------
