@@ -1056,7 +1056,7 @@ def rollback(
             log.info(f"rollback {resume.rollback_id}: backing up into {report.backup_table}")
         wal_start = catalog.wal_lsn(conn)
         try:
-            clear(conn, db, tables, config, resume, found, report, log, layout.root.oid)
+            clear(conn, db, tables, config, resume, found, report, log, layout)
         except psycopg.OperationalError:
             if not conn.broken:  # a cancelled statement, not a lost connection
                 raise
@@ -1088,12 +1088,16 @@ class Walker:
     root_oid: int
     max_rows: int
     log: Any
+    # The table's leaves when the run started: the matched set is their rows. A partition
+    # attached later brings rows the dry run never counted; they are left alone.
+    leaves: frozenset[int] = frozenset()
     progress: Progress = field(init=False)
     wal_buffers: int | None = field(init=False)
     wal_budget: int | None = field(init=False)
     capped: bool = False
     wal_waited: float = 0.0
     gone: list[str] = field(default_factory=list)
+    strangers: set[int] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         self.progress = Progress(total=self.state.matched_rows - self.state.cleared_rows)
@@ -1161,10 +1165,29 @@ class Walker:
             "the table and were left alone"
         )
 
+    def ours(self, oid: int) -> bool:
+        if oid in self.leaves:
+            return True
+        if oid not in self.strangers:
+            self.strangers.add(oid)
+            found = Leaf.find(self.conn, oid)
+            self.not_ours(found.label if found else f"table oid {oid}")
+        return False
+
+    def not_ours(self, label: str) -> None:
+        self.log.warning(
+            f"{label} joined {self.db.qualified(self.db.weeks_table)} after {self.what} "
+            "started: its rows were not part of the table when the run fixed its row set, "
+            "and are left alone (run the rollback again to clear them)"
+        )
+
     def walk(self, found: Survey, size: int) -> int:
         """Every leaf's planned block ranges in turn, one leaf at a time; the batch size."""
         for oid, blocks in sorted(found.leaves.items()):
             leaf = Leaf.find(self.conn, oid)
+            if oid not in self.leaves:
+                self.not_ours(leaf.label if leaf else f"table oid {oid}")
+                continue
             if leaf is None:
                 self.left_alone(f"table oid {oid}")
                 continue
@@ -1193,6 +1216,9 @@ class Walker:
                 leftover.setdefault(oid, []).append(ctid)
             if not leftover:
                 return swept
+            leftover = {oid: ctids for oid, ctids in leftover.items() if self.ours(oid)}
+            if not leftover:
+                return swept
             for oid, ctids in sorted(leftover.items()):
                 leaf = Leaf.find(self.conn, oid)
                 try:
@@ -1203,7 +1229,7 @@ class Walker:
                         swept += self.batch(leaf, BY_CTID, chunk, "sweeping", 0).rows
                 except LeafGone as gone:
                     self.left_alone(str(gone))
-        left = len(self.conn.execute(find, self.params).fetchall())
+        left = sum(1 for oid, _ in self.conn.execute(find, self.params) if oid in self.leaves)
         if left:
             raise refuse(
                 f"{self.what}: {left:,} matched rows kept changing under {SWEEP_ROUNDS} "
@@ -1222,11 +1248,12 @@ def clear(
     found: Survey,
     report: RollbackReport,
     log,
-    root_oid: int,
+    layout: Layout,
 ) -> None:
     """Walk the planned block ranges leaf by leaf, then sweep up rows that moved; mark the
     run finished."""
-    walker = Walker(conn, db, tables, state, root_oid, config.batch_size, log)
+    leaves = frozenset(m.oid for m in layout.leaves)
+    walker = Walker(conn, db, tables, state, layout.root.oid, config.batch_size, log, leaves)
     size = min(config.batch_size, FIRST_BATCH_ROWS)  # a probe, then sized by time and WAL
     if state.phase == "walking":
         size = walker.walk(found, size)
