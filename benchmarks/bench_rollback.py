@@ -20,6 +20,7 @@ from rdw_tracking.assets.rollback import (
     RollbackConfig,
     rollback,
 )
+from rdw_tracking.demo_layouts import relayout
 from rdw_tracking.resources import TargetDatabase
 
 TITLE = "Rollback: batched vs the spec's single UPDATE"
@@ -49,6 +50,15 @@ def add_arguments(parser) -> None:
     parser.add_argument("--batch-size", type=int, nargs="+", default=[5_000])
     parser.add_argument("--writer-pause-ms", type=float, default=5.0)
     parser.add_argument(
+        "--layout",
+        nargs="+",
+        default=["ordinary"],
+        help="ordinary, range (monthly partitions on created_at), ... (demo_layouts.LAYOUTS)",
+    )
+    parser.add_argument(
+        "--weeks", type=int, default=52, help="weeks of data (104: 24 monthly partitions)"
+    )
+    parser.add_argument(
         "--wal-buffers",
         nargs="+",
         default=["default", "16MB"],
@@ -57,20 +67,30 @@ def add_arguments(parser) -> None:
     )
 
 
+# What the writer's statement waits on when it has run longer than this: sampled from
+# pg_stat_activity every few ms, so a long wait is put down to a row lock (a batch holds
+# the row), the WAL (its commit flushing WAL behind the rollback's), or something else.
+LONG_WAIT_MS = 100
+
+
 class Writer:
     """Updates random matched rows one statement at a time and records each latency."""
 
     def __init__(self, url: str, ids: list, pause_ms: float) -> None:
         self.url, self.ids, self.pause = url, ids, pause_ms / 1000
         self.latencies: list[float] = []
+        self.waits: dict[str, int] = {}
+        self.pid: int | None = None
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
+        self.sampler = threading.Thread(target=self._sample, daemon=True)
 
     def _run(self) -> None:
         rng = random.Random(7)
         with psycopg.connect(self.url, autocommit=True) as conn:
             conn.execute("SET lock_timeout = 0")
             conn.execute("SET statement_timeout = 0")
+            self.pid = conn.info.backend_pid
             while not self.stop.is_set():
                 started = time.perf_counter()
                 conn.execute(
@@ -80,14 +100,31 @@ class Writer:
                 self.latencies.append((time.perf_counter() - started) * 1000)
                 time.sleep(self.pause)
 
+    def _sample(self) -> None:
+        while self.pid is None and not self.stop.is_set():
+            time.sleep(0.01)
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            while not self.stop.is_set():
+                row = conn.execute(
+                    "SELECT coalesce(wait_event_type || ':' || wait_event, 'CPU'), "
+                    "extract(epoch FROM clock_timestamp() - query_start) * 1000 "
+                    "FROM pg_stat_activity WHERE pid = %s AND state = 'active'",
+                    [self.pid],
+                ).fetchone()
+                if row and row[1] >= LONG_WAIT_MS:
+                    self.waits[row[0]] = self.waits.get(row[0], 0) + 1
+                time.sleep(0.005)
+
     def __enter__(self) -> Writer:
         self.thread.start()
+        self.sampler.start()
         time.sleep(0.5)  # its idle latency first
         return self
 
     def __exit__(self, *exc) -> None:
         self.stop.set()
         self.thread.join()
+        self.sampler.join()
 
     def figures(self) -> dict:
         lat = sorted(self.latencies) or [0.0]
@@ -96,12 +133,18 @@ class Writer:
             "writer_p50_ms": round(statistics.median(lat), 2),
             "writer_p99_ms": round(lat[min(len(lat) - 1, int(len(lat) * 0.99))], 1),
             "writer_max_ms": round(lat[-1], 1),
+            # samples (5 ms apart) of what a statement running over 100 ms waited on
+            "writer_long_waits": ", ".join(
+                f"{event} {n}" for event, n in sorted(self.waits.items(), key=lambda kv: -kv[1])
+            )
+            or "-",
         }
 
 
-def prepare(url: str, rows: int, fraction: float) -> tuple[str, list]:
+def prepare(url: str, rows: int, fraction: float, layout: str, weeks: int) -> tuple[str, list]:
     """A fresh table; (cutoff date clearing about `fraction` of it, sample of matched ids)."""
-    demo.build(url, demo.DemoShape(rows=rows, cutover_days=400))
+    demo.build(url, demo.DemoShape(rows=rows, weeks=weeks, cutover_days=weeks * 7 + 400))
+    relayout(url, layout)
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("SET TimeZone = 'UTC'")
         for table in (DEFAULT_BACKUP_TABLE, DEFAULT_STATE_TABLE):
@@ -132,8 +175,8 @@ def wal_mb_since(url: str, lsn: str | None) -> float:
     return round(catalog.wal_bytes(lsn, wal_position(url)) / 2**20, 1)
 
 
-def single_update(url: str, rows: int, fraction: float, pause_ms: float) -> dict:
-    cutoff, ids = prepare(url, rows, fraction)
+def single_update(url: str, rows: int, fraction: float, pause_ms: float, shape: tuple) -> dict:
+    cutoff, ids = prepare(url, rows, fraction, *shape)
     lsn = wal_position(url)
     with Writer(url, ids, pause_ms) as writer:
         started = time.monotonic()
@@ -143,6 +186,7 @@ def single_update(url: str, rows: int, fraction: float, pause_ms: float) -> dict
             cleared = conn.execute(SPEC_UPDATE, [cutoff]).rowcount
         seconds = time.monotonic() - started
     return {
+        "layout": shape[0],
         "rows": rows,
         "method": "single UPDATE",
         "cleared": cleared,
@@ -154,8 +198,10 @@ def single_update(url: str, rows: int, fraction: float, pause_ms: float) -> dict
     }
 
 
-def batched(url: str, rows: int, fraction: float, batch_size: int, pause_ms: float) -> dict:
-    cutoff, ids = prepare(url, rows, fraction)
+def batched(
+    url: str, rows: int, fraction: float, batch_size: int, pause_ms: float, shape: tuple
+) -> dict:
+    cutoff, ids = prepare(url, rows, fraction, *shape)
     db = TargetDatabase(url=url, statement_timeout_ms=0)
     config = RollbackConfig(cutoff_date=cutoff, dry_run=False, batch_size=batch_size)
     log = logging.getLogger("bench_rollback")
@@ -163,6 +209,7 @@ def batched(url: str, rows: int, fraction: float, batch_size: int, pause_ms: flo
     with Writer(url, ids, pause_ms) as writer:
         report = rollback(db, config, log)
     return {
+        "layout": shape[0],
         "rows": rows,
         "method": f"batched {batch_size:,}",
         "cleared": report.cleared_rows,
@@ -186,19 +233,20 @@ def run(args) -> list[dict]:
         settings = [contextlib.nullcontext(None)]
     for setting in settings:
         with setting as wal_buffers:
-            for rows in args.rows:
-                results += compare(args, rows, wal_buffers)
+            for layout in args.layout:
+                for rows in args.rows:
+                    results += compare(args, rows, wal_buffers, (layout, args.weeks))
     return results
 
 
-def compare(args, rows: int, wal_buffers: str | None) -> list[dict]:
-    """The single UPDATE, then each batch size, on `rows` rows."""
+def compare(args, rows: int, wal_buffers: str | None, shape: tuple) -> list[dict]:
+    """The single UPDATE, then each batch size, on `rows` rows laid out as `shape`."""
     label = {"wal_buffers": wal_buffers or server_wal_buffers(args.url)}
-    single = single_update(args.url, rows, args.fraction, args.writer_pause_ms)
+    single = single_update(args.url, rows, args.fraction, args.writer_pause_ms, shape)
     print(f"{rows:,} rows, {label}, single UPDATE: {single['total_s']} s", flush=True)
     results = [{**label, **single, "vs_single": 1.0}]
     for batch_size in args.batch_size:
-        row = batched(args.url, rows, args.fraction, batch_size, args.writer_pause_ms)
+        row = batched(args.url, rows, args.fraction, batch_size, args.writer_pause_ms, shape)
         row["vs_single"] = round(row["total_s"] / single["total_s"], 2)
         print(f"{rows:,} rows, {label}, {row['method']}: {row['total_s']} s", flush=True)
         results.append({**label, **row})

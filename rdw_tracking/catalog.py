@@ -171,10 +171,10 @@ def wal_lsn(cur: psycopg.Cursor | psycopg.Connection) -> str | None:
         return None
 
 
-def wal_unwritten(cur: psycopg.Cursor | psycopg.Connection) -> int:
-    """Bytes of WAL inserted but not yet written out of the server's WAL buffers."""
+def wal_unflushed(cur: psycopg.Cursor | psycopg.Connection) -> int:
+    """Bytes of WAL inserted but not yet flushed to disk."""
     return int(
-        cur.execute("SELECT pg_current_wal_insert_lsn() - pg_current_wal_lsn()").fetchone()[0]
+        cur.execute("SELECT pg_current_wal_insert_lsn() - pg_current_wal_flush_lsn()").fetchone()[0]
     )
 
 
