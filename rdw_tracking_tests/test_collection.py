@@ -92,3 +92,15 @@ def test_weekly_collection_fails_with_a_clear_message_when_the_table_is_missing(
     assert any(
         "public.workflow_executions does not exist" in m for m in step_failure_messages(result)
     )
+
+
+def test_weekly_collection_stamps_rows_on_every_layout(layout, layout_url, sql_exec, run_job):
+    result = run_job(
+        "weekly_collection", {"ops": {"collect_weeks": {"config": {"collections": 10}}}}
+    )
+    assert result.success, step_failure_messages(result)
+    assert sql_exec(
+        "SELECT count(*) FROM report_data_weeks w JOIN workflow_executions e "
+        "ON e.id = w.execution_id WHERE e.status = 'completed' AND w.created_at >= now() - "
+        "interval '1 minute'"
+    ) == [(10,)]
