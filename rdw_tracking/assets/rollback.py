@@ -674,6 +674,9 @@ WITH old AS MATERIALIZED (
     FROM old
     WHERE w.ctid = ANY(ARRAY(SELECT ctid FROM old)) AND w.ctid = old.ctid AND {matched_w}
     RETURNING w.id, old.execution_id, old.updated_at
+"""
+# ... and back the cleared rows up, tagged with the rollback and the leaf.
+SAVE_CLEARED = """
 ), saved AS (
     INSERT INTO {backup} (rollback_id, relid, id, execution_id, updated_at, cleared_at)
     SELECT %(rid)s, %(leaf_oid)s::oid, id, execution_id, updated_at, now() FROM cleared
@@ -689,12 +692,6 @@ WITH cleared AS (
     UPDATE ONLY {leaf} w SET execution_id = NULL, updated_at = now()
     WHERE {where} AND {matched_w}
     RETURNING w.id, old.execution_id, old.updated_at
-), saved AS (
-    INSERT INTO {backup} (rollback_id, relid, id, execution_id, updated_at, cleared_at)
-    SELECT %(rid)s, %(leaf_oid)s::oid, id, execution_id, updated_at, now() FROM cleared
-    RETURNING 1
-)
-SELECT count(*) FROM saved
 """
 RETURNING_OLD = 180000
 IN_BLOCKS = sql.SQL("ctid >= %(lo)s::tid AND (%(hi)s::tid IS NULL OR ctid < %(hi)s::tid)")
@@ -1140,7 +1137,7 @@ class Walker:
         if self.wal_budget:
             self.wal_waited += wait_for_wal_room(self.conn, self.wal_buffers - self.wal_budget)
         template = CLEAR_BATCH_18 if self.conn.info.server_version >= RETURNING_OLD else CLEAR_BATCH
-        statement = sql.SQL(template).format(
+        statement = sql.SQL(template.rstrip() + SAVE_CLEARED).format(
             leaf=leaf.ident,
             backup=self.tables.backup,
             where=where,
