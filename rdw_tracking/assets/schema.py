@@ -372,7 +372,9 @@ def execution_id_foreign_key(target_db: TargetDatabase) -> dg.AssetCheckResult:
 
     Add it with the `add_execution_id_foreign_key` job, or by hand: `ADD CONSTRAINT ...
     NOT VALID` takes only a brief lock, then `VALIDATE CONSTRAINT` in its own transaction
-    scans the table without blocking writers.
+    scans the table without blocking writers. On a partitioned table the parent's
+    constraint counts (PostgreSQL gives every partition its copy). On an inheritance
+    parent every table holding rows needs its own, as foreign keys are not inherited.
     """
     report = inspect_schema(target_db)
     passed, description = foreign_key_status(report, target_db)
