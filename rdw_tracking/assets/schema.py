@@ -13,7 +13,7 @@ from psycopg import sql
 from rdw_tracking import catalog
 from rdw_tracking.assets import GROUP, READ_RETRY, refuse
 from rdw_tracking.assets.tables import report_data_weeks, workflow_executions
-from rdw_tracking.layout import KINDS, Layout, table_layout
+from rdw_tracking.layout import KINDS, Layout, Member, table_layout
 from rdw_tracking.resources import TargetDatabase
 
 FK_NAME = "fk_report_data_weeks_execution_id"
@@ -52,7 +52,7 @@ class SchemaReport:
     def foreign_keys_of(self, oid: int) -> list[MemberForeignKey]:
         return [fk for fk in self.member_foreign_keys if fk.table_oid == oid]
 
-    def without_validated_foreign_key(self) -> list:
+    def without_validated_foreign_key(self) -> list[Member]:
         """The tables of the layout holding rows that no validated foreign key checks."""
         if self.layout is None:
             return []

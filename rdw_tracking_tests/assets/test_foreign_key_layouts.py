@@ -253,3 +253,19 @@ def test_views_are_refused_before_any_change(database_url, run_job, sql_exec, dd
     (message,) = step_failure_messages(result)
     assert f"public.report_data_weeks is a {kind}" in message and "nothing was changed" in message
     assert database_checksums(database_url) == before
+
+
+@pytest.mark.parametrize("layout", ["multilevel"])
+def test_the_checks_safe_ddl_works_by_hand(layout, layout_url, sql_exec):
+    """The statements the check suggests, run one by one as a person would, on any
+    version: each partition NOT VALID and VALIDATE, then the parent's ADD."""
+    prepare(sql_exec)
+    check = schema_checks_of(layout_url)["execution_id_foreign_key"]
+    assert not check.passed
+    ddl = check.metadata["safe_ddl"].value.split("```sql\n")[1].split("\n```")[0]
+    statements = ddl.splitlines()
+    assert "NOT VALID" not in statements[-1] and all("ONLY" not in s for s in statements)
+    for statement in statements:
+        sql_exec(statement)
+    assert schema_checks_of(layout_url)["execution_id_foreign_key"].passed
+    assert all(r[2] for r in sql_exec(TREE_FKS))
