@@ -38,8 +38,12 @@ def table_exists(cur: psycopg.Cursor, schema: str, table: str) -> bool:
     return cur.fetchone() is not None
 
 
-def columns(cur: psycopg.Cursor, schema: str, table: str) -> list[Column]:
-    """Every live column of `schema.table` in order; empty when the table is missing."""
+def columns(
+    cur: psycopg.Cursor, schema: str, table: str, kinds: tuple[str, ...] = ("r", "p")
+) -> list[Column]:
+    """Every live column of `schema.table` in order; empty when the table is missing.
+
+    `kinds`: the relkinds that count (a view's columns, say, with `("v",)`)."""
     cur.execute(
         """
         SELECT a.attname, format_type(a.atttypid, a.atttypmod), NOT a.attnotnull,
@@ -48,11 +52,11 @@ def columns(cur: psycopg.Cursor, schema: str, table: str) -> list[Column]:
         JOIN pg_class c ON c.oid = a.attrelid
         JOIN pg_namespace n ON n.oid = c.relnamespace
         LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
-        WHERE n.nspname = %s AND c.relname = %s AND c.relkind IN ('r', 'p')
+        WHERE n.nspname = %s AND c.relname = %s AND c.relkind::text = ANY(%s)
           AND a.attnum > 0 AND NOT a.attisdropped
         ORDER BY a.attnum
         """,
-        [schema, table],
+        [schema, table, list(kinds)],
     )
     return [Column(*row) for row in cur.fetchall()]
 

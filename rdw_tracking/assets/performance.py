@@ -1,9 +1,10 @@
 """Performance and storage impact of `execution_id`: the spec's join under EXPLAIN
-ANALYZE, and what the table, its indexes and the column take on disk."""
+ANALYZE, and what the table, its partitions or children, its indexes and the column take
+on disk."""
 
 import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Collection, Iterator
+from dataclasses import dataclass, field
 
 import dagster as dg
 import psycopg
@@ -13,6 +14,7 @@ from pydantic import Field, field_validator
 from rdw_tracking import catalog
 from rdw_tracking.assets import GROUP, READ_RETRY, refuse
 from rdw_tracking.assets.tables import report_data_weeks, workflow_executions
+from rdw_tracking.layout import KINDS, Layout, table_layout
 from rdw_tracking.resources import TargetDatabase
 
 JOIN_PLAN = "execution_id_join_plan"
@@ -65,6 +67,13 @@ SAMPLED_MOST_WEEKS_SQL = """
 SELECT collection_id, count(*) FROM {weeks} TABLESAMPLE SYSTEM (%(pct)s) REPEATABLE (7)
 GROUP BY collection_id ORDER BY count(*) DESC, collection_id LIMIT 1
 """
+# A view or foreign table takes no TABLESAMPLE: count over its first rows instead.
+FIRST_ROWS_MOST_WEEKS_SQL = """
+SELECT collection_id, count(*) FROM (SELECT collection_id FROM {weeks} LIMIT %(rows)s) AS w
+GROUP BY collection_id ORDER BY count(*) DESC, collection_id LIMIT 1
+"""
+# TABLESAMPLE applies to tables (with their partitions or children) and materialized views.
+SAMPLEABLE = ("ordinary", "partitioned", "inheritance", "materialized view")
 
 FALLBACK_SAMPLE_ROWS = 50_000
 
@@ -74,6 +83,7 @@ class Plan:
     collection_id: str
     chosen_by: str
     document: dict
+    relations: frozenset[str] = field(default_factory=frozenset)  # the table and its partitions
 
     @property
     def execution_ms(self) -> float:
@@ -90,11 +100,13 @@ def plan_nodes(node: dict, depth: int = 0) -> Iterator[tuple[int, dict]]:
         yield from plan_nodes(child, depth + 1)
 
 
-def indexes_used(root: dict, table: str) -> list[str]:
-    """Names of the indexes the plan reads on `table` (index, index-only, bitmap scans)."""
+def indexes_used(root: dict, tables: str | Collection[str]) -> list[str]:
+    """Names of the indexes the plan reads on `tables` (index, index-only, bitmap scans):
+    the table, and on a partitioned or inherited one each partition or child it scans."""
+    tables = {tables} if isinstance(tables, str) else set(tables)
     names: list[str] = []
     for _, node in plan_nodes(root):
-        if node.get("Relation Name") != table:
+        if node.get("Relation Name") not in tables:
             continue
         if node["Node Type"] in ("Index Scan", "Index Only Scan"):
             names.append(node["Index Name"])
@@ -134,12 +146,20 @@ def plan_text(root: dict) -> str:
     return "\n".join(lines)
 
 
-def busiest_collection(cur: psycopg.Cursor, db: TargetDatabase) -> tuple[str, str] | None:
+def busiest_collection(
+    cur: psycopg.Cursor, db: TargetDatabase, kind: str = "ordinary"
+) -> tuple[str, str] | None:
     """(collection_id, how it was chosen) of the collection with the most weeks."""
     cur.execute(MOST_COMMON_SQL, [db.schema_name, db.weeks_table])
     row = cur.fetchone()
     if row and row[0]:
         return str(row[0]), f"most common collection_id in pg_stats ({row[1]:.4%} of rows)"
+    if kind not in SAMPLEABLE:
+        query = sql.SQL(FIRST_ROWS_MOST_WEEKS_SQL).format(weeks=db.weeks)
+        row = cur.execute(query, {"rows": FALLBACK_SAMPLE_ROWS}).fetchone()
+        if row is None:
+            return None
+        return str(row[0]), f"most weeks ({row[1]}) among the {kind}'s first rows"
     cur.execute(
         "SELECT reltuples FROM pg_class WHERE oid = %s::regclass",
         [db.weeks.as_string(cur)],
@@ -157,19 +177,23 @@ def busiest_collection(cur: psycopg.Cursor, db: TargetDatabase) -> tuple[str, st
 def explain_join(db: TargetDatabase, collection_id: str | None) -> Plan:
     weeks = db.qualified(db.weeks_table)
     with db.cursor() as cur:  # rolled back at the end, as EXPLAIN ANALYZE runs the query
-        for table, field in (
-            (db.weeks_table, "weeks_table"),
-            (db.executions_table, "executions_table"),
-        ):
-            if not catalog.table_exists(cur, db.schema_name, table):
+        # The join runs on the table as users query it: a partitioned or inheritance
+        # parent (the planner prunes and appends), or even a view.
+        layout = table_layout(cur, db.schema_name, db.weeks_table)
+        exists = {
+            "weeks_table": layout is not None,
+            "executions_table": catalog.table_exists(cur, db.schema_name, db.executions_table),
+        }
+        for name, found in exists.items():
+            if not found:
                 raise refuse(
-                    f"table {db.qualified(table)} does not exist: the join cannot be planned; "
-                    f"check target_db.schema_name and target_db.{field}"
+                    f"table {db.qualified(getattr(db, name))} does not exist: the join cannot "
+                    f"be planned; check target_db.schema_name and target_db.{name}"
                 )
         if collection_id:
             chosen_by = "configured"
         else:
-            collection_id, chosen_by = busiest_collection(cur, db) or (
+            collection_id, chosen_by = busiest_collection(cur, db, layout.kind) or (
                 str(uuid.UUID(int=0)),
                 f"{weeks} has no rows: planned for a collection_id that matches none",
             )
@@ -178,12 +202,13 @@ def explain_join(db: TargetDatabase, collection_id: str | None) -> Plan:
             {"collection_id": uuid.UUID(collection_id)},
         )
         (document,) = cur.fetchone()[0]
-    return Plan(collection_id, chosen_by, document)
+    relations = frozenset(m.name for m in layout.members)
+    return Plan(collection_id, chosen_by, document, relations)
 
 
 def uses_index_check(plan: Plan, db: TargetDatabase) -> dg.AssetCheckResult:
     weeks = db.qualified(db.weeks_table)
-    names = indexes_used(plan.document["Plan"], db.weeks_table)
+    names = indexes_used(plan.document["Plan"], plan.relations or {db.weeks_table})
     if names:
         description = f"the join reads {weeks} through {', '.join(names)}"
     else:
@@ -229,7 +254,7 @@ def execution_id_join_plan(
     """
     plan = explain_join(target_db, config.collection_id)
     root = plan.document["Plan"]
-    names = indexes_used(root, target_db.weeks_table)
+    names = indexes_used(root, plan.relations or {target_db.weeks_table})
     return dg.MaterializeResult(
         metadata={
             "execution_ms": plan.execution_ms,
@@ -275,6 +300,22 @@ class StorageConfig(dg.Config):
 
 
 @dataclass(frozen=True)
+class MemberSize:
+    """One table of the layout (the table itself, a partition or a child) on disk."""
+
+    label: str
+    kind: str
+    level: int
+    bound: str | None
+    holds_rows: bool
+    heap_bytes: int
+    table_bytes: int
+    index_bytes: int
+    total_bytes: int
+    row_estimate: int | None  # None: never analyzed
+
+
+@dataclass(frozen=True)
 class Storage:
     heap_bytes: int
     table_bytes: int
@@ -282,56 +323,150 @@ class Storage:
     index_bytes: int
     indexes: list[tuple[str, int, str]]  # (name, bytes, definition)
     row_estimate: int | None
-    execution_id_bytes: int
+    execution_id_bytes: int | None  # None: not measurable here (a view, a foreign table)
     sample_pct: float | None  # None: every row was measured
     sample_rows: int
+    layout: Layout | None = None
+    members: list[MemberSize] = field(default_factory=list)
+    index_partitions: dict[str, int] = field(default_factory=dict)  # name: how many pieces
 
 
+# Each table of the layout on its own: a partitioned parent has no storage of its own
+# (its sizes are 0), so the table's size is the sum over the tree.
 SIZES_SQL = """
-SELECT pg_relation_size(c.oid), pg_table_size(c.oid), pg_total_relation_size(c.oid),
-       pg_indexes_size(c.oid), c.reltuples::bigint
-FROM pg_class c WHERE c.oid = %s::regclass
+SELECT c.oid::bigint, pg_relation_size(c.oid), pg_table_size(c.oid),
+       pg_indexes_size(c.oid), pg_total_relation_size(c.oid), c.reltuples::bigint
+FROM pg_class c WHERE c.oid = ANY(%s::oid[])
 """
 
+# Every index on the tree; a partition's index counts toward the partitioned index it
+# is attached to (pg_partition_root), an index of its own stands alone.
 INDEXES_SQL = """
-SELECT i.relname, pg_relation_size(i.oid), pg_get_indexdef(i.oid)
+SELECT i.oid::bigint, coalesce(pg_partition_root(i.oid), i.oid)::bigint, i.relname,
+       pg_relation_size(i.oid), pg_get_indexdef(i.oid)
 FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid
-WHERE x.indrelid = %s::regclass
-ORDER BY pg_relation_size(i.oid) DESC, i.relname
+WHERE x.indrelid = ANY(%s::oid[])
 """
 
 COLUMN_SQL = "SELECT count(*), coalesce(sum(pg_column_size(execution_id)), 0) FROM {weeks}"
 SAMPLED_COLUMN_SQL = COLUMN_SQL + " TABLESAMPLE SYSTEM (%(pct)s) REPEATABLE (7)"
 
 
+def member_sizes(cur: psycopg.Cursor, layout: Layout) -> list[MemberSize]:
+    rows = {oid: rest for oid, *rest in cur.execute(SIZES_SQL, [[m.oid for m in layout.members]])}
+    sizes = []
+    for m in layout.members:
+        heap, table, index, total, reltuples = rows.get(m.oid, (0, 0, 0, 0, -1))
+        sizes.append(
+            MemberSize(
+                m.label,
+                KINDS.get(m.relkind, m.relkind),
+                m.level,
+                m.bound,
+                m.holds_rows,
+                heap,
+                table,
+                index,
+                total,
+                reltuples if reltuples >= 0 else None,
+            )  # fmt: skip
+        )
+    return sizes
+
+
+def tree_indexes(
+    cur: psycopg.Cursor, layout: Layout
+) -> tuple[list[tuple[str, int, str]], dict[str, int]]:
+    """([(index, bytes over all its partitions, definition)], {index: partitions})."""
+    rows = cur.execute(INDEXES_SQL, [[m.oid for m in layout.members]]).fetchall()
+    named = {oid: (name, definition) for oid, _, name, _, definition in rows}
+    total: dict[int, int] = {}
+    pieces: dict[int, int] = {}
+    for oid, root, _, size, _ in rows:
+        top = root if root in named else oid  # attached to an index above our table: alone
+        total[top] = total.get(top, 0) + size
+        pieces[top] = pieces.get(top, 0) + (oid != top)
+    indexes = sorted(
+        ((named[top][0], size, named[top][1]) for top, size in total.items()),
+        key=lambda index: (-index[1], index[0]),
+    )
+    return indexes, {named[top][0]: count for top, count in pieces.items() if count}
+
+
 def measure_storage(db: TargetDatabase, config: StorageConfig) -> Storage:
     with db.cursor() as cur:
-        if not catalog.table_exists(cur, db.schema_name, db.weeks_table):
+        layout = table_layout(cur, db.schema_name, db.weeks_table)
+        if layout is None:
             raise refuse(
                 f"table {db.qualified(db.weeks_table)} does not exist; "
                 "check target_db.schema_name and weeks_table"
             )
-        regclass = db.weeks.as_string(cur)
-        heap, table, total, index, reltuples = cur.execute(SIZES_SQL, [regclass]).fetchone()
-        indexes = cur.execute(INDEXES_SQL, [regclass]).fetchall()
-        row_estimate = reltuples if reltuples >= 0 else None  # -1: never analyzed
+        members = member_sizes(cur, layout)
+        indexes, index_partitions = tree_indexes(cur, layout)
+        heap, table, index, total = (
+            sum(m.heap_bytes for m in members),
+            sum(m.table_bytes for m in members),
+            sum(m.index_bytes for m in members),
+            sum(m.total_bytes for m in members),
+        )
+        counted = [m for m in members if m.holds_rows or m.kind == "materialized view"]
+        row_estimate = (
+            sum(m.row_estimate for m in counted)
+            if counted and all(m.row_estimate is not None for m in counted)
+            else None  # -1: never analyzed
+        )
+        shape = {"layout": layout, "members": members, "index_partitions": index_partitions}
+        sizes = (heap, table, total, index, indexes)
+        if layout.kind not in SAMPLEABLE:  # a view's rows live elsewhere, a foreign table's
+            return Storage(*sizes, row_estimate, None, None, 0, **shape)  # on another server
         if heap > config.sample_above_bytes:
+            # TABLESAMPLE on the parent samples every partition or child alike.
             pct = min(100.0, 100.0 * config.sample_bytes / heap)
             cur.execute(sql.SQL(SAMPLED_COLUMN_SQL).format(weeks=db.weeks), {"pct": pct})
             rows, column_bytes = cur.fetchone()
             if row_estimate is None:
                 row_estimate = round(rows * 100.0 / pct)
             scale = row_estimate / rows if rows else 0.0
-            return Storage(
-                heap, table, total, index, indexes, row_estimate,
-                round(column_bytes * scale), pct, rows,
-            )  # fmt: skip
+            return Storage(*sizes, row_estimate, round(column_bytes * scale), pct, rows, **shape)
         rows, column_bytes = cur.execute(sql.SQL(COLUMN_SQL).format(weeks=db.weeks)).fetchone()
-    return Storage(heap, table, total, index, indexes, rows, column_bytes, None, rows)
+    return Storage(*sizes, rows, column_bytes, None, rows, **shape)
+
+
+def members_table(members: list[MemberSize]) -> dg.TableMetadataValue:
+    columns = {
+        "table": "string", "kind": "string", "level": "int", "bound": "string",
+        "row_estimate": "int", "heap_bytes": "int", "table_bytes": "int",
+        "index_bytes": "int", "total_bytes": "int",
+    }  # fmt: skip
+    return dg.MetadataValue.table(
+        records=[
+            dg.TableRecord(
+                {
+                    "table": m.label,
+                    "kind": m.kind,
+                    "level": m.level,
+                    "bound": m.bound or "",
+                    "row_estimate": m.row_estimate if m.row_estimate is not None else -1,
+                    "heap_bytes": m.heap_bytes,
+                    "table_bytes": m.table_bytes,
+                    "index_bytes": m.index_bytes,
+                    "total_bytes": m.total_bytes,
+                }
+            )
+            for m in members
+        ],
+        schema=dg.TableSchema(columns=[dg.TableColumn(n, t) for n, t in columns.items()]),
+    )
 
 
 def storage_metadata(storage: Storage) -> dict:
-    if storage.sample_pct is None:
+    layout = storage.layout
+    if storage.execution_id_bytes is None:
+        method = (
+            f"not measured: {layout.label} is a {layout.kind}, whose rows are not stored "
+            "in this database's tables of that name"
+        )
+    elif storage.sample_pct is None:
         method = f"exact: pg_column_size over all {storage.sample_rows} rows"
     else:
         method = (
@@ -348,24 +483,37 @@ def storage_metadata(storage: Storage) -> dict:
         "execution_id_method": method,
         "execution_id_share_pct": (
             round(100.0 * storage.execution_id_bytes / storage.table_bytes, 2)
-            if storage.table_bytes
+            if storage.table_bytes and storage.execution_id_bytes is not None
             else None
         ),
         "row_estimate": storage.row_estimate,
         "indexes": dg.MetadataValue.table(
             records=[
-                dg.TableRecord({"index": name, "bytes": size, "definition": definition})
+                dg.TableRecord(
+                    {
+                        "index": name,
+                        "bytes": size,
+                        "partitions": storage.index_partitions.get(name, 0),
+                        "definition": definition,
+                    }
+                )
                 for name, size, definition in storage.indexes
             ],
             schema=dg.TableSchema(
                 columns=[
                     dg.TableColumn("index", "string"),
                     dg.TableColumn("bytes", "int"),
+                    dg.TableColumn("partitions", "int"),
                     dg.TableColumn("definition", "string"),
                 ]
             ),
         ),
     }
+    if layout is not None:
+        metadata["layout"] = layout.kind
+        if layout.partitions:
+            metadata["partitions"] = len(layout.partitions)
+            metadata["partition_sizes"] = members_table(storage.members)
     for name, size, _ in storage.indexes:
         metadata[f"index_bytes.{name}"] = size
     return metadata
@@ -385,6 +533,11 @@ def execution_id_storage(config: StorageConfig, target_db: TargetDatabase) -> dg
     column's share: `pg_column_size(execution_id)` summed over every row, or over a
     `TABLESAMPLE SYSTEM` sample scaled to the planner's row estimate when the heap is
     larger than `sample_above_bytes` (metadata says which). NULLs take no column space.
+
+    A partitioned table has no storage of its own: every size is the sum over its
+    partitions (an inheritance parent: over itself and its children), each index's over
+    its partitions, and `partition_sizes` lists each table of the tree. A view or foreign
+    table in that name is reported with what this database stores for it.
     """
     return dg.MaterializeResult(metadata=storage_metadata(measure_storage(target_db, config)))
 

@@ -1,5 +1,5 @@
-"""Schema verification: `execution_id` exists, is `uuid`, nullable, default NULL, and
-whether a validated foreign key ties it to `workflow_executions(id)`."""
+"""Schema verification: `execution_id` exists, is `uuid`, nullable, default NULL, how the
+table is laid out, and whether a validated foreign key ties it to `workflow_executions(id)`."""
 
 from __future__ import annotations
 
@@ -7,11 +7,13 @@ import re
 from dataclasses import dataclass
 
 import dagster as dg
+import psycopg
 from psycopg import sql
 
 from rdw_tracking import catalog
 from rdw_tracking.assets import GROUP, READ_RETRY, refuse
 from rdw_tracking.assets.tables import report_data_weeks, workflow_executions
+from rdw_tracking.layout import KINDS, Layout, Member, table_layout
 from rdw_tracking.resources import TargetDatabase
 
 FK_NAME = "fk_report_data_weeks_execution_id"
@@ -19,11 +21,25 @@ ON_DELETE_ACTIONS = ("NO ACTION", "RESTRICT", "CASCADE", "SET NULL")
 
 
 @dataclass(frozen=True)
+class MemberForeignKey:
+    """A foreign key from `execution_id` alone to `workflow_executions(id)` on one table of
+    the layout (the table itself, a partition or a child)."""
+
+    table_oid: int
+    name: str
+    validated: bool
+    inherited: bool  # a partition's copy of its parent's constraint (conparentid set)
+    on_delete: str
+
+
+@dataclass(frozen=True)
 class SchemaReport:
-    weeks_exists: bool
+    weeks_exists: bool  # any relation of that name: a table, or a view the jobs refuse
     columns: list[catalog.Column]
     executions_exists: bool
     foreign_keys: list[catalog.ForeignKey]
+    layout: Layout | None = None
+    member_foreign_keys: tuple[MemberForeignKey, ...] = ()
 
     @property
     def execution_id(self) -> catalog.Column | None:
@@ -33,18 +49,60 @@ class SchemaReport:
     def foreign_key(self) -> catalog.ForeignKey | None:
         return self.foreign_keys[0] if self.foreign_keys else None
 
+    def foreign_keys_of(self, oid: int) -> list[MemberForeignKey]:
+        return [fk for fk in self.member_foreign_keys if fk.table_oid == oid]
+
+    def without_validated_foreign_key(self) -> list[Member]:
+        """The tables of the layout holding rows that no validated foreign key checks."""
+        if self.layout is None:
+            return []
+        return [
+            m
+            for m in self.layout.leaves
+            if not any(fk.validated for fk in self.foreign_keys_of(m.oid))
+        ]
+
+
+# Every FK from execution_id alone to the executions table, on any table of the layout
+# (partitions may live in other schemas, so by oid).
+MEMBER_FOREIGN_KEYS_SQL = """
+SELECT con.conrelid::bigint, con.conname, con.convalidated, con.conparentid <> 0,
+       CASE con.confdeltype WHEN 'a' THEN 'NO ACTION' WHEN 'r' THEN 'RESTRICT'
+            WHEN 'c' THEN 'CASCADE' WHEN 'n' THEN 'SET NULL' WHEN 'd' THEN 'SET DEFAULT' END
+FROM pg_constraint con
+JOIN pg_attribute sa ON sa.attrelid = con.conrelid AND sa.attnum = con.conkey[1]
+JOIN pg_attribute da ON da.attrelid = con.confrelid AND da.attnum = con.confkey[1]
+WHERE con.contype = 'f' AND con.conrelid = ANY(%(members)s::oid[])
+  AND con.confrelid = to_regclass(%(executions)s) AND cardinality(con.conkey) = 1
+  AND sa.attname = 'execution_id' AND da.attname = 'id'
+ORDER BY con.conrelid, con.convalidated DESC, con.conname
+"""
+
+
+def member_foreign_keys(
+    cur: psycopg.Cursor, layout: Layout, db: TargetDatabase
+) -> tuple[MemberForeignKey, ...]:
+    cur.execute(
+        MEMBER_FOREIGN_KEYS_SQL,
+        {"members": [m.oid for m in layout.members], "executions": db.executions.as_string(cur)},
+    )
+    return tuple(MemberForeignKey(*row) for row in cur.fetchall())
+
 
 def inspect_schema(db: TargetDatabase) -> SchemaReport:
     with db.cursor() as cur:
-        weeks_columns = catalog.columns(cur, db.schema_name, db.weeks_table)
+        layout = table_layout(cur, db.schema_name, db.weeks_table)
+        # A view's (or foreign table's) columns are still worth reporting.
+        kinds = (layout.root.relkind,) if layout else ("r", "p")
+        weeks_columns = catalog.columns(cur, db.schema_name, db.weeks_table, kinds)
         executions_exists = catalog.table_exists(cur, db.schema_name, db.executions_table)
         fks = catalog.execution_id_foreign_keys(
             cur, db.schema_name, db.weeks_table, db.executions_table
         )
-        weeks_exists = bool(weeks_columns) or catalog.table_exists(
-            cur, db.schema_name, db.weeks_table
-        )
-    return SchemaReport(weeks_exists, weeks_columns, executions_exists, fks)
+        member_fks = member_foreign_keys(cur, layout, db) if layout and executions_exists else ()
+    return SchemaReport(
+        layout is not None, weeks_columns, executions_exists, fks, layout, member_fks
+    )
 
 
 def is_null_default(default: str | None) -> bool:
@@ -65,25 +123,56 @@ def column_contract_violations(column: catalog.Column | None, where: str) -> lis
     return violations
 
 
-def foreign_key_ddl(
-    db: TargetDatabase, on_delete: str = "NO ACTION", name: str = FK_NAME
-) -> list[sql.Composed]:
-    """The safe way to add the FK: `NOT VALID` (brief lock), then `VALIDATE` on its own."""
+def add_constraint_ddl(
+    db: TargetDatabase,
+    table: sql.Composable,
+    on_delete: str = "NO ACTION",
+    name: str = FK_NAME,
+    not_valid: bool = True,
+) -> sql.Composed:
+    """`ALTER TABLE table ADD CONSTRAINT name FOREIGN KEY (execution_id) ...`."""
     if on_delete not in ON_DELETE_ACTIONS:
         raise ValueError(f"on_delete must be one of {', '.join(ON_DELETE_ACTIONS)}")
-    add = sql.SQL(
-        "ALTER TABLE {weeks} ADD CONSTRAINT {fk} FOREIGN KEY (execution_id) "
-        "REFERENCES {executions} (id) ON DELETE {action} NOT VALID"
+    return sql.SQL(
+        "ALTER TABLE {table} ADD CONSTRAINT {fk} FOREIGN KEY (execution_id) "
+        "REFERENCES {executions} (id) ON DELETE {action}{not_valid}"
     ).format(
-        weeks=db.weeks,
+        table=table,
         fk=sql.Identifier(name),
         executions=db.executions,
         action=sql.SQL(on_delete),
+        not_valid=sql.SQL(" NOT VALID" if not_valid else ""),
     )
-    validate = sql.SQL("ALTER TABLE {weeks} VALIDATE CONSTRAINT {fk}").format(
-        weeks=db.weeks, fk=sql.Identifier(name)
+
+
+def validate_ddl(table: sql.Composable, name: str = FK_NAME) -> sql.Composed:
+    return sql.SQL("ALTER TABLE {table} VALIDATE CONSTRAINT {fk}").format(
+        table=table, fk=sql.Identifier(name)
     )
-    return [add, validate]
+
+
+def foreign_key_ddl(
+    db: TargetDatabase,
+    on_delete: str = "NO ACTION",
+    name: str = FK_NAME,
+    table: sql.Composable | None = None,
+) -> list[sql.Composed]:
+    """The safe way to add the FK: `NOT VALID` (brief lock), then `VALIDATE` on its own."""
+    table = table if table is not None else db.weeks
+    return [add_constraint_ddl(db, table, on_delete, name), validate_ddl(table, name)]
+
+
+def partitioned_foreign_key_ddl(
+    db: TargetDatabase, layout: Layout, on_delete: str = "NO ACTION", name: str = FK_NAME
+) -> list[sql.Composed]:
+    """The safe way on a partitioned table, on every PostgreSQL version (before 18 a
+    partitioned table takes no `NOT VALID` foreign key): each partition holding rows gets
+    the constraint `NOT VALID` and validates it; the parent's own `ADD CONSTRAINT` then
+    finds those validated equivalents and takes them over without scanning again."""
+    steps: list[sql.Composed] = []
+    for leaf in layout.leaves:
+        steps += foreign_key_ddl(db, on_delete, name, leaf.ident)
+    return [*steps, add_constraint_ddl(db, db.weeks, on_delete, name, not_valid=False)]
 
 
 def foreign_key_status(report: SchemaReport, db: TargetDatabase) -> tuple[bool, str]:
@@ -92,6 +181,25 @@ def foreign_key_status(report: SchemaReport, db: TargetDatabase) -> tuple[bool, 
     executions = db.qualified(db.executions_table)
     if not report.executions_exists:
         return False, f"FK constraint not possible: table {executions} does not exist"
+    layout = report.layout
+    if layout is not None and layout.kind not in ("ordinary", "partitioned", "inheritance"):
+        return False, (
+            f"{layout.label} is a {layout.kind}: it cannot carry a foreign key; add it to "
+            "the table that holds the rows and point target_db.weeks_table at that table"
+        )
+    if layout is not None and layout.kind == "inheritance":
+        lacking = report.without_validated_foreign_key()
+        if not lacking:
+            return True, (
+                f"validated foreign key from execution_id to {executions}(id) on each of the "
+                f"{len(layout.leaves)} tables of inheritance parent {layout.label}"
+            )
+        return False, (
+            f"foreign keys are not inherited by child tables, and {len(lacking)} table(s) of "
+            f"inheritance parent {layout.label} have no validated foreign key from "
+            f"execution_id to {executions}(id): {', '.join(m.label for m in lacking)}; "
+            "add one to each (the DDL in metadata)"
+        )
     fk = report.foreign_key
     if fk is None:
         return (
@@ -122,6 +230,48 @@ def column_schema(columns: list[catalog.Column]) -> dg.TableSchema:
     )
 
 
+def layout_metadata(layout: Layout) -> dict:
+    """What the table is: its kind, partitioning and the tables below it."""
+    metadata: dict = {
+        "layout": layout.kind,
+        "layout_summary": layout.describe(),
+        "partition_strategy": layout.strategy,
+        "partition_key": layout.key,
+        "partitions": len(layout.partitions),
+        "leaf_tables": len(layout.leaves),
+    }
+    if layout.kind == "inheritance":
+        metadata["children"] = ", ".join(m.label for m in layout.partitions)
+    if layout.partitions:
+        labels = {m.oid: m.label for m in layout.members}
+        metadata["layout_members"] = dg.MetadataValue.table(
+            records=[
+                dg.TableRecord(
+                    {
+                        "table": m.label,
+                        "kind": KINDS.get(m.relkind, m.relkind),
+                        "level": m.level,
+                        "parent": labels.get(m.parent_oid, ""),
+                        "bound": m.bound or "",
+                        "holds_rows": m.holds_rows,
+                    }
+                )
+                for m in layout.members
+            ],
+            schema=dg.TableSchema(
+                columns=[
+                    dg.TableColumn("table", "string"),
+                    dg.TableColumn("kind", "string"),
+                    dg.TableColumn("level", "int"),
+                    dg.TableColumn("parent", "string"),
+                    dg.TableColumn("bound", "string"),
+                    dg.TableColumn("holds_rows", "bool"),
+                ]
+            ),
+        )
+    return metadata
+
+
 @dg.asset(
     key="execution_id_schema",
     group_name=GROUP,
@@ -135,6 +285,9 @@ def execution_id_schema(target_db: TargetDatabase) -> dg.MaterializeResult:
     Reads the catalog of the configured schema only (a same-named table elsewhere is
     ignored) and records the column's type, nullability and default, whether
     `workflow_executions` exists, and whether a validated foreign key links the two.
+    It also reports the layout: an ordinary table, a partitioned one (strategy, key,
+    every partition with its bound) or an inheritance parent (its children); a view or
+    foreign table in that name is reported as such.
     The checks below judge the result: the column contract blocks everything
     downstream; a missing foreign key is a warning with the safe DDL to add one.
     """
@@ -151,6 +304,7 @@ def execution_id_schema(target_db: TargetDatabase) -> dg.MaterializeResult:
     fk = report.foreign_key
     return dg.MaterializeResult(
         metadata={
+            **layout_metadata(report.layout),
             "data_type": column.data_type,
             "is_nullable": column.is_nullable,
             "column_default": column.column_default,
@@ -188,6 +342,28 @@ def execution_id_column_contract(target_db: TargetDatabase) -> dg.AssetCheckResu
     )
 
 
+def safe_steps(report: SchemaReport, db: TargetDatabase) -> list[sql.Composed]:
+    """The statements that would make the foreign key check pass, each its own transaction."""
+    layout, fk = report.layout, report.foreign_key
+    if not report.executions_exists or layout is None:
+        return []
+    if layout.kind == "inheritance":  # one constraint per table: none is inherited
+        return [
+            step
+            for member in report.without_validated_foreign_key()
+            for step in foreign_key_ddl(db, table=member.ident)
+        ]
+    if layout.kind == "partitioned":
+        if fk is not None:  # NOT VALID (PostgreSQL 18+): VALIDATE scans every partition
+            return [validate_ddl(db.weeks, fk.name)]
+        return partitioned_foreign_key_ddl(db, layout)
+    if layout.kind != "ordinary":
+        return []
+    if fk is not None:  # a NOT VALID FK needs only VALIDATE
+        return [validate_ddl(db.weeks, fk.name)]
+    return foreign_key_ddl(db)
+
+
 @dg.asset_check(
     asset="execution_id_schema", name="execution_id_foreign_key", retry_policy=READ_RETRY
 )
@@ -196,7 +372,9 @@ def execution_id_foreign_key(target_db: TargetDatabase) -> dg.AssetCheckResult:
 
     Add it with the `add_execution_id_foreign_key` job, or by hand: `ADD CONSTRAINT ...
     NOT VALID` takes only a brief lock, then `VALIDATE CONSTRAINT` in its own transaction
-    scans the table without blocking writers.
+    scans the table without blocking writers. On a partitioned table the parent's
+    constraint counts (PostgreSQL gives every partition its copy). On an inheritance
+    parent every table holding rows needs its own, as foreign keys are not inherited.
     """
     report = inspect_schema(target_db)
     passed, description = foreign_key_status(report, target_db)
@@ -205,10 +383,8 @@ def execution_id_foreign_key(target_db: TargetDatabase) -> dg.AssetCheckResult:
         "fk_constraint": report.foreign_key.name if report.foreign_key else None,
         "fk_validated": bool(report.foreign_key and report.foreign_key.validated),
     }
-    if not passed and report.executions_exists:
-        fk = report.foreign_key
-        add, validate = foreign_key_ddl(target_db, name=fk.name if fk else FK_NAME)
-        steps = [validate] if fk else [add, validate]  # a NOT VALID FK needs only VALIDATE
+    steps = safe_steps(report, target_db) if not passed else []
+    if steps:
         ddl = [step.as_string(None) + ";" for step in steps]
         metadata["safe_ddl"] = dg.MetadataValue.md(
             "Run each statement in its own transaction:\n\n```sql\n" + "\n".join(ddl) + "\n```"
