@@ -18,10 +18,14 @@ import dagster as dg
 import psycopg
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
-from pydantic import Field, field_validator
+from pydantic import ConfigDict, Field, field_validator
 
 URL_ENV = "RDW_DATABASE_URL"
 APPLICATION_NAME = "rdw_tracking"
+# RFC 3986 allows none of these unencoded in a URI's user or password; libpq then reads
+# the rest of the password as host, port or database and quotes it back in errors.
+_RESERVED_IN_USERINFO = "/?#@"
+_URI_PREFIX = re.compile(r"^\s*postgres(?:ql)?://", re.IGNORECASE)
 _MAX_IDENTIFIER = 63
 # libpq's words for a login the server refused, as opposed to a server not there.
 _REFUSED_LOGIN = re.compile(
@@ -71,7 +75,34 @@ class Endpoint:
         return f"{self.user}@{self.host}:{self.port}/{self.database}"
 
 
+def raw_userinfo(url: str) -> str | None:
+    """The `user:password` of a libpq URI as written, up to its last `@`, before any
+    parsing (which a stray `/` or `@` in the password would lead astray)."""
+    match = _URI_PREFIX.match(url or "")
+    if not match:
+        return None
+    rest = url[match.end() :]
+    return rest[: rest.rfind("@")] if "@" in rest else None
+
+
+def ambiguous_userinfo(url: str) -> str | None:
+    """Why `url` must be refused without quoting it, or None: an unencoded `/ ? # @`
+    in its user or password."""
+    userinfo = raw_userinfo(url)
+    if userinfo and any(ch in userinfo for ch in _RESERVED_IN_USERINFO):
+        return (
+            "the database URL has an unencoded '/', '?', '#' or '@' in its user or "
+            "password, so libpq would read part of the password as host, port or database; "
+            "percent-encode them (%2F, %3F, %23, %40), or leave the password out of the URL "
+            "and put it in ~/.pgpass or PGPASSWORD"
+        )
+    return None
+
+
 def endpoint(url: str) -> Endpoint:
+    problem = ambiguous_userinfo(url)
+    if problem:
+        raise NotRetryable(f"{problem} (check {URL_ENV} or target_db.url)")
     try:
         info = conninfo_to_dict(url)
     except psycopg.ProgrammingError as err:
@@ -91,6 +122,13 @@ def redact(text: str, url: str | None) -> str:
     """`text` with any password of `url` (and any password-looking URL part) masked."""
     if url:
         secrets = set()
+        userinfo = raw_userinfo(url)
+        if userinfo and ":" in userinfo:
+            # The password as written, and each piece libpq may have taken for a host,
+            # port or database when it holds a stray `/` or `@`.
+            password = userinfo.split(":", 1)[1]
+            secrets.add(password)
+            secrets.update(p for p in re.split(r"[/?#@:]", password) if len(p) >= 2)
         try:
             secrets.add(urlsplit(url).password or "")
         except ValueError:
@@ -121,6 +159,9 @@ def _check_identifier(value: str, field: str) -> str:
 
 class TargetDatabase(dg.ConfigurableResource):
     """The PostgreSQL database holding `report_data_weeks` and `workflow_executions`."""
+
+    # A refused value may be a URL with a password in it: never quote it in errors.
+    model_config = ConfigDict(hide_input_in_errors=True)
 
     url: str | None = Field(
         default=None,
@@ -155,6 +196,9 @@ class TargetDatabase(dg.ConfigurableResource):
         if value is not None and not value.strip():
             raise ValueError("url must not be empty; leave it unset to use env " + URL_ENV)
         if value is not None:
+            problem = ambiguous_userinfo(value)
+            if problem:
+                raise ValueError(problem)
             try:
                 port = str(conninfo_to_dict(value).get("port") or "")
             except psycopg.ProgrammingError as err:
@@ -165,7 +209,7 @@ class TargetDatabase(dg.ConfigurableResource):
             # libpq only finds a bad port when it connects; say so now, not after retries.
             if port and not all(p.strip().isdigit() for p in port.split(",")):
                 raise ValueError(
-                    f"url has port {port!r}, not a number; write it as "
+                    "url has a port that is not a number; write it as "
                     "postgresql://user@host:5432/database"
                 )
         return value

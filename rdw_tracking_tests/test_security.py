@@ -7,18 +7,26 @@ the write slot, a session idle in its transaction for ever, one future `complete
 silencing the polling sensor, and a write job carrying on after losing its lock.
 """
 
+import datetime as dt
 import os
 from pathlib import Path
 
+import dagster as dg
 import psycopg
 import pytest
+from psycopg.conninfo import conninfo_to_dict
 
 from rdw_tracking import cli, demo, embedded, walkthrough
+from rdw_tracking.resources import TargetDatabase, TargetDatabaseError, redact
+from rdw_tracking.sensors import ExecutionsCursor, ExecutionsPolling, workflow_executions_sensor
+from rdw_tracking_tests.assets.test_population import failure_text
 from rdw_tracking_tests.conftest import (
     create_database,
     database_checksums,
     drop_database,
+    launch_refusal,
 )
+from rdw_tracking_tests.test_no_leaks import everything_recorded
 
 # -- 1. the demo and the UI touch only the demo's database --------------------------------
 
@@ -114,3 +122,67 @@ def test_demo_drop_leaves_objects_built_on_its_tables(empty_database_url, sql_ex
     with pytest.raises(psycopg.errors.DependentObjectsStillExist):
         demo.build(empty_database_url, demo.DemoShape(rows=104))
     assert sql_exec("SELECT count(*) FROM weekly_report") == [(104,)]
+
+
+# -- 2. a stray `/` or `@` in the password ------------------------------------------------
+
+SECRET = ("Pa55", "w0rd!x")  # the password is SECRET joined by the stray character
+
+
+def malformed_url(database_url: str, stray: str) -> str:
+    info = conninfo_to_dict(database_url)
+    host = info.get("host") or "127.0.0.1"
+    port = info.get("port") or "5432"
+    return f"postgresql://rdw:{stray.join(SECRET)}@{host}:{port}/{info['dbname']}"
+
+
+@pytest.mark.parametrize("stray", ["/", "@"])
+def test_malformed_url_leaks_no_part_of_the_password(
+    database_url, stray, run_job, tmp_path, capfd, monkeypatch
+):
+    bad = malformed_url(database_url, stray)
+    texts: dict[str, str] = {}
+    # As the resource's url (code or run config): refused by its validator.
+    with pytest.raises(Exception) as err:
+        TargetDatabase(url=bad)
+    texts["validator"] = f"{err.value}\n{err.value!r}"
+    # As RDW_DATABASE_URL: every message that names the database.
+    monkeypatch.setenv("RDW_DATABASE_URL", bad)
+    for label, attempt in {
+        "describe": lambda: TargetDatabase().describe(),
+        "connect": lambda: TargetDatabase().connect().__enter__(),
+    }.items():
+        with pytest.raises(TargetDatabaseError) as err:
+            attempt()
+        texts[label] = f"{err.value}\n{err.value!r}"
+        assert "unencoded" in str(err.value)
+    context = dg.build_sensor_context(
+        cursor=ExecutionsCursor(dt.datetime(2020, 1, 1, tzinfo=dt.timezone.utc)).to_json(),
+        resources={"target_db": TargetDatabase(), "executions_polling": ExecutionsPolling()},
+    )
+    with pytest.raises(Exception) as err:
+        workflow_executions_sensor.evaluate_tick(context)
+    texts["sensor tick"] = f"{err.value}\n{err.value!r}"
+    with dg.instance_for_test(temp_dir=str(tmp_path)) as instance:
+        result = run_job("post_collection_validation", instance=instance)
+        assert not result.success
+        texts["run failure"] = failure_text(result)
+        monkeypatch.setenv("RDW_DATABASE_URL", database_url)
+        in_config = {"resources": {"target_db": {"config": {"url": bad}}}}
+        texts["launch"] = launch_refusal(
+            run_job, "post_collection_validation", in_config, instance=instance
+        )
+        texts |= everything_recorded(instance, tmp_path)
+    out, errors = capfd.readouterr()
+    texts |= {"stdout": out, "stderr": errors}
+    texts["redact"] = redact(f"libpq said: port {SECRET[0]}, dbname {SECRET[1]}@db", bad)
+    assert "unencoded" in texts["run failure"] and "unencoded" in texts["launch"]
+    leaks = [(where, part) for where, text in texts.items() for part in SECRET if part in text]
+    assert not leaks, leaks
+
+
+def test_malformed_port_is_refused_without_quoting_it():
+    with pytest.raises(Exception) as err:
+        TargetDatabase(url="postgresql://rdw@db.example:Pa55word/reports")
+    assert "url has a port that is not a number" in str(err.value)
+    assert "Pa55word" not in str(err.value)
