@@ -143,6 +143,68 @@ def redact(text: str, url: str | None) -> str:
     return re.sub(r"(password\s*=\s*)\S+", r"\1***", text, flags=re.IGNORECASE)
 
 
+def server_of(url: str) -> tuple[str, str, str, str]:
+    """(host, hostaddr, port, service) a URL sends libpq to, with libpq's env defaults."""
+    info = conninfo_to_dict(url)
+    return (
+        str(info.get("host") or os.environ.get("PGHOST") or ""),
+        str(info.get("hostaddr") or os.environ.get("PGHOSTADDR") or ""),
+        str(info.get("port") or os.environ.get("PGPORT") or "5432"),
+        str(info.get("service") or os.environ.get("PGSERVICE") or ""),
+    )
+
+
+def run_config_url_problem(url: str) -> str | None:
+    """Why a `url` given in run config may not be used, or None; the reason quotes
+    nothing of the URL.
+
+    Run config is written by whoever launches a run and stored with it, and libpq hands
+    the worker's `PGPASSWORD` (or a `~/.pgpass` line that matches) to whatever server a
+    URL names. So a URL from run config carries no password and names the server of
+    `RDW_DATABASE_URL` (host, hostaddr, port and service): it may pick another database
+    or user there, never another server.
+    """
+    problem = ambiguous_userinfo(url)
+    if problem:
+        return problem
+    try:
+        info = conninfo_to_dict(url)
+    except psycopg.ProgrammingError:
+        return "url is not a valid libpq URI; write it as postgresql://user@host:port/database"
+    if info.get("password"):
+        return (
+            "url carries a password, and run config is stored with the run for anyone who "
+            f"can see it: leave url unset and put the URL in env {URL_ENV}, or the password "
+            "in ~/.pgpass or PGPASSWORD"
+        )
+    env_url = os.environ.get(URL_ENV)
+    try:
+        same_server = bool(env_url) and server_of(url) == server_of(env_url)
+    except psycopg.ProgrammingError:
+        same_server = False
+    if not same_server:
+        return (
+            f"url names another server than env {URL_ENV} (or {URL_ENV} is unset), and "
+            "libpq would send the worker's PGPASSWORD or ~/.pgpass password there; in run "
+            "config, url may only pick another database or user on the same host and port. "
+            f"To look after another server, set {URL_ENV} where the code runs"
+        )
+    return None
+
+
+def _url_from_run_config(context: dg.InitResourceContext, url: str) -> bool:
+    """Whether `url` came from the run's config (launchpad, sensor, API), not from code."""
+    try:
+        run = context.run
+    except Exception:
+        return False
+    resources = ((run.run_config if run else None) or {}).get("resources") or {}
+    return any(
+        isinstance(entry, dict) and (entry.get("config") or {}).get("url") == url
+        for entry in resources.values()
+    )
+
+
 def _check_identifier(value: str, field: str) -> str:
     """A name as PostgreSQL stores it. Any character is allowed (it reaches SQL quoted),
     but not ones that only a typo or a paste puts there."""
@@ -165,7 +227,12 @@ class TargetDatabase(dg.ConfigurableResource):
 
     url: str | None = Field(
         default=None,
-        description=f"libpq URI of the database; default: env {URL_ENV}, else the embedded server.",
+        description=(
+            f"libpq URI of the database; default: env {URL_ENV}, else the embedded server. "
+            f"Given in run config, it must name the server of {URL_ENV} (same host and port) "
+            "and carry no password: it may pick another database or user there, never send "
+            "the worker's credentials elsewhere."
+        ),
     )
     schema_name: str = Field(default="public", description="Schema holding the three tables.")
     weeks_table: str = Field(default="report_data_weeks")
@@ -213,6 +280,14 @@ class TargetDatabase(dg.ConfigurableResource):
                     "postgresql://user@host:5432/database"
                 )
         return value
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        """Refuse a run-config URL that could send credentials elsewhere, in every run:
+        launched as a job (checked at launch too) or from the asset graph (not)."""
+        if self.url is not None and _url_from_run_config(context, self.url):
+            problem = run_config_url_problem(self.url)
+            if problem:
+                raise NotRetryable(f"run config resources.target_db.config: {problem}")
 
     # -- where --------------------------------------------------------------------
 

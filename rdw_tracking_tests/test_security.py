@@ -9,14 +9,18 @@ silencing the polling sensor, and a write job carrying on after losing its lock.
 
 import datetime as dt
 import os
+import socket
+import struct
+import threading
 from pathlib import Path
 
 import dagster as dg
 import psycopg
 import pytest
-from psycopg.conninfo import conninfo_to_dict
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from rdw_tracking import cli, demo, embedded, walkthrough
+from rdw_tracking.definitions import defs
 from rdw_tracking.resources import TargetDatabase, TargetDatabaseError, redact
 from rdw_tracking.sensors import ExecutionsCursor, ExecutionsPolling, workflow_executions_sensor
 from rdw_tracking_tests.assets.test_population import failure_text
@@ -186,3 +190,164 @@ def test_malformed_port_is_refused_without_quoting_it():
         TargetDatabase(url="postgresql://rdw@db.example:Pa55word/reports")
     assert "url has a port that is not a number" in str(err.value)
     assert "Pa55word" not in str(err.value)
+
+
+# -- 4 and 5. run config cannot send credentials elsewhere; guards on the assets ----------
+
+
+class PasswordCatcher:
+    """A fake PostgreSQL server on 127.0.0.1 that asks for a cleartext password and
+    records every one it is sent."""
+
+    def __init__(self):
+        self.passwords: list[str] = []
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                try:
+                    self._session(conn)
+                except OSError:
+                    pass
+
+    @staticmethod
+    def _read(conn, n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            chunk = conn.recv(n - len(data))
+            if not chunk:
+                raise OSError("closed")
+            data += chunk
+        return data
+
+    def _session(self, conn):
+        length, code = struct.unpack("!ii", self._read(conn, 8))
+        if code in (80877103, 80877104):  # SSLRequest / GSSENCRequest: no
+            conn.sendall(b"N")
+            length, code = struct.unpack("!ii", self._read(conn, 8))
+        self._read(conn, length - 8)  # the startup packet's parameters
+        conn.sendall(b"R" + struct.pack("!ii", 8, 3))  # AuthenticationCleartextPassword
+        kind, length = struct.unpack("!ci", self._read(conn, 5))
+        if kind == b"p":
+            self.passwords.append(self._read(conn, length - 4).rstrip(b"\0").decode())
+
+    def close(self):
+        self.sock.close()
+
+
+@pytest.fixture
+def catcher():
+    server = PasswordCatcher()
+    yield server
+    server.close()
+
+
+def run_failure_text(result) -> str:
+    """Every error of a run (resource init, step, run), with causes."""
+    texts = []
+    for event in result.all_events:
+        error = getattr(event.event_specific_data, "error", None)
+        while error is not None:
+            texts.append(error.message)
+            error = error.cause
+    return "\n".join(texts)
+
+
+def implicit_asset_run(asset: str, run_config: dict, instance=None):
+    """Materialize `asset` through the implicit asset job, as the asset graph's
+    Materialize button does: none of the write jobs' launch-time checks or tags."""
+    job = defs.resolve_implicit_global_asset_job_def()
+    return job.execute_in_process(
+        run_config=run_config,
+        asset_selection=[dg.AssetKey(asset)],
+        instance=instance or dg.DagsterInstance.ephemeral(),
+        raise_on_error=False,
+    )
+
+
+def test_run_config_url_cannot_send_the_password_to_another_server(
+    database_url, catcher, run_job, monkeypatch
+):
+    monkeypatch.setenv("PGPASSWORD", "worker-Secret-9")
+    elsewhere = f"postgresql://rdw@127.0.0.1:{catcher.port}/reports"
+    in_config = {"resources": {"target_db": {"config": {"url": elsewhere}}}}
+    refusal = launch_refusal(run_job, "post_collection_validation", in_config)
+    assert "another server" in refusal
+    rollback = {
+        "ops": {"execution_id_rollback": {"config": {"cutoff_date": "2020-01-01"}}},
+        **in_config,
+    }
+    for asset, config in [
+        ("execution_id_population", in_config),
+        ("execution_id_rollback", rollback),
+    ]:
+        result = implicit_asset_run(asset, config)
+        assert not result.success
+        assert "another server" in run_failure_text(result)
+    assert catcher.passwords == []
+    # The same server, another database or user: run config may still choose those.
+    same_server = make_conninfo(database_url, application_name="rdw_via_run_config")
+    result = run_job(
+        "post_collection_validation",
+        {"resources": {"target_db": {"config": {"url": same_server}}}},
+    )
+    assert result.success
+
+
+def test_password_in_run_config_is_refused_from_the_asset_graph(password_url, sql_exec):
+    in_config = {"resources": {"target_db": {"config": {"url": password_url}}}}
+    result = implicit_asset_run("execution_id_indexes", in_config)
+    assert not result.success
+    assert "url carries a password" in run_failure_text(result)
+    assert sql_exec(
+        "SELECT count(*) FROM pg_indexes WHERE indexname LIKE 'idx_report_data_weeks_%'"
+    ) == [(0,)]
+
+
+def test_write_asset_from_the_asset_graph_waits_for_the_write_slot(
+    database_url, sql_exec, tmp_path
+):
+    """A write materialized outside the write jobs (no `rdw/db-writes` run tag) still
+    waits while another write holds the `rdw/db-writes` pool's one slot."""
+    indexes = "SELECT count(*) FROM pg_indexes WHERE indexname LIKE 'idx_report_data_weeks_%'"
+    overrides = {"concurrency": {"pools": {"default_limit": 1}}}
+    with dg.instance_for_test(temp_dir=str(tmp_path), overrides=overrides) as instance:
+        storage = instance.event_log_storage
+        storage.initialize_concurrency_limit_to_default("rdw/db-writes")
+        storage.claim_concurrency_slot("rdw/db-writes", "another-write-run", "its-step")
+        done = {}
+        worker = threading.Thread(
+            target=lambda: done.update(
+                result=implicit_asset_run("execution_id_indexes", {}, instance=instance)
+            )
+        )
+        worker.start()
+        worker.join(6)
+        assert worker.is_alive(), "the write ran beside another write"
+        assert sql_exec(indexes) == [(0,)]
+        storage.free_concurrency_slots_for_run("another-write-run")
+        worker.join(120)
+    assert done["result"].success
+    assert sql_exec(indexes) == [(2,)]
+
+
+def test_every_write_asset_and_op_sits_in_the_write_pool():
+    job = defs.resolve_implicit_global_asset_job_def()
+    pools = {node.name: node.definition.pool for node in job.graph.node_dict.values()}
+    for name in ("execution_id_indexes", "execution_id_rollback", "execution_id_restore"):
+        assert pools[name] == "rdw/db-writes", name
+    for job_name, op in [
+        ("add_execution_id_foreign_key", "add_foreign_key"),
+        ("weekly_collection", "collect_weeks"),
+    ]:
+        assert (
+            defs.resolve_job_def(job_name).graph.node_named(op).definition.pool == "rdw/db-writes"
+        )
