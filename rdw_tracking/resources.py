@@ -22,6 +22,16 @@ from pydantic import ConfigDict, Field, field_validator
 
 URL_ENV = "RDW_DATABASE_URL"
 APPLICATION_NAME = "rdw_tracking"
+# A worker whose host dies inside a transaction leaves its row locks held: the server
+# ends such a session after this long idle in its transaction, and both ends probe a
+# silent TCP peer after 30 s idle, every 10 s, 3 times (not the kernel's ~2 h).
+IDLE_IN_TRANSACTION_TIMEOUT_MS = 60_000
+KEEPALIVES = {
+    "keepalives": 1,
+    "keepalives_idle": 30,
+    "keepalives_interval": 10,
+    "keepalives_count": 3,
+}
 # RFC 3986 allows none of these unencoded in a URI's user or password; libpq then reads
 # the rest of the password as host, port or database and quotes it back in errors.
 _RESERVED_IN_USERINFO = "/?#@"
@@ -244,6 +254,13 @@ class TargetDatabase(dg.ConfigurableResource):
     lock_timeout_ms: int = Field(
         default=5_000, description="Longest any statement waits for a lock (ms)."
     )
+    idle_in_transaction_timeout_ms: int = Field(
+        default=IDLE_IN_TRANSACTION_TIMEOUT_MS,
+        description=(
+            "The server ends a session idle this long inside a transaction (ms), so a "
+            "worker that died mid-batch does not keep its row locks: 100 ms to 1 day."
+        ),
+    )
 
     @field_validator("schema_name", "weeks_table", "executions_table", "collections_table")
     @classmethod
@@ -255,6 +272,15 @@ class TargetDatabase(dg.ConfigurableResource):
     def _timeouts(cls, value: int, info) -> int:
         if not 0 <= value <= 86_400_000:
             raise ValueError(f"{info.field_name} must be between 0 and 86400000 ms, got {value}")
+        return value
+
+    @field_validator("idle_in_transaction_timeout_ms")
+    @classmethod
+    def _idle_timeout(cls, value: int) -> int:
+        if not 100 <= value <= 86_400_000:
+            raise ValueError(
+                f"idle_in_transaction_timeout_ms must be between 100 and 86400000 ms, got {value}"
+            )
         return value
 
     @field_validator("url")
@@ -334,7 +360,8 @@ class TargetDatabase(dg.ConfigurableResource):
     def connect(
         self, autocommit: bool = False, check_schema: bool = True
     ) -> Iterator[psycopg.Connection]:
-        """A connection with UTC, application_name and both timeouts set.
+        """A connection with UTC, application_name, both timeouts, a limit on time idle
+        in a transaction and TCP keepalives (client and server side) set.
 
         Connection failures become one `TargetDatabaseError` naming host, database and
         schema, never the password.
@@ -343,7 +370,11 @@ class TargetDatabase(dg.ConfigurableResource):
         where = self.describe()
         options = (
             f"-c TimeZone=UTC -c statement_timeout={self.statement_timeout_ms} "
-            f"-c lock_timeout={self.lock_timeout_ms}"
+            f"-c lock_timeout={self.lock_timeout_ms} "
+            f"-c idle_in_transaction_session_timeout={self.idle_in_transaction_timeout_ms} "
+            f"-c tcp_keepalives_idle={KEEPALIVES['keepalives_idle']} "
+            f"-c tcp_keepalives_interval={KEEPALIVES['keepalives_interval']} "
+            f"-c tcp_keepalives_count={KEEPALIVES['keepalives_count']}"
         )
         try:
             conn = psycopg.connect(
@@ -352,6 +383,7 @@ class TargetDatabase(dg.ConfigurableResource):
                 application_name=APPLICATION_NAME,
                 options=options,
                 connect_timeout=10,
+                **KEEPALIVES,
             )
         except psycopg.OperationalError as err:
             reason = redact(str(err).strip().splitlines()[-1] if str(err).strip() else "", url)

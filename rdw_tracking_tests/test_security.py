@@ -12,6 +12,7 @@ import os
 import socket
 import struct
 import threading
+import time
 from pathlib import Path
 
 import dagster as dg
@@ -351,3 +352,35 @@ def test_every_write_asset_and_op_sits_in_the_write_pool():
         assert (
             defs.resolve_job_def(job_name).graph.node_named(op).definition.pool == "rdw/db-writes"
         )
+
+
+# -- 6. no session idles in a transaction for ever ----------------------------------------
+
+
+def test_connections_end_idle_transactions_and_keep_alive(database_url, sql_exec):
+    with TargetDatabase(url=database_url).connect() as conn:
+        assert conn.execute("SHOW idle_in_transaction_session_timeout").fetchone() == ("1min",)
+        parameters = conn.info.get_parameters()
+        assert {k: parameters.get(k) for k in ("keepalives", "keepalives_idle")} == {
+            "keepalives": "1",
+            "keepalives_idle": "30",
+        }
+        assert (parameters.get("keepalives_interval"), parameters.get("keepalives_count")) == (
+            "10",
+            "3",
+        )
+        # Server side too (0 on a Unix socket, where TCP keepalives do not apply).
+        idle = conn.execute("SHOW tcp_keepalives_idle").fetchone()[0]
+        socket_path = conn.info.host.startswith("/")
+        assert idle == ("0" if socket_path else "30")
+
+    db = TargetDatabase(url=database_url, idle_in_transaction_timeout_ms=300)
+    with db.connect() as conn:
+        pid = conn.info.backend_pid
+        conn.execute("SELECT id FROM report_data_weeks LIMIT 1 FOR UPDATE")  # a row lock
+        time.sleep(1.5)  # the worker "dies" inside its transaction
+        assert sql_exec("SELECT count(*) FROM pg_stat_activity WHERE pid = %s", [pid]) == [(0,)]
+        with pytest.raises(psycopg.Error, match="idle-in-transaction"):
+            conn.execute("SELECT 1")
+    # The row lock went with the session: another writer gets the row at once.
+    sql_exec("SET lock_timeout = '100ms'; UPDATE report_data_weeks SET status = status")
