@@ -32,6 +32,7 @@ from rdw_tracking_tests.conftest import (
     launch_refusal,
 )
 from rdw_tracking_tests.test_no_leaks import everything_recorded
+from rdw_tracking_tests.test_sensors import complete, tick
 
 # -- 1. the demo and the UI touch only the demo's database --------------------------------
 
@@ -384,3 +385,32 @@ def test_connections_end_idle_transactions_and_keep_alive(database_url, sql_exec
             conn.execute("SELECT 1")
     # The row lock went with the session: another writer gets the row at once.
     sql_exec("SET lock_timeout = '100ms'; UPDATE report_data_weeks SET status = status")
+
+
+# -- 7. the polling sensor and a date in 2099; the write lock's session ---------------------
+
+
+def test_a_future_completed_at_does_not_silence_the_sensor(database_url, sql_exec):
+    cursor = tick(None, database_url).cursor
+    future = complete(sql_exec, 1, at="'2099-01-01T00:00:00Z'")
+    data = tick(cursor, database_url)
+    assert not data.run_requests
+    assert "in the future" in data.skip_message or "after the database's now()" in data.skip_message
+    assert future[0] in data.skip_message
+    watermark = ExecutionsCursor.from_json(data.cursor).watermark
+    assert watermark.year < 2099
+
+    later = complete(sql_exec, 1)
+    data = tick(data.cursor, database_url)
+    assert data.run_requests and data.run_requests[0].tags["rdw/new_executions"] == "1"
+    assert set(later) <= set(ExecutionsCursor.from_json(data.cursor).seen)
+    assert future[0] not in ExecutionsCursor.from_json(data.cursor).seen
+
+    # A first tick, and a cursor already pushed to 2099 by the code before the fix.
+    first = tick(None, database_url)
+    assert ExecutionsCursor.from_json(first.cursor).watermark.year < 2099
+    poisoned = ExecutionsCursor(dt.datetime(2099, 1, 1, tzinfo=dt.timezone.utc)).to_json()
+    again = complete(sql_exec, 1)
+    data = tick(poisoned, database_url)
+    assert data.run_requests, data.skip_message
+    assert set(again) <= set(ExecutionsCursor.from_json(data.cursor).seen)
