@@ -11,6 +11,7 @@ import os
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -43,6 +44,11 @@ _REFUSED_LOGIN = re.compile(
     r'(database|role) "[^"]*" does not exist',
     re.IGNORECASE,
 )
+
+
+# The write lock of the job running in this context (writes.WriteLock), if any: every
+# connection opened under it first checks the lock is still held.
+WRITE_GUARD: ContextVar = ContextVar("rdw_tracking_write_lock", default=None)
 
 
 class TargetDatabaseError(Exception):
@@ -407,6 +413,9 @@ class TargetDatabase(dg.ConfigurableResource):
                         f"{self.endpoint().database} at {self.endpoint().host}:{self.endpoint().port}; "
                         "set target_db.schema_name to the schema holding report_data_weeks"
                     )
+            guard = WRITE_GUARD.get()
+            if guard is not None:
+                guard.check()  # a write job's lock session may have been terminated
             yield conn
         except psycopg.errors.QueryCanceled as err:
             if "statement timeout" not in str(err):

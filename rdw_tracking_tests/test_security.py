@@ -24,6 +24,7 @@ from rdw_tracking import cli, demo, embedded, walkthrough
 from rdw_tracking.definitions import defs
 from rdw_tracking.resources import TargetDatabase, TargetDatabaseError, redact
 from rdw_tracking.sensors import ExecutionsCursor, ExecutionsPolling, workflow_executions_sensor
+from rdw_tracking.writes import LOCK_CLASS, exclusive_write
 from rdw_tracking_tests.assets.test_population import failure_text
 from rdw_tracking_tests.conftest import (
     create_database,
@@ -414,3 +415,56 @@ def test_a_future_completed_at_does_not_silence_the_sensor(database_url, sql_exe
     data = tick(poisoned, database_url)
     assert data.run_requests, data.skip_message
     assert set(again) <= set(ExecutionsCursor.from_json(data.cursor).seen)
+
+
+def terminate(sql_exec, pid: int) -> None:
+    sql_exec("SELECT pg_terminate_backend(%s)", [pid])
+
+
+def test_a_lost_write_lock_stops_the_next_change(db, sql_exec):
+    with pytest.raises(dg.Failure, match="was lost"):  # and again as the job ends
+        with exclusive_write(db, "some_write_job") as lock:
+            terminate(sql_exec, lock.pid)
+            # The job's next connection (each batch, each DDL) refuses to start.
+            with pytest.raises(dg.Failure, match="write lock .* was lost") as err:
+                with db.connect():
+                    pass
+            assert "some_write_job stopped" in err.value.description
+            with pytest.raises(dg.Failure, match="was lost"):
+                lock.check()
+    # Nothing checked it in between: the job still fails as the lock turns out lost.
+    with pytest.raises(dg.Failure, match="was lost"):
+        with exclusive_write(db, "some_write_job") as lock:
+            terminate(sql_exec, lock.pid)
+    # Held throughout: the check passes and the lock is released.
+    with exclusive_write(db, "some_write_job") as lock:
+        lock.check()
+    with exclusive_write(db, "next_job"):
+        pass
+
+
+def test_a_write_job_whose_lock_session_is_killed_fails(database_url, sql_exec, run_job):
+    stop = threading.Event()
+    killed = []
+
+    def killer():
+        while not stop.is_set() and not killed:
+            rows = sql_exec(
+                "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted AND classid = %s",
+                [LOCK_CLASS],
+            )
+            for (pid,) in rows:
+                terminate(sql_exec, pid)
+                killed.append(pid)
+            time.sleep(0.002)
+
+    thread = threading.Thread(target=killer)
+    thread.start()
+    try:
+        result = run_job("create_execution_id_indexes")
+    finally:
+        stop.set()
+        thread.join()
+    assert killed, "the job ended before its lock was seen"
+    assert not result.success
+    assert "write lock" in failure_text(result) and "was lost" in failure_text(result)
