@@ -9,7 +9,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from rdw_tracking import devserver, embedded
+from rdw_tracking import demo, devserver, embedded
 
 warnings.filterwarnings("ignore", module="platformdirs")
 
@@ -22,16 +22,43 @@ def dagster_home() -> Path:
     return home
 
 
-def use_embedded_environment() -> bool:
-    """Point this process (and its children) at the embedded server; True when it started it.
+URL_ENV = "RDW_DATABASE_URL"  # resources.URL_ENV, without importing Dagster for `db`
+DEMO_URL_ENV = "RDW_DEMO_DATABASE_URL"
+# Variables that point the project at a real deployment: the demo and the UI never use them.
+_DEPLOYMENT_ENV = (URL_ENV, "RDW_FLEET_FILE", "DAGSTER_HOME", "RDW_DAGSTER_STORAGE_URL")
 
-    A `RDW_DATABASE_URL` or `DAGSTER_HOME` already set is respected.
+
+def demo_database_url() -> str:
+    """The only database the demo and the UI touch: `RDW_DEMO_DATABASE_URL`, else the
+    embedded server's demo database. Never `RDW_DATABASE_URL`, which an operator's shell
+    may export for production."""
+    return os.environ.get(DEMO_URL_ENV) or embedded.database_url()
+
+
+def use_embedded_environment() -> bool:
+    """Point this process (and its children: the UI's code server, daemon and runs) at
+    the demo's database and the embedded Dagster storage; True when it started the
+    embedded server.
+
+    `RDW_DATABASE_URL`, `RDW_FLEET_FILE`, `DAGSTER_HOME` and `RDW_DAGSTER_STORAGE_URL`
+    exported in the shell are overridden, not respected: the demo rebuilds its tables
+    and the UI's daemon ticks sensors, neither of which may reach a real deployment.
     """
     started = embedded.start()
-    os.environ.setdefault("RDW_DATABASE_URL", embedded.database_url())
-    if "DAGSTER_HOME" not in os.environ:
-        os.environ["DAGSTER_HOME"] = str(dagster_home())
-        os.environ["RDW_DAGSTER_STORAGE_URL"] = embedded.dagster_storage_url()
+    demo_url = demo_database_url()
+    ignored = [name for name in _DEPLOYMENT_ENV if os.environ.get(name) and name != "DAGSTER_HOME"]
+    if URL_ENV in ignored and os.environ[URL_ENV] == demo_url:
+        ignored.remove(URL_ENV)
+    if ignored:
+        print(
+            f"ignoring {', '.join(ignored)}: the demo and the UI use only "
+            f"{'$' + DEMO_URL_ENV if os.environ.get(DEMO_URL_ENV) else 'the embedded server'}",
+            file=sys.stderr,
+        )
+    os.environ.pop("RDW_FLEET_FILE", None)
+    os.environ[URL_ENV] = demo_url
+    os.environ["DAGSTER_HOME"] = str(dagster_home())
+    os.environ["RDW_DAGSTER_STORAGE_URL"] = embedded.dagster_storage_url()
     return started
 
 
@@ -54,6 +81,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     started = use_embedded_environment()
     try:
         return walkthrough.run(rows=args.rows)
+    except demo.NotDemoTables as err:
+        print(f"rdw-tracking demo: {err}", file=sys.stderr)
+        return 2
     finally:
         if started and not args.keep_running:
             embedded.stop()
@@ -63,7 +93,13 @@ def cmd_ui(args: argparse.Namespace) -> int:
     from rdw_tracking import walkthrough
 
     started = use_embedded_environment()
-    walkthrough.ensure_demo_data(rows=args.rows)
+    try:
+        walkthrough.ensure_demo_data(rows=args.rows)
+    except demo.NotDemoTables as err:
+        print(f"rdw-tracking ui: {err}", file=sys.stderr)
+        if started:
+            embedded.stop()
+        return 2
     print(f"Dagster UI on http://{args.host}:{args.port} (Ctrl-C stops it)", flush=True)
     proc = devserver.start(embedded.PROJECT_ROOT / "workspace.yaml", args.port, host=args.host)
     try:

@@ -185,7 +185,7 @@ def collection_needs(db: TargetDatabase) -> list[Need]:
     ]
 
 
-@dg.op(name="collect_weeks", tags={"kind": "postgres"})
+@dg.op(name="collect_weeks", tags={"kind": "postgres"}, pool="rdw/db-writes")
 def collect_weeks(
     context: dg.OpExecutionContext, config: CollectionConfig, target_db: TargetDatabase
 ) -> dg.Output[int]:

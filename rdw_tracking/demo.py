@@ -6,6 +6,10 @@ are legacy rows with a NULL `execution_id`; rows after it carry the id of the
 point nowhere. Everything is generated with `INSERT ... SELECT generate_series`, so
 millions of rows never travel through Python; ids are md5-derived, so two builds of the
 same size hold the same rows (only `created_at` moves with the clock).
+
+The demo drops only tables it created: each carries the comment `MARKER`, and a table
+of the same name without it (a real `report_data_weeks`) makes `build` refuse before
+it drops anything.
 """
 
 from __future__ import annotations
@@ -21,6 +25,12 @@ from psycopg.types.numeric import Int8
 
 WEEKS = 52
 COLLECTIONS_PER_RUN = 50
+MARKER = "rdw_tracking demo table"
+DROP_LOCK_TIMEOUT = "5s"  # a demo rebuild never queues behind (and ahead of) real work
+
+
+class NotDemoTables(RuntimeError):
+    """Tables named like the demo's that the demo did not create: never dropped."""
 
 
 @dataclass(frozen=True)
@@ -147,16 +157,73 @@ def _ddl(statement: str, names: DemoNames) -> sql.Composed:
     return sql.SQL(statement).format(**names.ids())
 
 
+# The demo's tables in `schema` and every partition or child table below them, with
+# their comments: what a rebuild would drop.
+DEMO_RELATIONS = """
+WITH RECURSIVE tree AS (
+    SELECT c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+    WHERE n.nspname = %(schema)s AND c.relname = ANY(%(tables)s)
+    UNION
+    SELECT i.inhrelid FROM pg_inherits i JOIN tree t ON i.inhparent = t.oid
+)
+SELECT n.nspname, c.relname, c.relkind::text, obj_description(c.oid, 'pg_class') AS comment
+FROM tree JOIN pg_class c ON c.oid = tree.oid JOIN pg_namespace n ON n.oid = c.relnamespace
+ORDER BY c.oid
+"""
+
+
+def _demo_relations(
+    conn: psycopg.Connection, names: DemoNames
+) -> list[tuple[str, str, str, str | None]]:
+    tables = [names.weeks, names.executions, names.collections]
+    return conn.execute(DEMO_RELATIONS, {"schema": names.schema, "tables": tables}).fetchall()
+
+
+def mark_tables(conn: psycopg.Connection, names: DemoNames = DemoNames()) -> None:
+    """Mark the demo's tables (and their partitions or children) as the demo's own."""
+    for schema, table, _, _ in _demo_relations(conn, names):
+        conn.execute(
+            sql.SQL("COMMENT ON TABLE {} IS {}").format(
+                sql.Identifier(schema, table), sql.Literal(MARKER)
+            )
+        )
+
+
 def drop_tables(conn: psycopg.Connection, names: DemoNames = DemoNames()) -> None:
-    ids = names.ids()
-    for table in ("weeks", "executions", "collections"):
-        conn.execute(sql.SQL("DROP TABLE IF EXISTS {} CASCADE").format(ids[table]))
+    """Drop the demo's tables, but only if every one of them (partitions and children
+    included) carries the demo's mark; otherwise refuse, dropping nothing.
+
+    No CASCADE: an object someone else built on them (a view, a foreign key) makes the
+    drop fail rather than vanish with it. The check and the drop are one transaction,
+    and a lock held elsewhere is waited for at most DROP_LOCK_TIMEOUT.
+    """
+    with conn.transaction():
+        conn.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(DROP_LOCK_TIMEOUT)))
+        found = _demo_relations(conn, names)
+        foreign = [f"{schema}.{table}" for schema, table, _, comment in found if comment != MARKER]
+        if foreign:
+            raise NotDemoTables(
+                f"{', '.join(foreign)} exist(s) but the rdw_tracking demo did not create "
+                f"them (no {MARKER!r} comment), so the demo refuses to drop them and changed "
+                "nothing; point RDW_DEMO_DATABASE_URL at a database of its own (or unset it "
+                "for the embedded server)"
+            )
+        # Partitions go with their parent; children of an inheritance parent are named.
+        kept = [
+            sql.Identifier(schema, table)
+            for schema, table, kind, _ in found
+            if kind in ("r", "p", "f")
+        ]
+        if kept:
+            conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.SQL(", ").join(kept)))
 
 
 def create_tables(conn: psycopg.Connection, names: DemoNames = DemoNames()) -> None:
-    """The spec's three tables, empty, exactly as the contract writes them."""
+    """The spec's three tables, empty, exactly as the contract writes them (and marked
+    as the demo's, so that only they are ever dropped by a rebuild)."""
     for statement in DDL:
         conn.execute(_ddl(statement, names))
+    mark_tables(conn, names)
 
 
 def build(

@@ -20,7 +20,7 @@ import datetime as dt
 import psycopg
 from psycopg import sql
 
-from rdw_tracking.demo import DemoNames
+from rdw_tracking.demo import DemoNames, mark_tables
 
 LAYOUTS = ("ordinary", "range", "list", "hash", "multilevel", "inheritance")
 
@@ -172,6 +172,7 @@ def relayout(
         else:
             conn.execute(sql.SQL("INSERT INTO {} SELECT * FROM {}").format(weeks, flat))
         conn.execute(sql.SQL("DROP TABLE {}").format(flat))
+        mark_tables(conn, names)  # the new table and its partitions are the demo's too
         conn.commit()
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute(sql.SQL("ANALYZE {}").format(weeks))

@@ -1,7 +1,6 @@
 """Jobs: what a person launches from the UI, and what schedules and sensors request."""
 
 import dagster as dg
-from psycopg.conninfo import conninfo_to_dict
 
 from rdw_tracking.assets.foreign_key import ForeignKeyConfig, add_foreign_key
 from rdw_tracking.assets.indexes import IndexConfig
@@ -10,7 +9,7 @@ from rdw_tracking.assets.population import PopulationConfig
 from rdw_tracking.assets.restore import RestoreConfig
 from rdw_tracking.assets.rollback import RollbackConfig
 from rdw_tracking.collection import CollectionConfig, collect_weeks
-from rdw_tracking.resources import URL_ENV, TargetDatabase
+from rdw_tracking.resources import TargetDatabase, run_config_url_problem
 
 # Jobs that write to the looked-after database carry this tag; dagster.yaml lets one of
 # them run at a time, and each also takes a PostgreSQL advisory lock (see writes.py).
@@ -66,11 +65,10 @@ def check_target_db(values: dict) -> None:
     except Exception as err:  # the message holds no input value: it may be the URL
         raise RunConfigError(f"{where}: {_first_error(err)}") from None
     url = literal.get("url")
-    if url and conninfo_to_dict(url).get("password"):
+    problem = run_config_url_problem(url) if url else None
+    if problem:
         raise RunConfigError(
-            f"{where}.url carries a password, and run config is stored with the run for "
-            f"anyone who can see it: leave url unset and put the URL in env {URL_ENV}, or "
-            "the password in ~/.pgpass or PGPASSWORD"
+            f"{where}.{problem}" if problem.startswith("url ") else f"{where}.url: {problem}"
         )
 
 

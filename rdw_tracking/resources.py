@@ -11,6 +11,7 @@ import os
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -18,10 +19,24 @@ import dagster as dg
 import psycopg
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
-from pydantic import Field, field_validator
+from pydantic import ConfigDict, Field, field_validator
 
 URL_ENV = "RDW_DATABASE_URL"
 APPLICATION_NAME = "rdw_tracking"
+# A worker whose host dies inside a transaction leaves its row locks held: the server
+# ends such a session after this long idle in its transaction, and both ends probe a
+# silent TCP peer after 30 s idle, every 10 s, 3 times (not the kernel's ~2 h).
+IDLE_IN_TRANSACTION_TIMEOUT_MS = 60_000
+KEEPALIVES = {
+    "keepalives": 1,
+    "keepalives_idle": 30,
+    "keepalives_interval": 10,
+    "keepalives_count": 3,
+}
+# RFC 3986 allows none of these unencoded in a URI's user or password; libpq then reads
+# the rest of the password as host, port or database and quotes it back in errors.
+_RESERVED_IN_USERINFO = "/?#@"
+_URI_PREFIX = re.compile(r"^\s*postgres(?:ql)?://", re.IGNORECASE)
 _MAX_IDENTIFIER = 63
 # libpq's words for a login the server refused, as opposed to a server not there.
 _REFUSED_LOGIN = re.compile(
@@ -29,6 +44,11 @@ _REFUSED_LOGIN = re.compile(
     r'(database|role) "[^"]*" does not exist',
     re.IGNORECASE,
 )
+
+
+# The write lock of the job running in this context (writes.WriteLock), if any: every
+# connection opened under it first checks the lock is still held.
+WRITE_GUARD: ContextVar = ContextVar("rdw_tracking_write_lock", default=None)
 
 
 class TargetDatabaseError(Exception):
@@ -71,7 +91,34 @@ class Endpoint:
         return f"{self.user}@{self.host}:{self.port}/{self.database}"
 
 
+def raw_userinfo(url: str) -> str | None:
+    """The `user:password` of a libpq URI as written, up to its last `@`, before any
+    parsing (which a stray `/` or `@` in the password would lead astray)."""
+    match = _URI_PREFIX.match(url or "")
+    if not match:
+        return None
+    rest = url[match.end() :]
+    return rest[: rest.rfind("@")] if "@" in rest else None
+
+
+def ambiguous_userinfo(url: str) -> str | None:
+    """Why `url` must be refused without quoting it, or None: an unencoded `/ ? # @`
+    in its user or password."""
+    userinfo = raw_userinfo(url)
+    if userinfo and any(ch in userinfo for ch in _RESERVED_IN_USERINFO):
+        return (
+            "the database URL has an unencoded '/', '?', '#' or '@' in its user or "
+            "password, so libpq would read part of the password as host, port or database; "
+            "percent-encode them (%2F, %3F, %23, %40), or leave the password out of the URL "
+            "and put it in ~/.pgpass or PGPASSWORD"
+        )
+    return None
+
+
 def endpoint(url: str) -> Endpoint:
+    problem = ambiguous_userinfo(url)
+    if problem:
+        raise NotRetryable(f"{problem} (check {URL_ENV} or target_db.url)")
     try:
         info = conninfo_to_dict(url)
     except psycopg.ProgrammingError as err:
@@ -91,6 +138,13 @@ def redact(text: str, url: str | None) -> str:
     """`text` with any password of `url` (and any password-looking URL part) masked."""
     if url:
         secrets = set()
+        userinfo = raw_userinfo(url)
+        if userinfo and ":" in userinfo:
+            # The password as written, and each piece libpq may have taken for a host,
+            # port or database when it holds a stray `/` or `@`.
+            password = userinfo.split(":", 1)[1]
+            secrets.add(password)
+            secrets.update(p for p in re.split(r"[/?#@:]", password) if len(p) >= 2)
         try:
             secrets.add(urlsplit(url).password or "")
         except ValueError:
@@ -103,6 +157,68 @@ def redact(text: str, url: str | None) -> str:
             text = text.replace(secret, "***")
     text = re.sub(r"(postgres(?:ql)?(?:\+\w+)?://[^:/@\s]*:)[^@\s]*@", r"\1***@", text)
     return re.sub(r"(password\s*=\s*)\S+", r"\1***", text, flags=re.IGNORECASE)
+
+
+def server_of(url: str) -> tuple[str, str, str, str]:
+    """(host, hostaddr, port, service) a URL sends libpq to, with libpq's env defaults."""
+    info = conninfo_to_dict(url)
+    return (
+        str(info.get("host") or os.environ.get("PGHOST") or ""),
+        str(info.get("hostaddr") or os.environ.get("PGHOSTADDR") or ""),
+        str(info.get("port") or os.environ.get("PGPORT") or "5432"),
+        str(info.get("service") or os.environ.get("PGSERVICE") or ""),
+    )
+
+
+def run_config_url_problem(url: str) -> str | None:
+    """Why a `url` given in run config may not be used, or None; the reason quotes
+    nothing of the URL.
+
+    Run config is written by whoever launches a run and stored with it, and libpq hands
+    the worker's `PGPASSWORD` (or a `~/.pgpass` line that matches) to whatever server a
+    URL names. So a URL from run config carries no password and names the server of
+    `RDW_DATABASE_URL` (host, hostaddr, port and service): it may pick another database
+    or user there, never another server.
+    """
+    problem = ambiguous_userinfo(url)
+    if problem:
+        return problem
+    try:
+        info = conninfo_to_dict(url)
+    except psycopg.ProgrammingError:
+        return "url is not a valid libpq URI; write it as postgresql://user@host:port/database"
+    if info.get("password"):
+        return (
+            "url carries a password, and run config is stored with the run for anyone who "
+            f"can see it: leave url unset and put the URL in env {URL_ENV}, or the password "
+            "in ~/.pgpass or PGPASSWORD"
+        )
+    env_url = os.environ.get(URL_ENV)
+    try:
+        same_server = bool(env_url) and server_of(url) == server_of(env_url)
+    except psycopg.ProgrammingError:
+        same_server = False
+    if not same_server:
+        return (
+            f"url names another server than env {URL_ENV} (or {URL_ENV} is unset), and "
+            "libpq would send the worker's PGPASSWORD or ~/.pgpass password there; in run "
+            "config, url may only pick another database or user on the same host and port. "
+            f"To look after another server, set {URL_ENV} where the code runs"
+        )
+    return None
+
+
+def _url_from_run_config(context: dg.InitResourceContext, url: str) -> bool:
+    """Whether `url` came from the run's config (launchpad, sensor, API), not from code."""
+    try:
+        run = context.run
+    except Exception:
+        return False
+    resources = ((run.run_config if run else None) or {}).get("resources") or {}
+    return any(
+        isinstance(entry, dict) and (entry.get("config") or {}).get("url") == url
+        for entry in resources.values()
+    )
 
 
 def _check_identifier(value: str, field: str) -> str:
@@ -122,9 +238,17 @@ def _check_identifier(value: str, field: str) -> str:
 class TargetDatabase(dg.ConfigurableResource):
     """The PostgreSQL database holding `report_data_weeks` and `workflow_executions`."""
 
+    # A refused value may be a URL with a password in it: never quote it in errors.
+    model_config = ConfigDict(hide_input_in_errors=True)
+
     url: str | None = Field(
         default=None,
-        description=f"libpq URI of the database; default: env {URL_ENV}, else the embedded server.",
+        description=(
+            f"libpq URI of the database; default: env {URL_ENV}, else the embedded server. "
+            f"Given in run config, it must name the server of {URL_ENV} (same host and port) "
+            "and carry no password: it may pick another database or user there, never send "
+            "the worker's credentials elsewhere."
+        ),
     )
     schema_name: str = Field(default="public", description="Schema holding the three tables.")
     weeks_table: str = Field(default="report_data_weeks")
@@ -135,6 +259,13 @@ class TargetDatabase(dg.ConfigurableResource):
     )
     lock_timeout_ms: int = Field(
         default=5_000, description="Longest any statement waits for a lock (ms)."
+    )
+    idle_in_transaction_timeout_ms: int = Field(
+        default=IDLE_IN_TRANSACTION_TIMEOUT_MS,
+        description=(
+            "The server ends a session idle this long inside a transaction (ms), so a "
+            "worker that died mid-batch does not keep its row locks: 100 ms to 1 day."
+        ),
     )
 
     @field_validator("schema_name", "weeks_table", "executions_table", "collections_table")
@@ -149,12 +280,24 @@ class TargetDatabase(dg.ConfigurableResource):
             raise ValueError(f"{info.field_name} must be between 0 and 86400000 ms, got {value}")
         return value
 
+    @field_validator("idle_in_transaction_timeout_ms")
+    @classmethod
+    def _idle_timeout(cls, value: int) -> int:
+        if not 100 <= value <= 86_400_000:
+            raise ValueError(
+                f"idle_in_transaction_timeout_ms must be between 100 and 86400000 ms, got {value}"
+            )
+        return value
+
     @field_validator("url")
     @classmethod
     def _url(cls, value: str | None) -> str | None:
         if value is not None and not value.strip():
             raise ValueError("url must not be empty; leave it unset to use env " + URL_ENV)
         if value is not None:
+            problem = ambiguous_userinfo(value)
+            if problem:
+                raise ValueError(problem)
             try:
                 port = str(conninfo_to_dict(value).get("port") or "")
             except psycopg.ProgrammingError as err:
@@ -165,10 +308,18 @@ class TargetDatabase(dg.ConfigurableResource):
             # libpq only finds a bad port when it connects; say so now, not after retries.
             if port and not all(p.strip().isdigit() for p in port.split(",")):
                 raise ValueError(
-                    f"url has port {port!r}, not a number; write it as "
+                    "url has a port that is not a number; write it as "
                     "postgresql://user@host:5432/database"
                 )
         return value
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        """Refuse a run-config URL that could send credentials elsewhere, in every run:
+        launched as a job (checked at launch too) or from the asset graph (not)."""
+        if self.url is not None and _url_from_run_config(context, self.url):
+            problem = run_config_url_problem(self.url)
+            if problem:
+                raise NotRetryable(f"run config resources.target_db.config: {problem}")
 
     # -- where --------------------------------------------------------------------
 
@@ -215,7 +366,8 @@ class TargetDatabase(dg.ConfigurableResource):
     def connect(
         self, autocommit: bool = False, check_schema: bool = True
     ) -> Iterator[psycopg.Connection]:
-        """A connection with UTC, application_name and both timeouts set.
+        """A connection with UTC, application_name, both timeouts, a limit on time idle
+        in a transaction and TCP keepalives (client and server side) set.
 
         Connection failures become one `TargetDatabaseError` naming host, database and
         schema, never the password.
@@ -224,7 +376,11 @@ class TargetDatabase(dg.ConfigurableResource):
         where = self.describe()
         options = (
             f"-c TimeZone=UTC -c statement_timeout={self.statement_timeout_ms} "
-            f"-c lock_timeout={self.lock_timeout_ms}"
+            f"-c lock_timeout={self.lock_timeout_ms} "
+            f"-c idle_in_transaction_session_timeout={self.idle_in_transaction_timeout_ms} "
+            f"-c tcp_keepalives_idle={KEEPALIVES['keepalives_idle']} "
+            f"-c tcp_keepalives_interval={KEEPALIVES['keepalives_interval']} "
+            f"-c tcp_keepalives_count={KEEPALIVES['keepalives_count']}"
         )
         try:
             conn = psycopg.connect(
@@ -233,6 +389,7 @@ class TargetDatabase(dg.ConfigurableResource):
                 application_name=APPLICATION_NAME,
                 options=options,
                 connect_timeout=10,
+                **KEEPALIVES,
             )
         except psycopg.OperationalError as err:
             reason = redact(str(err).strip().splitlines()[-1] if str(err).strip() else "", url)
@@ -256,6 +413,9 @@ class TargetDatabase(dg.ConfigurableResource):
                         f"{self.endpoint().database} at {self.endpoint().host}:{self.endpoint().port}; "
                         "set target_db.schema_name to the schema holding report_data_weeks"
                     )
+            guard = WRITE_GUARD.get()
+            if guard is not None:
+                guard.check()  # a write job's lock session may have been terminated
             yield conn
         except psycopg.errors.QueryCanceled as err:
             if "statement timeout" not in str(err):

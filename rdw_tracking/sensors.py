@@ -99,6 +99,16 @@ class ExecutionsPolling(dg.ConfigurableResource):
         ge=1,
         description="LIMIT of one tick's query; the rest waits for the next tick.",
     )
+    future_tolerance_minutes: int = Field(
+        default=5,
+        ge=0,
+        le=1440,
+        description=(
+            "An execution completed more than this far after the database's now() (clock "
+            "skew, a mistyped date) is reported and skipped: the cursor never moves past "
+            "now() plus this, so one row dated 2099 cannot silence the sensor."
+        ),
+    )
 
 
 @dataclass(frozen=True)
@@ -136,6 +146,12 @@ class ExecutionsCursor:
     def since(self, lookback: dt.timedelta) -> dt.datetime | None:
         return self.watermark - lookback if self.watermark else None
 
+    def capped(self, horizon: dt.datetime) -> "ExecutionsCursor":
+        """This cursor with its watermark no later than `horizon` (and no id seen after it)."""
+        if self.watermark is None or self.watermark <= horizon:
+            return self
+        return ExecutionsCursor(horizon, {i: t for i, t in self.seen.items() if t <= horizon})
+
 
 def advance(
     cursor: ExecutionsCursor, rows: list[tuple[str, dt.datetime]], lookback: dt.timedelta
@@ -160,11 +176,13 @@ ORDER BY completed_at, id
 LIMIT %(limit)s
 """
 
-# First tick: the latest completion and every id within the look-back window behind it.
+# First tick: the latest completion up to the horizon (the database's now() plus the
+# tolerance) and every id within the look-back window behind it, and any dated later.
 LATEST_COMPLETIONS = """
 SELECT id::text, completed_at FROM {executions}
-WHERE completed_at >= (SELECT max(completed_at) FROM {executions} WHERE completed_at IS NOT NULL)
-                      - %(lookback)s
+WHERE completed_at >= (SELECT max(completed_at) FROM {executions}
+                       WHERE completed_at <= %(horizon)s::timestamptz) - %(lookback)s
+   OR completed_at > %(horizon)s::timestamptz
 """
 
 
@@ -173,14 +191,24 @@ class Poll:
     rows: list[tuple[str, dt.datetime]]
     index_names: list[str]
     first_tick: bool
+    # Rows completed after `horizon` (the database's now() plus the tolerance): reported,
+    # never counted, never moving the cursor.
+    future: list[tuple[str, dt.datetime]] = field(default_factory=list)
+    horizon: dt.datetime | None = None
+    # The cursor the tick started from, when its watermark lay beyond the horizon.
+    capped_from: dt.datetime | None = None
 
 
 def poll(
-    db: TargetDatabase, cursor: ExecutionsCursor | None, lookback: dt.timedelta, limit: int
+    db: TargetDatabase,
+    cursor: ExecutionsCursor | None,
+    lookback: dt.timedelta,
+    limit: int,
+    tolerance: dt.timedelta = dt.timedelta(minutes=5),
 ) -> Poll:
     """One tick's read: raises TargetDatabaseError naming the table or server when it can't."""
     try:
-        return _poll(db, cursor, lookback, limit)
+        return _poll(db, cursor, lookback, limit, tolerance)
     except StatementTimeout:
         raise TargetDatabaseError(
             f"workflow_executions_sensor: the tick's query on {db.qualified(db.executions_table)} "
@@ -198,10 +226,18 @@ def poll(
 
 
 def _poll(
-    db: TargetDatabase, cursor: ExecutionsCursor | None, lookback: dt.timedelta, limit: int
+    db: TargetDatabase,
+    cursor: ExecutionsCursor | None,
+    lookback: dt.timedelta,
+    limit: int,
+    tolerance: dt.timedelta,
 ) -> Poll:
     with db.connect() as conn, conn.cursor() as cur:
         cur.execute(sql.SQL("SET LOCAL statement_timeout = {}").format(TICK_STATEMENT_TIMEOUT_MS))
+        horizon = cur.execute("SELECT now()").fetchone()[0] + tolerance
+        capped_from = None
+        if cursor is not None and cursor.watermark and cursor.watermark > horizon:
+            capped_from, cursor = cursor.watermark, cursor.capped(horizon)
         if not catalog.table_exists(cur, db.schema_name, db.executions_table):
             raise TargetDatabaseError(
                 f"table {db.qualified(db.executions_table)} does not exist; create it or set "
@@ -213,7 +249,7 @@ def _poll(
         if cursor is None:
             cur.execute(
                 sql.SQL(LATEST_COMPLETIONS).format(executions=db.executions),
-                {"lookback": lookback},
+                {"lookback": lookback, "horizon": horizon},
             )
         else:
             since = cursor.since(lookback)
@@ -227,7 +263,14 @@ def _poll(
             )
         rows = cur.fetchall()
         conn.rollback()
-    return Poll(rows=rows, index_names=indexes, first_tick=cursor is None)
+    return Poll(
+        rows=[r for r in rows if r[1] <= horizon],
+        index_names=indexes,
+        first_tick=cursor is None,
+        future=[r for r in rows if r[1] > horizon],
+        horizon=horizon,
+        capped_from=capped_from,
+    )
 
 
 def index_note(db: TargetDatabase, index_names: list[str]) -> str:
@@ -238,6 +281,20 @@ def index_note(db: TargetDatabase, index_names: list[str]) -> str:
         f"no index on {table}(completed_at): every tick scans the whole table; build the "
         f"opt-in {INDEX_NAME} with the create_execution_id_indexes job (run config "
         "ops.execution_id_indexes.config.workflow_executions_completed_at: true)"
+    )
+
+
+def future_note(db: TargetDatabase, result: Poll) -> str:
+    """What the tick skipped as dated in the future, or ''."""
+    if not result.future:
+        return ""
+    latest = max(t for _, t in result.future)
+    sample = ", ".join(i for i, _ in result.future[:5])
+    return (
+        f"{len(result.future)} execution(s) in {db.qualified(db.executions_table)} have "
+        f"completed_at after the database's now() plus the tolerance ({result.horizon.isoformat()}), "
+        f"latest {latest.isoformat()} (e.g. {sample}): skipped, and the cursor does not move "
+        "past now(); fix their completed_at or the writer's clock. "
     )
 
 
@@ -279,13 +336,28 @@ def workflow_executions_sensor(
     completion. When the database or the table is unavailable the tick fails with a
     message naming it, and the cursor stays where it was. Each tick says whether the
     opt-in `idx_workflow_executions_completed_at` exists.
+
+    An execution whose `completed_at` lies beyond the database's `now()` plus
+    `executions_polling.future_tolerance_minutes` is reported (log and skip message) and
+    skipped, and never moves the cursor: one row dated 2099 cannot silence the sensor.
     """
     lookback = dt.timedelta(minutes=executions_polling.lookback_minutes)
+    tolerance = dt.timedelta(minutes=executions_polling.future_tolerance_minutes)
     cursor = ExecutionsCursor.from_json(context.cursor) if context.cursor else None
-    result = poll(target_db, cursor, lookback, executions_polling.max_per_tick)
+    result = poll(target_db, cursor, lookback, executions_polling.max_per_tick, tolerance)
     note = index_note(target_db, result.index_names)
     if not result.index_names:
         context.log.warning(note)
+    if result.capped_from is not None:
+        context.log.warning(
+            f"the cursor's watermark {result.capped_from.isoformat()} lay in the future; "
+            f"moved back to {result.horizon.isoformat()} (the database's now() plus the tolerance)"
+        )
+        cursor = cursor.capped(result.horizon)
+    future = future_note(target_db, result)
+    if future:
+        context.log.warning(future)
+    note = future + note
     new_cursor = advance(cursor or ExecutionsCursor(), result.rows, lookback)
     if result.first_tick:
         context.update_cursor(new_cursor.to_json())
@@ -294,6 +366,8 @@ def workflow_executions_sensor(
             f"first tick: cursor set at the latest completion ({latest}); no run requested. {note}"
         )
     if not result.rows:
+        if result.capped_from is not None:
+            context.update_cursor(cursor.to_json())  # keep the capped watermark
         return dg.SkipReason(
             f"no execution completed since {cursor.watermark.isoformat() if cursor and cursor.watermark else 'the start'}. {note}"
         )

@@ -12,7 +12,7 @@ from typing import Any
 
 import dagster as dg
 
-from rdw_tracking import demo
+from rdw_tracking import catalog, demo
 from rdw_tracking.resources import TargetDatabase
 
 # Figures worth a glance per asset, in the order they are printed.
@@ -34,11 +34,12 @@ KEY_FIGURES["report_data_weeks"] = ["rows_written", "execution_id"]
 
 
 def ensure_demo_data(rows: int, rebuild: bool = False) -> None:
+    """Build the demo tables in the demo's database (`rdw-tracking demo`/`ui` set
+    RDW_DATABASE_URL to it) if missing, or always with `rebuild`. `demo.build` drops
+    only tables it marked as its own, and refuses otherwise."""
     db = TargetDatabase()
-    with db.connect() as conn:
-        present = conn.execute(
-            "SELECT to_regclass(%s) IS NOT NULL", [f"{db.schema_name}.{db.weeks_table}"]
-        ).fetchone()[0]
+    with db.cursor() as cur:
+        present = catalog.table_exists(cur, db.schema_name, db.weeks_table)
     if rebuild or not present:
         summary = demo.build(db.resolved_url(), demo.DemoShape(rows=rows))
         print(

@@ -17,7 +17,7 @@ from psycopg import sql
 
 from rdw_tracking import catalog
 from rdw_tracking.assets import refuse
-from rdw_tracking.resources import TargetDatabase
+from rdw_tracking.resources import WRITE_GUARD, TargetDatabase
 
 LOCK_CLASS = 0x52445754  # "RDWT"
 
@@ -44,11 +44,64 @@ def lock_holder(conn: psycopg.Connection, key: tuple[int, int]) -> str:
     return f"pid {pid} ({application or 'no application_name'}, connected {started:%Y-%m-%d %H:%M:%S} UTC, {state})"
 
 
+# Whether this session still holds the write lock it took.
+HOLDS_LOCK = """
+SELECT EXISTS (SELECT 1 FROM pg_locks
+               WHERE locktype = 'advisory' AND granted AND classid = %s AND objid = %s
+                 AND objsubid = 2 AND pid = pg_backend_pid())
+"""
+
+
+@dataclass
+class WriteLock:
+    """The write lock a job holds, on a session of its own (`conn`, backend `pid`).
+
+    Nobody uses that session after taking the lock, so nothing would notice it being
+    terminated (an operator, a pooler, a restart): `check()` asks it whether it still
+    holds the lock and refuses when not. Every `TargetDatabase.connect` inside
+    `exclusive_write` calls it; write paths also call it before each batch or DDL
+    (`check_write_lock()` finds the job's lock without being handed it).
+    """
+
+    db: TargetDatabase
+    job_name: str
+    key: tuple[int, int]
+    conn: psycopg.Connection
+    pid: int
+
+    def check(self) -> None:
+        try:
+            held = self.conn.execute(HOLDS_LOCK, list(self.key)).fetchone()[0]
+        except psycopg.Error:
+            held = False
+        if not held:
+            raise refuse(self.lost_message())
+
+    def lost_message(self) -> str:
+        return (
+            f"{self.job_name} stopped: its write lock on {self.db.qualified(self.db.weeks_table)} "
+            f"was lost (session pid {self.pid} was terminated or let go), so another write job "
+            "could now run beside it; nothing more was changed after the loss was seen. Check "
+            "what else is writing to the table, then run the job again"
+        )
+
+
+def check_write_lock() -> None:
+    """Refuse unless the write lock of the job running in this context is still held
+    (no-op outside `exclusive_write`): call it before each batch or DDL."""
+    lock = WRITE_GUARD.get()
+    if lock is not None:
+        lock.check()
+
+
 @contextmanager
-def exclusive_write(db: TargetDatabase, job_name: str) -> Iterator[psycopg.Connection]:
+def exclusive_write(db: TargetDatabase, job_name: str) -> Iterator[WriteLock]:
     """Hold the write lock for `job_name` on a session of its own; refuse if it is taken.
 
-    Yields the (autocommit) connection holding the lock; the work itself may use others.
+    Yields the `WriteLock` (its `conn` is the autocommit session holding it); the work
+    itself uses other connections, each of which checks the lock is still held as it
+    opens. The job fails if the lock turns out lost when it ends (the unlock finds
+    nothing to release), rather than reporting unguarded work as a success.
     """
     key = lock_key(db)
     with db.connect(autocommit=True) as conn:
@@ -61,13 +114,27 @@ def exclusive_write(db: TargetDatabase, job_name: str) -> Iterator[psycopg.Conne
                 f"{db.qualified(db.weeks_table)} ({lock_holder(conn, key)}); "
                 "wait for it to finish, then run this job again"
             )
+        lock = WriteLock(db, job_name, key, conn, conn.info.backend_pid)
+        token = WRITE_GUARD.set(lock)
         try:
-            yield conn
-        finally:
-            try:
-                conn.execute("SELECT pg_advisory_unlock(%s, %s)", list(key))
-            except psycopg.OperationalError:
-                pass  # the session is gone (server restarted), and its lock with it
+            yield lock
+        except BaseException:
+            WRITE_GUARD.reset(token)
+            _unlock(lock)  # the job's own error is the one to report
+            raise
+        WRITE_GUARD.reset(token)
+        if not _unlock(lock):
+            raise refuse(lock.lost_message())
+
+
+def _unlock(lock: WriteLock) -> bool:
+    """Release the lock; False when there was none to release (session gone or lock lost)."""
+    try:
+        return bool(
+            lock.conn.execute("SELECT pg_advisory_unlock(%s, %s)", list(lock.key)).fetchone()[0]
+        )
+    except psycopg.Error:
+        return False
 
 
 # -- grants: checked before the first change, so a refusal leaves nothing half done ------

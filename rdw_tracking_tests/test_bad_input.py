@@ -134,6 +134,11 @@ RESOURCE_AT_LAUNCH = [
     ({"lock_timeout_ms": 1.5}, "lock_timeout_ms"),
     ({"lock_timeout_ms": -5}, "lock_timeout_ms"),
     ({"lock_timeout_ms": 10**30}, "lock_timeout_ms"),
+    ({"idle_in_transaction_timeout_ms": 0}, "idle_in_transaction_timeout_ms"),
+    ({"idle_in_transaction_timeout_ms": 10**9}, "idle_in_transaction_timeout_ms"),
+    # Unencoded `/` or `@` in the password, another server: refused quoting nothing.
+    ({"url": f"postgresql://rdw:{URL_PASSWORD}/x@127.0.0.1:5432/reporting"}, "unencoded"),
+    ({"url": "postgresql://rdw@db.example:5432/reporting"}, "another server"),
     ({"schema": "public"}, "schema"),  # a field that does not exist
 ]
 # All of them against one job; every job's own launch mapping gets a few.

@@ -310,6 +310,7 @@ def _refusal(db: TargetDatabase, err: psycopg.Error, added: bool) -> dg.Failure:
 
 @dg.op(
     name="add_foreign_key",
+    pool="rdw/db-writes",  # one database write at a time, however it is launched
     description="Adds the FK from execution_id to workflow_executions(id): NOT VALID, then VALIDATE.",
 )
 def add_foreign_key(

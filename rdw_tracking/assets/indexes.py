@@ -714,6 +714,7 @@ def _equivalents(builds: list[IndexBuild]) -> dict[str, IndexBuild]:
 @dg.asset(
     key="execution_id_indexes",
     group_name=GROUP,
+    pool="rdw/db-writes",  # one database write at a time, however it is launched
     deps=[report_data_weeks, workflow_executions],
     kinds={"postgres"},
 )

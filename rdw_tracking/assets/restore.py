@@ -245,6 +245,7 @@ def put_back(
 @dg.asset(
     key="execution_id_restore",
     group_name=GROUP,
+    pool="rdw/db-writes",  # one database write at a time, however it is launched
     deps=[report_data_weeks],
     kinds={"postgres"},
 )

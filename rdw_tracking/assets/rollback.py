@@ -1307,6 +1307,7 @@ def clear(
 @dg.asset(
     key="execution_id_rollback",
     group_name=GROUP,
+    pool="rdw/db-writes",  # one database write at a time, however it is launched
     deps=[report_data_weeks],
     kinds={"postgres"},
 )
