@@ -47,6 +47,7 @@ from rdw_tracking.layout import Layout, is_member, member_by_oid, table_layout
 from rdw_tracking.resources import TargetDatabase, _check_identifier
 from rdw_tracking.writes import (
     Need,
+    check_write_lock,
     exclusive_write,
     missing_grants,
     refuse_without_grants,
@@ -800,6 +801,7 @@ def in_one_transaction(
     finished), which flushes every batch before the job reports success.
     """
     for attempt in range(LOCK_ATTEMPTS):
+        check_write_lock()  # a job whose write lock was lost must not write on
         started = time.monotonic()
         try:
             with conn.transaction():

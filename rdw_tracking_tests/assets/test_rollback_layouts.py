@@ -162,3 +162,30 @@ def test_a_partition_attached_mid_run_is_left_alone(database_url, sql_exec, monk
     assert batches["n"] >= 2
     assert report.cleared_rows == report.matched_rows
     assert sorted(sql_exec("SELECT id, execution_id, updated_at FROM late_rows")) == late
+
+
+def test_a_lost_write_lock_stops_the_rollback_before_its_next_batch(
+    database_url, sql_exec, monkeypatch, run_job
+):
+    relayout(database_url, "range")
+    real_wait = rollback_module.wait_for_wal_room
+    batches = {"n": 0}
+
+    def lose_the_lock_at_second_batch(conn, most):
+        batches["n"] += 1
+        if batches["n"] == 2:
+            sql_exec(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE application_name = 'rdw_tracking:rollback_execution_id'"
+            )
+        return real_wait(conn, most)
+
+    monkeypatch.setattr(rollback_module, "wait_for_wal_room", lose_the_lock_at_second_batch)
+    result = run_job(
+        "rollback_execution_id",
+        rollback_config(cutoff_date=days_ago(60), dry_run=False, batch_size=100),
+    )
+    assert not result.success
+    assert any("write lock" in m and "was lost" in m for m in step_failure_messages(result))
+    # one batch went through before the loss, none after it
+    assert sql_exec("SELECT batches FROM execution_id_rollback_runs") == [(1,)]
