@@ -1,5 +1,7 @@
 """The spec's "Index Considerations": the two partial indexes on `execution_id`, built
-online with `CREATE INDEX CONCURRENTLY` on a table that keeps taking writes.
+online with `CREATE INDEX CONCURRENTLY` on a table that keeps taking writes — an
+ordinary table, each partition of a partitioned one, or each table of an inheritance
+tree.
 
 `build_index()` is the one safe way this project builds an index; the index asset, the
 foreign-key job and the opt-in `workflow_executions(completed_at)` index all use it.
@@ -296,10 +298,15 @@ def equivalent_of(spec: IndexSpec, indexes: list[ExistingIndex]) -> ExistingInde
     )
 
 
-def lookup(db: TargetDatabase, spec: IndexSpec) -> tuple[ExistingIndex | None, list[ExistingIndex]]:
+def lookup(
+    db: TargetDatabase, spec: IndexSpec, conn: psycopg.Connection | None = None
+) -> tuple[ExistingIndex | None, list[ExistingIndex]]:
     """(the index named `spec.name`, every index on `spec.table`)."""
-    with db.cursor() as cur:
-        found = table_indexes(cur, spec.schema_of(db), [spec.table], [spec.name])
+    if conn is not None:
+        found = table_indexes(conn.cursor(), spec.schema_of(db), [spec.table], [spec.name])
+    else:
+        with db.cursor() as cur:
+            found = table_indexes(cur, spec.schema_of(db), [spec.table], [spec.name])
     named = next((i for i in found if i.name == spec.name), None)
     return named, [i for i in found if i.table == spec.table]
 
@@ -368,11 +375,15 @@ _STUCK_HOLDERS = """
 
 
 def stuck_lock_holders(
-    db: TargetDatabase, tables: list[str], snapshots: bool = True, schema: str | None = None
+    db: TargetDatabase,
+    tables: list[str],
+    snapshots: bool = True,
+    schema: str | None = None,
+    conn: psycopg.Connection | None = None,
 ) -> list[Session]:
     """Sessions that would hold DDL on `tables` (of `schema`, default the configured one)
     beyond the lock timeout."""
-    with db.connect(autocommit=True) as conn:
+    with _autocommit(db, conn) as conn:
         found: dict[int, Session] = {}
         for table in tables:
             params = {
@@ -387,10 +398,15 @@ def stuck_lock_holders(
 
 
 def raise_if_stuck(
-    db: TargetDatabase, tables: list[str], what: str, snapshots: bool, schema: str | None = None
+    db: TargetDatabase,
+    tables: list[str],
+    what: str,
+    snapshots: bool,
+    schema: str | None = None,
+    conn: psycopg.Connection | None = None,
 ) -> None:
     """Don't start DDL that would only wait out its lock timeout behind an idle session."""
-    stuck = stuck_lock_holders(db, tables, snapshots, schema)
+    stuck = stuck_lock_holders(db, tables, snapshots, schema, conn)
     if stuck:
         raise LockWait(what, stuck)
 
@@ -408,13 +424,42 @@ _BUILDING = """
 """
 
 
-def building_sessions(db: TargetDatabase, index_oid: int) -> list[Session]:
+def building_sessions(
+    db: TargetDatabase, index_oid: int, conn: psycopg.Connection | None = None
+) -> list[Session]:
     """Sessions building index `index_oid` right now (or whose builds this role cannot see)."""
-    with db.connect(autocommit=True) as conn:
+    with _autocommit(db, conn) as conn:
         return [Session(*row) for row in conn.execute(_BUILDING, {"oid": index_oid})]
 
 
 # -- running DDL while watching it -----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Connections:
+    """Two autocommit connections reused across the many short steps of one build on a
+    partitioned or inheritance table: `work` runs each statement (its own transaction),
+    `watch` looks at it meanwhile and asks the catalog between statements."""
+
+    work: psycopg.Connection
+    watch: psycopg.Connection
+
+
+@contextmanager
+def connections(db: TargetDatabase) -> Iterator[Connections]:
+    with db.connect(autocommit=True) as work, db.connect(autocommit=True) as watch:
+        yield Connections(work, watch)
+
+
+@contextmanager
+def _autocommit(
+    db: TargetDatabase, conn: psycopg.Connection | None
+) -> Iterator[psycopg.Connection]:
+    if conn is not None:
+        yield conn
+    else:
+        with db.connect(autocommit=True) as own:
+            yield own
 
 
 @dataclass(frozen=True)
@@ -475,14 +520,20 @@ def run_watched(
     log: Log,
     progress_every_s: float = 5.0,
     poll_s: float = 0.25,
+    conns: Connections | None = None,
+    log_phases: bool = True,
 ) -> float:
     """Run one statement on an autocommit connection of its own (so it is its own
     transaction), watching it from another: who blocks it, and for index builds the
-    progress, logged at each new phase and every `progress_every_s`. Returns its seconds.
+    progress, logged at each new phase (with `log_phases`) and every `progress_every_s`.
+    Returns its seconds. `conns`: reuse these two connections rather than open two.
 
     Raises `LockWait` naming the blocking sessions when the lock timeout fires.
     """
-    with db.connect(autocommit=True) as work, db.connect(autocommit=True) as watch:
+    with (
+        _autocommit(db, conns and conns.work) as work,
+        _autocommit(db, conns and conns.watch) as watch,
+    ):
         pid = work.info.backend_pid
         outcome: dict[str, BaseException] = {}
 
@@ -509,7 +560,7 @@ def run_watched(
                 now = time.monotonic()
                 phase = numbers[0]
                 if phase is not None and (
-                    phase != logged_phase or now - logged_at >= progress_every_s
+                    (log_phases and phase != logged_phase) or now - logged_at >= progress_every_s
                 ):
                     log.info(progress_line(what, Progress(*numbers), now - started))
                     logged_at, logged_phase = now, phase
@@ -616,7 +667,12 @@ def _psycopg_errors(db: TargetDatabase, spec: IndexSpec) -> Iterator[None]:
         raise _problem(db, spec, err) from None
 
 
-def refuse_conflict(db: TargetDatabase, spec: IndexSpec, named: ExistingIndex | None) -> None:
+def refuse_conflict(
+    db: TargetDatabase,
+    spec: IndexSpec,
+    named: ExistingIndex | None,
+    conn: psycopg.Connection | None = None,
+) -> None:
     """An index of `spec`'s name that is not `spec` (nor a failed build of it) is the
     user's to resolve: one of another definition or on another table, valid or INVALID,
     or one that another session is still building. Nothing is dropped for them."""
@@ -633,7 +689,7 @@ def refuse_conflict(db: TargetDatabase, spec: IndexSpec, named: ExistingIndex | 
             expected=spec.definition(db),
         )
     if not named.valid and not named.partitioned:
-        building = building_sessions(db, named.oid)
+        building = building_sessions(db, named.oid, conn)
         if building:
             raise refuse(
                 f"index {where} is INVALID because another session is still building it "
@@ -643,12 +699,19 @@ def refuse_conflict(db: TargetDatabase, spec: IndexSpec, named: ExistingIndex | 
             )
 
 
-def drop_invalid(db: TargetDatabase, spec: IndexSpec, leftover: ExistingIndex, log: Log) -> None:
+def drop_invalid(
+    db: TargetDatabase,
+    spec: IndexSpec,
+    leftover: ExistingIndex,
+    log: Log,
+    conns: Connections | None = None,
+) -> None:
     """`DROP INDEX CONCURRENTLY` of `leftover`, a failed build of `spec` — checked, by OID
     just before the drop, to still be that INVALID index of `spec`'s definition that no
     session is building."""
-    refuse_conflict(db, spec, leftover)
-    now, _ = lookup(db, spec)
+    watch = conns.watch if conns else None
+    refuse_conflict(db, spec, leftover, watch)
+    now, _ = lookup(db, spec, watch)
     if now is None:
         return
     if now.oid != leftover.oid or now.valid:
@@ -658,7 +721,7 @@ def drop_invalid(db: TargetDatabase, spec: IndexSpec, leftover: ExistingIndex, l
             "job again"
         )
     log.info(f"{spec.where(db)} is INVALID (a failed or cancelled build): dropping it")
-    run_watched(db, spec.drop(db), f"drop of INVALID {spec.where(db)}", log)
+    run_watched(db, spec.drop(db), f"drop of INVALID {spec.where(db)}", log, conns=conns)
 
 
 def build_index(
@@ -695,6 +758,7 @@ def build_table_index(
     retries: int = 3,
     backoff_s: float = 2.0,
     progress_every_s: float = 5.0,
+    conns: Connections | None = None,
 ) -> IndexBuild:
     """Make `spec` exist and be valid on one physical table.
 
@@ -709,10 +773,12 @@ def build_table_index(
     Each attempt waits for locks at most `lock_timeout_ms`, and does not start while a
     session that would stall it sits idle in its transaction. After `retries` back-offs
     it gives up naming the session in the way, and drops any INVALID index it left.
+    On a partition (`conns` given) it logs only its progress every `progress_every_s`.
     """
-    named, on_table = lookup(db, spec)
+    watch = conns.watch if conns else None
+    named, on_table = lookup(db, spec, watch)
     where = spec.where(db)
-    refuse_conflict(db, spec, named)
+    refuse_conflict(db, spec, named, watch)
     if named is not None and named.valid:
         return IndexBuild(spec.name, "unchanged")
     if named is None:
@@ -728,22 +794,29 @@ def build_table_index(
 
     def attempt() -> float:
         build.attempts += 1
-        raise_if_stuck(
-            db, [spec.table], f"build of {where}", snapshots=True, schema=spec.schema_of(db)
-        )
+        raise_if_stuck(db, [spec.table], f"build of {where}", True, spec.schema_of(db), watch)
         with _psycopg_errors(db, spec):
-            leftover, _ = lookup(db, spec)
+            leftover, _ = lookup(db, spec, watch)
             if leftover is not None and not leftover.valid:
-                drop_invalid(db, spec, leftover, log)
-            log.info(f"building {where}: {spec.create(db).as_string(None)}")
-            return run_watched(db, spec.create(db), spec.name, log, progress_every_s)
+                drop_invalid(db, spec, leftover, log, conns)
+            if conns is None:
+                log.info(f"building {where}: {spec.create(db).as_string(None)}")
+            return run_watched(
+                db,
+                spec.create(db),
+                spec.name,
+                log,
+                progress_every_s,
+                conns=conns,
+                log_phases=conns is None,
+            )
 
     try:
         build.seconds = round(
             with_lock_retries(attempt, f"build of {where}", log, retries, backoff_s), 3
         )
     except LockWait as wait:
-        left = _drop_invalid_leftover(db, spec, log)
+        left = _drop_invalid_leftover(db, spec, log, conns)
         raise refuse(
             f"gave up building index {where} on {spec.table_label(db)} after "
             f"{build.attempts} attempts: each waited {db.lock_timeout_ms} ms at most for a lock "
@@ -759,26 +832,32 @@ def build_table_index(
             invalid_index_left=left,
         ) from None
     except dg.Failure as failure:
-        if not _drop_invalid_leftover(db, spec, log):
+        if not _drop_invalid_leftover(db, spec, log, conns):
             raise
         raise refuse(
             f"{failure.description}. It left an INVALID {where} that could not be dropped "
             "now; the next run drops and rebuilds it",
             invalid_index_left=True,
         ) from None
-    log.info(f"{where}: {action} in {build.seconds:.2f} s")
+    if conns is None:
+        log.info(f"{where}: {action} in {build.seconds:.2f} s")
     return build
 
 
-def _drop_invalid_leftover(db: TargetDatabase, spec: IndexSpec, log: Log) -> bool:
+def _drop_invalid_leftover(
+    db: TargetDatabase, spec: IndexSpec, log: Log, conns: Connections | None = None
+) -> bool:
     """Drop the INVALID index a failed build of `spec` left; True if one is still there."""
-    leftover, _ = lookup(db, spec)
+    if conns is not None and (conns.work.broken or conns.watch.broken):
+        conns = None  # the failure took a connection with it: use fresh ones
+    watch = conns.watch if conns else None
+    leftover, _ = lookup(db, spec, watch)
     if leftover is None or leftover.valid:
         return False
     where = spec.where(db)
     try:
         with_lock_retries(
-            lambda: drop_invalid(db, spec, leftover, log),
+            lambda: drop_invalid(db, spec, leftover, log, conns),
             f"drop of INVALID {where}",
             log,
             retries=2,
@@ -787,7 +866,7 @@ def _drop_invalid_leftover(db: TargetDatabase, spec: IndexSpec, log: Log) -> boo
     except (LockWait, psycopg.Error, dg.Failure) as err:
         reason = err.description if isinstance(err, dg.Failure) else err
         log.warning(f"could not drop the INVALID {where}: {reason}")
-    now, _ = lookup(db, spec)
+    now, _ = lookup(db, spec, watch)
     return now is not None and not now.valid
 
 
@@ -803,15 +882,16 @@ def run_short_ddl(
     log: Log,
     retries: int,
     backoff_s: float,
+    conns: Connections | None = None,
 ) -> float:
     """A catalog-only statement (`CREATE INDEX ... ON ONLY`, `ALTER INDEX ... ATTACH
     PARTITION`): its lock is brief but may conflict with writers of `on`, so it waits at
     most `lock_timeout_ms` per attempt and gives up naming who is in the way."""
 
     def attempt() -> float:
-        raise_if_stuck(db, [on.name], what, snapshots=False, schema=on.schema)
+        raise_if_stuck(db, [on.name], what, False, on.schema, conns.watch if conns else None)
         with _psycopg_errors(db, spec):
-            return run_watched(db, statement, what, log)
+            return run_watched(db, statement, what, log, conns=conns)
 
     try:
         return with_lock_retries(attempt, what, log, retries, backoff_s)
@@ -851,6 +931,7 @@ class _Tree:
     backoff_s: float
     progress_every_s: float
     done: list[PartitionBuild]
+    conns: Connections
 
     def complete(self, parent: Member, parent_spec: IndexSpec, parent_oid: int) -> None:
         """Give every partition under `parent` an index attached to `parent_oid`."""
@@ -873,7 +954,7 @@ class _Tree:
                     index, action = _reusable(child_spec, on_child), "attached"
                 if index is None:  # ours from an interrupted run, or none yet
                     named = next((i for i in on_child if i.name == child_spec.name), None)
-                    refuse_conflict(db, child_spec, named)
+                    refuse_conflict(db, child_spec, named, self.conns.watch)
                     index, action = named, "completed"
                 if index is None:
                     run_short_ddl(
@@ -885,8 +966,9 @@ class _Tree:
                         self.log,
                         self.retries,
                         self.backoff_s,
+                        self.conns,
                     )
-                    index, action = lookup(db, child_spec)[0], "created"
+                    index, action = lookup(db, child_spec, self.conns.watch)[0], "created"
                 own = replace(child_spec, name=index.name)
                 self.complete(child, own, index.oid)
                 if attached is None:
@@ -912,6 +994,7 @@ class _Tree:
                         self.retries,
                         self.backoff_s,
                         self.progress_every_s,
+                        self.conns,
                     )
                 except dg.Failure as failure:
                     raise refuse(
@@ -934,6 +1017,7 @@ class _Tree:
             self.log,
             self.retries,
             self.backoff_s,
+            self.conns,
         )
 
     def record(self, child: Member, index: str, action: str, seconds: float) -> None:
@@ -967,9 +1051,25 @@ def build_partitioned_index(
     Interrupted, a rerun finds the parent's index INVALID and continues with the
     partitions not yet attached.
     """
+    with connections(db) as conns:
+        return _build_partitioned(
+            db, spec, layout, log, retries, backoff_s, progress_every_s, conns
+        )
+
+
+def _build_partitioned(
+    db: TargetDatabase,
+    spec: IndexSpec,
+    layout: Layout,
+    log: Log,
+    retries: int,
+    backoff_s: float,
+    progress_every_s: float,
+    conns: Connections,
+) -> IndexBuild:
     where = spec.where(db)
-    named, on_root = lookup(db, spec)
-    refuse_conflict(db, spec, named)
+    named, on_root = lookup(db, spec, conns.watch)
+    refuse_conflict(db, spec, named, conns.watch)
     if named is None:
         equivalent = next(
             (i for i in on_root if i.partitioned and i.valid and matches(spec, i)), None
@@ -995,13 +1095,14 @@ def build_partitioned_index(
             log,
             retries,
             backoff_s,
+            conns,
         )
     elif not named.valid:
         log.info(f"{where} is INVALID: continuing with the partitions not yet attached")
     action = "created" if named is None else ("unchanged" if named.valid else "rebuilt")
     done: list[PartitionBuild] = []
     for _ in range(3):  # a partition attached meanwhile is taken in by the next pass
-        with db.cursor() as cur:
+        with conns.watch.cursor() as cur:
             layout = table_layout(cur, layout.schema, layout.table) or layout
             indexes = member_indexes(cur, layout)
         refusal = layout.refusal(f"building index {where}")
@@ -1009,9 +1110,11 @@ def build_partitioned_index(
             raise refuse(refusal)
         root_index = next(i for i in indexes[layout.root.oid] if i.name == spec.name)
         done = []
-        tree = _Tree(db, spec, layout, indexes, log, retries, backoff_s, progress_every_s, done)
+        tree = _Tree(
+            db, spec, layout, indexes, log, retries, backoff_s, progress_every_s, done, conns
+        )
         tree.complete(layout.root, spec, root_index.oid)
-        now, _ = lookup(db, spec)
+        now, _ = lookup(db, spec, conns.watch)
         if now is not None and now.valid:
             break
     else:
@@ -1045,27 +1148,29 @@ def build_inherited_index(
     names it)."""
     build = build_table_index(db, spec, log, retries, backoff_s, progress_every_s)
     children = [m for m in layout.partitions if m.relkind == "r"]
-    for number, child in enumerate(children, 1):
-        child_spec = spec.on_member(child)
-        try:
-            done = build_table_index(db, child_spec, log, retries, backoff_s, progress_every_s)
-        except dg.Failure as failure:
-            raise refuse(
-                f"{failure.description}. Child tables already indexed stay so: the next run "
-                "continues with the rest",
-                **{k: v.value for k, v in (failure.metadata or {}).items()},
-            ) from None
-        build.partitions.append(
-            PartitionBuild(
-                spec.name, child.label, done.equivalent or done.name, done.action, done.seconds
+    with connections(db) as conns:
+        for number, child in enumerate(children, 1):
+            try:
+                done = build_table_index(
+                    db, spec.on_member(child), log, retries, backoff_s, progress_every_s, conns
+                )
+            except dg.Failure as failure:
+                raise refuse(
+                    f"{failure.description}. Child tables already indexed stay so: the next "
+                    "run continues with the rest",
+                    **{k: v.value for k, v in (failure.metadata or {}).items()},
+                ) from None
+            index = done.equivalent or done.name
+            build.partitions.append(
+                PartitionBuild(spec.name, child.label, index, done.action, done.seconds)
             )
-        )
-        if done.action != "unchanged":
-            log.info(
-                f"{spec.where(db)}: child table {child.label} ({number} of {len(children)}): "
-                f"{done.action} {child.schema}.{done.equivalent or done.name}"
-            )
-        build.seconds = round(build.seconds + done.seconds, 3)
+            if done.action != "unchanged":
+                log.info(
+                    f"{spec.where(db)}: child table {child.label} ({number} of "
+                    f"{len(children)}): {done.action} {child.schema}.{index} "
+                    f"in {done.seconds:.2f} s"
+                )
+            build.seconds = round(build.seconds + done.seconds, 3)
     if build.action in ("unchanged", "equivalent") and any(
         p.action not in ("unchanged", "equivalent") for p in build.partitions
     ):
@@ -1305,9 +1410,24 @@ def execution_id_indexes(
     retried with back-off, and when it gives up it names the session in the way and
     leaves no INVALID index behind. Safe to run while collection runs are writing.
 
-    Rerunning changes nothing. An INVALID index left by a failed build is dropped
-    (`DROP INDEX CONCURRENTLY`) and rebuilt; a same-named index of another definition is
-    an error that touches nothing; an equivalent index under another name is kept.
+    **Partitioned tables** (range, list, hash, multi-level, DEFAULT partition): the index
+    is created `ON ONLY` the parent (INVALID until complete), then built concurrently on
+    each partition and attached (`ALTER INDEX ... ATTACH PARTITION`); the parent's index
+    is valid once the last one is attached, and PostgreSQL gives every partition created
+    later the index itself. A partition's own equivalent index is attached, not rebuilt.
+    Interrupted, the next run continues with the partitions not yet attached. The
+    contract's names belong to the parent's indexes; each partition's is named
+    `idx_<partition>_execution_id` / `idx_<partition>_collection_execution`.
+    **Inheritance:** the parent's indexes, and the same on every child table (a child
+    added later needs a rerun; the check names it). Views, foreign partitions and tables
+    with rules are refused before any change. Progress is logged per partition; metadata
+    `partitions` lists what was done on each.
+
+    Rerunning changes nothing. An INVALID index left by a failed build of the very index
+    is dropped (`DROP INDEX CONCURRENTLY`, after checking by OID that it is still that
+    index and no session is still building it) and rebuilt; a same-named index of another
+    definition or table, valid or INVALID, is an error that touches nothing; an
+    equivalent index under another name is kept.
     Needs the table's owner role and CREATE on its schema (checked before anything is
     built; for the opt-in index, on `workflow_executions` too). Progress is logged every few seconds.
     """
