@@ -3,6 +3,8 @@ DEFAULT partition), inheritance and ordinary; built online, resumed after an
 interruption, judged partition by partition."""
 
 import re
+import threading
+import time
 
 import dagster as dg
 import psycopg
@@ -98,7 +100,9 @@ def failed_build(url: str, statement: str, table: str) -> None:
         writer.rollback()
 
 
-def assert_fully_indexed(url: str, sql_exec, layout: str) -> dict[str, dict[str, tuple]]:
+def assert_fully_indexed(
+    url: str, sql_exec, layout: str, named_by_the_job: bool = True
+) -> dict[str, dict[str, tuple]]:
     found = leaf_indexes(sql_exec)
     assert found and all(set(served) == set(BOTH) for served in found.values()), found
     assert all(valid for served in found.values() for _, valid, _, _ in served.values()), found
@@ -116,10 +120,38 @@ def assert_fully_indexed(url: str, sql_exec, layout: str) -> dict[str, dict[str,
         ), found
     else:
         assert roots == {name: "i" for name in BOTH}
+    if layout == "multilevel":  # each quarter has its own partitioned index, attached
+        quarters = sql_exec(
+            "SELECT c.relname, i.relname, x.indisvalid, "
+            "(SELECT inhparent::regclass::text FROM pg_inherits WHERE inhrelid = i.oid) "
+            "FROM pg_class c JOIN pg_index x ON x.indrelid = c.oid "
+            "JOIN pg_class i ON i.oid = x.indexrelid "
+            "WHERE c.relkind = 'p' AND c.relname LIKE 'report_data_weeks_p%' "
+            "AND NOT x.indisprimary AND pg_get_indexdef(i.oid) LIKE '%(execution_id) WHERE%'"
+        )
+        assert quarters and all(
+            (index == f"idx_{quarter}_execution_id" or not named_by_the_job)
+            and valid
+            and parent == EXECUTION_ID_INDEX
+            for quarter, index, valid, parent in quarters
+        ), quarters
     return found
 
 
 # -- build, rerun --------------------------------------------------------------------------
+
+
+def test_partition_index_names_fit_in_63_bytes():
+    spec = contract_indexes(TargetDatabase(url="postgresql://x@h/d"))[COLLECTION_EXECUTION_INDEX]
+    assert member_index_name(spec, "report_data_weeks_p202401") == (
+        "idx_report_data_weeks_p202401_collection_execution"
+    )
+    long_a, long_b = "w" * 60 + "_2024_01", "w" * 60 + "_2024_02"
+    names = {member_index_name(spec, t) for t in (long_a, long_b)}
+    assert len(names) == 2 and all(len(n.encode()) <= 63 for n in names)
+    assert all(n.endswith("_collection_execution") for n in names)
+    assert member_index_name(spec, long_a) == member_index_name(spec, long_a)  # stable
+    assert len(member_index_name(spec, "é" * 40).encode()) <= 63
 
 
 def test_builds_on_every_partition_then_rerun_changes_nothing(
@@ -212,6 +244,61 @@ def test_interrupted_half_way_a_rerun_finishes_the_rest(layout, layout_url, run_
     found = assert_fully_indexed(layout_url, sql_exec, layout)
     for leaf, before in done.items():  # what was done stays done: not rebuilt
         assert found[leaf][EXECUTION_ID_INDEX][2] == before[2]
+    assert check_results(again)["execution_id_indexes_valid"].passed
+
+
+@pytest.mark.parametrize("layout", ["range", "multilevel", "inheritance"])
+def test_a_partition_build_cancelled_by_another_session(layout, layout_url, run_job, sql_exec):
+    """A person cancels (pg_cancel_backend) the build of a partition's index while it
+    waits for a writer of that partition: the job fails saying so, drops the INVALID
+    index the cancelled build left, and the rerun completes every partition."""
+    # the first table built: the DEFAULT partition; for inheritance the parent itself
+    leaf = the_layout(layout_url).leaves[0]
+    cancelled: list[int] = []
+    writing = threading.Event()
+
+    def writer():  # a transaction still writing (not idle) when the build reaches its table
+        with psycopg.connect(layout_url) as conn:
+            conn.execute(f'LOCK TABLE "{leaf.name}" IN ROW EXCLUSIVE MODE')
+            writing.set()
+            conn.execute("SELECT pg_sleep(4)")
+
+    def canceller():
+        with psycopg.connect(layout_url, autocommit=True) as conn:
+            deadline = time.monotonic() + 20
+            while not cancelled and time.monotonic() < deadline:
+                for (pid,) in conn.execute(
+                    "SELECT pid FROM pg_stat_progress_create_index "
+                    "WHERE relid = %s::regclass AND command = 'CREATE INDEX CONCURRENTLY'",
+                    [f'"{leaf.name}"'],
+                ).fetchall():
+                    conn.execute("SELECT pg_cancel_backend(%s)", [pid])
+                    cancelled.append(pid)
+                time.sleep(0.02)
+
+    threads = [threading.Thread(target=writer), threading.Thread(target=canceller)]
+    threads[0].start()
+    writing.wait()
+    threads[1].start()
+    result = run_job(JOB, job_config(lock_timeout_ms=10_000, lock_retries=0))
+    for thread in threads:
+        thread.join()
+    assert cancelled and not result.success
+    (message,) = step_failure_messages(result)
+    assert "was cancelled by another session" in message and leaf.name in message
+    if layout != "inheritance":
+        assert "the next run continues with the rest" in message
+    # the cancelled build's INVALID index was dropped at once
+    assert EXECUTION_ID_INDEX not in leaf_indexes(sql_exec)[leaf.name]
+    assert not sql_exec(
+        "SELECT 1 FROM pg_index x JOIN pg_class c ON c.oid = x.indrelid "
+        "WHERE c.relname = %s AND NOT x.indisvalid",
+        [leaf.name],
+    )
+
+    again = run_job(JOB)
+    assert again.success, step_failure_messages(again)
+    assert_fully_indexed(layout_url, sql_exec, layout)
     assert check_results(again)["execution_id_indexes_valid"].passed
 
 
@@ -319,7 +406,7 @@ def test_a_partition_created_later_gets_the_index(layout, layout_url, run_job, s
         check = check_results(run_job("verify_execution_tracking"))["execution_id_indexes_valid"]
     # partitioned: PostgreSQL creates the partition's index from the parent's, attached
     assert check.passed, check.description
-    assert_fully_indexed(layout_url, sql_exec, layout)
+    assert_fully_indexed(layout_url, sql_exec, layout, named_by_the_job=False)
 
 
 def test_check_names_the_child_whose_index_is_dropped(layout, layout_url, run_job, sql_exec):
