@@ -796,7 +796,8 @@ def build_table_index(
         build.attempts += 1
         raise_if_stuck(db, [spec.table], f"build of {where}", True, spec.schema_of(db), watch)
         with _psycopg_errors(db, spec):
-            leftover, _ = lookup(db, spec, watch)
+            # a retry may find what the last attempt left; `drop_invalid` re-checks anyway
+            leftover = named if build.attempts == 1 else lookup(db, spec, watch)[0]
             if leftover is not None and not leftover.valid:
                 drop_invalid(db, spec, leftover, log, conns)
             if conns is None:
