@@ -759,6 +759,7 @@ def build_table_index(
     backoff_s: float = 2.0,
     progress_every_s: float = 5.0,
     conns: Connections | None = None,
+    on_table: list[ExistingIndex] | None = None,
 ) -> IndexBuild:
     """Make `spec` exist and be valid on one physical table.
 
@@ -773,10 +774,14 @@ def build_table_index(
     Each attempt waits for locks at most `lock_timeout_ms`, and does not start while a
     session that would stall it sits idle in its transaction. After `retries` back-offs
     it gives up naming the session in the way, and drops any INVALID index it left.
-    On a partition (`conns` given) it logs only its progress every `progress_every_s`.
+    On a partition (`conns` given) it logs only its progress every `progress_every_s`;
+    `on_table`: the table's indexes, as just read with all the partitions' at once.
     """
     watch = conns.watch if conns else None
-    named, on_table = lookup(db, spec, watch)
+    if on_table is None:
+        named, on_table = lookup(db, spec, watch)
+    else:  # another relation of that name, if any, is refused by CREATE INDEX itself
+        named = next((i for i in on_table if i.name == spec.name), None)
     where = spec.where(db)
     refuse_conflict(db, spec, named, watch)
     if named is not None and named.valid:
@@ -996,6 +1001,7 @@ class _Tree:
                         self.backoff_s,
                         self.progress_every_s,
                         self.conns,
+                        on_child,
                     )
                 except dg.Failure as failure:
                     raise refuse(
