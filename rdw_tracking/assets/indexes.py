@@ -122,7 +122,8 @@ def member_index_name(spec: IndexSpec, table: str) -> str:
     """`idx_<partition>_<what>` (`idx_report_data_weeks_p202401_execution_id`): the
     contract's naming, applied to the partition; at most 63 bytes, a short hash of the
     full name keeping two long names apart."""
-    what = spec.name.removeprefix(f"idx_{spec.table}_")
+    prefixes = (f"idx_{spec.table}_", "idx_report_data_weeks_", "idx_")  # any weeks_table
+    what = next(spec.name[len(p) :] for p in (*prefixes, "") if spec.name.startswith(p))
     name = f"idx_{table}_{what}"
     if len(name.encode()) <= 63:
         return name
