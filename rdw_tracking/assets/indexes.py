@@ -880,6 +880,20 @@ def _drop_invalid_leftover(
 # -- partitioned and inheritance tables ------------------------------------------------
 
 
+# Sessions holding any lock on a table or one of its indexes.
+_HOLDERS = """
+    SELECT a.pid, a.application_name, a.query_start, a.state
+    FROM pg_stat_activity a
+    WHERE a.pid <> pg_backend_pid()
+      AND a.pid IN (SELECT l.pid FROM pg_locks l
+                    WHERE l.granted AND l.locktype = 'relation'
+                      AND (l.relation = %(oid)s::oid
+                           OR l.relation IN (SELECT x.indexrelid FROM pg_index x
+                                             WHERE x.indrelid = %(oid)s::oid)))
+    ORDER BY a.pid
+"""
+
+
 def run_short_ddl(
     db: TargetDatabase,
     statement: sql.Composable,
@@ -898,7 +912,17 @@ def run_short_ddl(
     def attempt() -> float:
         raise_if_stuck(db, [on.name], what, False, on.schema, conns.watch if conns else None)
         with _psycopg_errors(db, spec):
-            return run_watched(db, statement, what, log, conns=conns)
+            if conns is None:
+                return run_watched(db, statement, what, log)
+            # catalog only, over in milliseconds: no watcher thread; on a lock timeout the
+            # sessions holding `on` or its indexes still hold them, and are named
+            started = time.monotonic()
+            try:
+                conns.work.execute(statement)
+            except psycopg.errors.LockNotAvailable as err:
+                holders = conns.watch.execute(_HOLDERS, {"oid": on.oid}).fetchall()
+                raise LockWait(what, [Session(*row) for row in holders]) from err
+            return time.monotonic() - started
 
     try:
         return with_lock_retries(attempt, what, log, retries, backoff_s)

@@ -353,6 +353,35 @@ def test_a_partitions_own_equivalent_index_is_attached_not_rebuilt(database_url,
     assert meta["partitions_attached"] == 1 and meta["partitions_built"] == 7
 
 
+def test_an_attach_waiting_on_a_reader_gives_up_naming_it(database_url, run_job, sql_exec):
+    """ATTACH PARTITION locks the partition's index exclusively for a moment: a reader
+    idle in a transaction that used it makes the job wait `lock_timeout_ms` at most,
+    then fail naming that reader; the rerun after it ends finishes the job."""
+    from rdw_tracking.demo_layouts import relayout
+
+    relayout(database_url, "hash")
+    sql_exec(
+        "CREATE INDEX weeks_h1_exec ON report_data_weeks_h1 (execution_id) "
+        "WHERE execution_id IS NOT NULL"
+    )
+    with psycopg.connect(database_url, application_name="report_reader") as reader:
+        reader.execute("SELECT count(*) FROM report_data_weeks_h1").fetchone()
+        started = time.monotonic()
+        result = run_job(JOB, job_config(lock_timeout_ms=300, lock_retries=1, retry_backoff_s=0.1))
+        assert time.monotonic() - started < 15
+        assert not result.success
+        (message,) = step_failure_messages(result)
+        assert "gave up on ALTER INDEX public.idx_report_data_weeks_execution_id ATTACH " in (
+            message
+        )
+        assert f"pid {reader.info.backend_pid} (application 'report_reader'" in message
+        assert "continues with the rest" in message
+        reader.rollback()
+    again = run_job(JOB)
+    assert again.success, step_failure_messages(again)
+    assert_fully_indexed(database_url, sql_exec, "hash")
+
+
 # -- later partitions, missing ones ---------------------------------------------------------
 
 NEW_PARTITION = {
