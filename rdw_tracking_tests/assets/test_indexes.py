@@ -193,15 +193,27 @@ def test_verify_job_checks_without_building(db, run_job, sql_exec):
     assert check_results(run_job("verify_execution_tracking"))["execution_id_indexes_valid"].passed
 
 
-def test_invalid_leftover_is_dropped_and_rebuilt(db, run_job, sql_exec):
-    # A real failed build: a unique index on a column full of duplicates.
-    with pytest.raises(psycopg.errors.UniqueViolation):
-        sql_exec(
-            f"CREATE UNIQUE INDEX CONCURRENTLY {EXECUTION_ID_INDEX} "
-            "ON report_data_weeks (collection_id)"
-        )
+def failed_build(url: str, statement: str, table: str = "report_data_weeks") -> None:
+    """A real failed CREATE INDEX CONCURRENTLY: a writer holds `table` open, so the build's
+    lock_timeout fires while it waits for it, leaving its INVALID index behind."""
+    with psycopg.connect(url) as writer:
+        writer.execute(f"LOCK TABLE {table} IN ROW EXCLUSIVE MODE")
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("SET lock_timeout = '200ms'")
+            with pytest.raises(psycopg.errors.LockNotAvailable):
+                conn.execute(statement)
+        writer.rollback()
+
+
+def test_invalid_leftover_is_dropped_and_rebuilt(database_url, run_job, sql_exec):
+    # A real failed build of the very index: its lock wait timed out.
+    failed_build(
+        database_url,
+        f"CREATE INDEX CONCURRENTLY {EXECUTION_ID_INDEX} ON report_data_weeks (execution_id) "
+        "WHERE execution_id IS NOT NULL",
+    )
     valid, unique, *_ = indexes(sql_exec)[EXECUTION_ID_INDEX]
-    assert not valid and unique
+    assert not valid and not unique
     check = check_results(run_job("verify_execution_tracking"))["execution_id_indexes_valid"]
     assert not check.passed and "is INVALID" in check.description
 
@@ -214,6 +226,82 @@ def test_invalid_leftover_is_dropped_and_rebuilt(db, run_job, sql_exec):
     assert valid and not unique and "(execution_id) WHERE (execution_id IS NOT NULL)" in definition
     assert any("is INVALID" in line for line in log_lines(instance, result))
     assert check_results(result)["execution_id_indexes_valid"].passed
+
+
+def test_invalid_index_of_another_definition_is_left_alone(db, run_job, sql_exec):
+    # Someone's failed build under the contract's name, but not the contract's index:
+    # not the job's to drop (issue 18.7).
+    with pytest.raises(psycopg.errors.UniqueViolation):
+        sql_exec(
+            f"CREATE UNIQUE INDEX CONCURRENTLY {EXECUTION_ID_INDEX} "
+            "ON report_data_weeks (collection_id)"
+        )
+    before = indexes(sql_exec)
+    result = run_job(JOB)
+    assert not result.success
+    (message,) = step_failure_messages(result)
+    assert (
+        f"index public.{EXECUTION_ID_INDEX} exists with another definition and is INVALID"
+        in message
+    )
+    assert "USING btree (collection_id)`" in message and "nothing was changed" in message
+    assert indexes(sql_exec) == before  # same oid, still INVALID; nothing else built
+
+
+def test_invalid_index_on_another_table_is_left_alone(db, run_job, sql_exec):
+    with pytest.raises(psycopg.errors.UniqueViolation):
+        sql_exec(
+            f"CREATE UNIQUE INDEX CONCURRENTLY {EXECUTION_ID_INDEX} ON workflow_executions (status)"
+        )
+    before = indexes(sql_exec)
+    result = run_job(JOB)
+    assert not result.success
+    (message,) = step_failure_messages(result)
+    assert f"index public.{EXECUTION_ID_INDEX} exists with another definition" in message
+    assert "ON public.workflow_executions" in message
+    assert indexes(sql_exec) == before
+
+
+def test_index_another_session_is_building_is_not_dropped(database_url, run_job, sql_exec):
+    """Another session's CREATE INDEX CONCURRENTLY of the very index, waiting for a writer:
+    its index is INVALID until it finishes, and the job must not drop it from under it."""
+    create = (
+        f"CREATE INDEX CONCURRENTLY {EXECUTION_ID_INDEX} ON report_data_weeks (execution_id) "
+        "WHERE execution_id IS NOT NULL"
+    )
+    outcome: list[BaseException | None] = []
+
+    def other_build():
+        try:
+            with psycopg.connect(database_url, autocommit=True) as conn:
+                conn.execute(create)
+            outcome.append(None)
+        except BaseException as err:
+            outcome.append(err)
+
+    with psycopg.connect(database_url, application_name="slow_writer") as writer:
+        writer.execute("LOCK TABLE report_data_weeks IN ROW EXCLUSIVE MODE")
+        builder = threading.Thread(target=other_build)
+        builder.start()
+        deadline = time.monotonic() + 10
+        while EXECUTION_ID_INDEX not in indexes(sql_exec) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        (building_pid,) = sql_exec(
+            "SELECT pid FROM pg_stat_progress_create_index WHERE index_relid = %s::regclass",
+            [f"public.{EXECUTION_ID_INDEX}"],
+        )[0]
+        oid = indexes(sql_exec)[EXECUTION_ID_INDEX][3]
+        result = run_job(JOB, job_config(lock_timeout_ms=300, lock_retries=0))
+        assert not result.success
+        (message,) = step_failure_messages(result)
+        assert f"index public.{EXECUTION_ID_INDEX} is INVALID because another session" in message
+        assert f"pid {building_pid} " in message and "nothing was changed" in message
+        writer.rollback()
+    builder.join(30)
+    assert outcome == [None]  # the other session's build finished undisturbed
+    valid, _, _, after = indexes(sql_exec)[EXECUTION_ID_INDEX]
+    assert valid and after == oid
+    assert COLLECTION_EXECUTION_INDEX not in indexes(sql_exec)  # refused before any change
 
 
 def test_conflicting_definition_fails_and_touches_nothing(db, run_job, sql_exec):
