@@ -24,7 +24,7 @@ import psycopg
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from rdw_tracking import demo, devserver
+from rdw_tracking import demo, deploy, devserver
 from rdw_tracking.devserver import graphql, sqlalchemy_url
 from rdw_tracking.resources import TargetDatabase
 from rdw_tracking.sensors import INDEX_NAME, ExecutionsPolling, workflow_executions_sensor
@@ -36,7 +36,6 @@ NOTES = (
     "daemon (`--latency`; collection_run_sensor ticks every 15 s)."
 )
 SCHEMA = "bench_sensor"
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def add_arguments(parser) -> None:
@@ -232,7 +231,7 @@ def latency(args) -> list[dict]:
     demo.build(target, demo.DemoShape(rows=20_000))
     storage = fresh_database(args.url, "rdw_bench_dagster")
     home = Path(tempfile.mkdtemp(prefix="rdw_bench_home_"))
-    shutil.copyfile(ROOT / "dagster.yaml", home / "dagster.yaml")
+    shutil.copyfile(deploy.DAGSTER_YAML, home / "dagster.yaml")
     port = devserver.free_port()
     env = {
         **os.environ,
@@ -241,7 +240,7 @@ def latency(args) -> list[dict]:
         "RDW_DATABASE_URL": target,
     }
     proc = devserver.start(
-        ROOT / "workspace.yaml", port, env=env, log=(home / "dagster_dev.log").open("w")
+        deploy.WORKSPACE_YAML, port, env=env, log=(home / "dagster_dev.log").open("w")
     )
     results = []
     try:

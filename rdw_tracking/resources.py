@@ -208,6 +208,18 @@ def run_config_url_problem(url: str) -> str | None:
     return None
 
 
+def missing_url_message() -> str:
+    """The one error of an install without the `embedded` extra and without a URL."""
+    from rdw_tracking.embedded import EXTRA
+
+    return (
+        f"{URL_ENV} is not set: set it to the libpq URI of the database to look after, "
+        "e.g. postgresql://rdw_reader@db.example.internal:5432/reporting (or set "
+        "target_db.url in code). Only the demo, the tests and the UI run without it, on an "
+        f"embedded PostgreSQL that this install lacks: {EXTRA} for them"
+    )
+
+
 def _url_from_run_config(context: dg.InitResourceContext, url: str) -> bool:
     """Whether `url` came from the run's config (launchpad, sensor, API), not from code."""
     try:
@@ -244,7 +256,8 @@ class TargetDatabase(dg.ConfigurableResource):
     url: str | None = Field(
         default=None,
         description=(
-            f"libpq URI of the database; default: env {URL_ENV}, else the embedded server. "
+            f"libpq URI of the database; default: env {URL_ENV} (required unless the "
+            "`embedded` extra is installed: demo, tests, UI). "
             f"Given in run config, it must name the server of {URL_ENV} (same host and port) "
             "and carry no password: it may pick another database or user there, never send "
             "the worker's credentials elsewhere."
@@ -315,7 +328,13 @@ class TargetDatabase(dg.ConfigurableResource):
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
         """Refuse a run-config URL that could send credentials elsewhere, in every run:
-        launched as a job (checked at launch too) or from the asset graph (not)."""
+        launched as a job (checked at launch too) or from the asset graph (not); and a
+        missing URL on an install without the embedded server, before any step runs."""
+        if not (self.url or os.environ.get(URL_ENV)):
+            from rdw_tracking import embedded
+
+            if not embedded.installed():
+                raise NotRetryable(missing_url_message())
         if self.url is not None and _url_from_run_config(context, self.url):
             problem = run_config_url_problem(self.url)
             if problem:
@@ -324,11 +343,17 @@ class TargetDatabase(dg.ConfigurableResource):
     # -- where --------------------------------------------------------------------
 
     def resolved_url(self) -> str:
+        """`url`, else env `RDW_DATABASE_URL`, else (with the `embedded` extra installed:
+        demo, tests, UI) the embedded server's demo database. A production install has
+        no such extra, so there a missing URL is one error, not a server started in the
+        run's or sensor's own pod."""
         url = self.url or os.environ.get(URL_ENV)
         if url:
             return url
         from rdw_tracking import embedded
 
+        if not embedded.installed():
+            raise NotRetryable(missing_url_message())
         return embedded.database_url()
 
     def endpoint(self) -> Endpoint:
