@@ -5,7 +5,7 @@ schema of their own, `bench_sensor`), then sensor ticks as the daemon evaluates 
 the first tick, empty ticks, and ticks that each find 10 new completions; without and
 then with `idx_workflow_executions_completed_at` (built CONCURRENTLY).
 
-`--latency`: starts `dagster dev` (webserver + daemon) on a database of its own, launches
+`--latency`: starts `dg dev` (webserver + daemon) on a database of its own, launches
 `weekly_collection` through GraphQL and measures from that run's end to the last check
 evaluation of the `post_collection_validation` run that `collection_run_sensor` requested.
 """
@@ -32,7 +32,7 @@ from rdw_tracking.sensors import INDEX_NAME, ExecutionsPolling, workflow_executi
 TITLE = "Sensor tick time and collection-to-validation latency"
 NOTES = (
     "Target: a tick under 100 ms at 1M and 5M workflow_executions rows; a collection run's "
-    "validation checks evaluated under 60 s after it succeeds, under `dagster dev` with the "
+    "validation checks evaluated under 60 s after it succeeds, under `dg dev` with the "
     "daemon (`--latency`; collection_run_sensor ticks every 15 s)."
 )
 SCHEMA = "bench_sensor"
@@ -42,7 +42,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--rows", type=int, nargs="+", default=[1_000_000, 5_000_000])
     parser.add_argument("--ticks", type=int, default=20, help="timed ticks per case")
     parser.add_argument(
-        "--latency", action="store_true", help="measure collection -> validation under dagster dev"
+        "--latency", action="store_true", help="measure collection -> validation under dg dev"
     )
     parser.add_argument("--repeats", type=int, default=3, help="collection runs in --latency")
 
@@ -155,7 +155,7 @@ def harness_row(rows: list[dict]) -> str:
     return "; ".join(f"{r['completed_at_index']} index: max {r['tick_max_ms']} ms" for r in rows)
 
 
-# -- latency under dagster dev --------------------------------------------------------------
+# -- latency under dg dev --------------------------------------------------------------
 
 
 def with_database(url: str, database: str) -> str:
@@ -244,7 +244,7 @@ def latency(args) -> list[dict]:
     )
     results = []
     try:
-        wait_for("dagster dev", lambda: graphql(port, "{ version }")["version"], 120)
+        wait_for("dg dev", lambda: graphql(port, "{ version }")["version"], 120)
         location = {"repositoryLocationName": "rdw_tracking", "repositoryName": "__repository__"}
         # The run-status sensor's first tick sets its cursor after every run so far: wait
         # for it, or the first collection run would count as history.

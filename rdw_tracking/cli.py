@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--keep-running", action="store_true", help="leave the server running")
     demo.set_defaults(func=cmd_demo)
 
-    ui = sub.add_parser("ui", help="dagster dev (webserver + daemon) on the embedded database")
+    ui = sub.add_parser("ui", help="dg dev (webserver + daemon) on the embedded database")
     ui.add_argument("--host", default="127.0.0.1")
     ui.add_argument("--port", type=int, default=3000)
     ui.add_argument("--rows", type=int, default=20_000, help="demo rows if none exist yet")

@@ -1,6 +1,6 @@
-"""End to end through the UI's own API: `dagster dev` against the test database.
+"""End to end through the UI's own API: `dg dev` against the test database.
 
-Starts `dagster dev` (webserver, daemon, code server) on a free port with Dagster's
+Starts `dg dev` (webserver, daemon, code server) on a free port with Dagster's
 storage in a fresh PostgreSQL database, asks its GraphQL API for the contract's names,
 launches `post_collection_validation` as the UI's Launch button does, and sees it
 succeed with its checks evaluated and its run and events stored in PostgreSQL.
@@ -90,7 +90,7 @@ query Run($runId: ID!) {
 
 @pytest.fixture
 def dagster_dev(tmp_path, admin_url, database_url):
-    """A running `dagster dev`; yields (port, storage libpq URL). Stopped by its pid."""
+    """A running `dg dev`; yields (port, storage libpq URL). Stopped by its pid."""
     storage_name = f"rdw_test_dagster_{os.getpid()}"
     storage = create_database(admin_url, storage_name)
     home = tmp_path / "dagster_home"
