@@ -208,16 +208,18 @@ def run_config_url_problem(url: str) -> str | None:
     return None
 
 
-def missing_url_message() -> str:
-    """The one error of an install without the `embedded` extra and without a URL."""
-    from rdw_tracking.embedded import EXTRA
+def _refuse_without_embedded() -> None:
+    """No URL was given: without the `embedded` extra (a production install) that is one
+    error naming the variable, never an embedded server started in a run or sensor pod."""
+    from rdw_tracking import embedded
 
-    return (
-        f"{URL_ENV} is not set: set it to the libpq URI of the database to look after, "
-        "e.g. postgresql://rdw_reader@db.example.internal:5432/reporting (or set "
-        "target_db.url in code). Only the demo, the tests and the UI run without it, on an "
-        f"embedded PostgreSQL that this install lacks: {EXTRA} for them"
-    )
+    if not embedded.installed():
+        raise NotRetryable(
+            f"{URL_ENV} is not set: set it to the libpq URI of the database to look after, "
+            "e.g. postgresql://rdw_reader@db.example.internal:5432/reporting (or set "
+            "target_db.url in code). Only the demo, the tests and the UI run without it, on "
+            f"an embedded PostgreSQL that this install lacks: {embedded.EXTRA} for them"
+        )
 
 
 def _url_from_run_config(context: dg.InitResourceContext, url: str) -> bool:
@@ -331,10 +333,7 @@ class TargetDatabase(dg.ConfigurableResource):
         launched as a job (checked at launch too) or from the asset graph (not); and a
         missing URL on an install without the embedded server, before any step runs."""
         if not (self.url or os.environ.get(URL_ENV)):
-            from rdw_tracking import embedded
-
-            if not embedded.installed():
-                raise NotRetryable(missing_url_message())
+            _refuse_without_embedded()
         if self.url is not None and _url_from_run_config(context, self.url):
             problem = run_config_url_problem(self.url)
             if problem:
@@ -350,10 +349,9 @@ class TargetDatabase(dg.ConfigurableResource):
         url = self.url or os.environ.get(URL_ENV)
         if url:
             return url
+        _refuse_without_embedded()
         from rdw_tracking import embedded
 
-        if not embedded.installed():
-            raise NotRetryable(missing_url_message())
         return embedded.database_url()
 
     def endpoint(self) -> Endpoint:
