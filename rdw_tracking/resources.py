@@ -331,7 +331,7 @@ class TargetDatabase(dg.ConfigurableResource):
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
         """Refuse a run-config URL that could send credentials elsewhere, in every run:
         launched as a job (checked at launch too) or from the asset graph (not); and a
-        missing URL on an install without the embedded server, before any step runs."""
+        missing URL on an install without the embedded server, before any query."""
         if not (self.url or os.environ.get(URL_ENV)):
             _refuse_without_embedded()
         if self.url is not None and _url_from_run_config(context, self.url):

@@ -61,7 +61,8 @@ def test_missing_url_without_the_extra_fails_a_run_once(without_embedded_extra):
     )
     assert not result.success
     errors = [text for text in failure_texts(result) if MISSING_URL in text]
-    # One error, at resource setup: no step started to fail the same way again.
+    # One error, at resource setup (this job runs its steps in one process): no step
+    # started to fail the same way again.
     assert len(errors) == 1, failure_texts(result)
     assert EXTRA in errors[0]
     assert not [e for e in result.all_events if e.event_type_value == "STEP_START"]
