@@ -5,7 +5,7 @@ schema of their own, `bench_sensor`), then sensor ticks as the daemon evaluates 
 the first tick, empty ticks, and ticks that each find 10 new completions; without and
 then with `idx_workflow_executions_completed_at` (built CONCURRENTLY).
 
-`--latency`: starts `dagster dev` (webserver + daemon) on a database of its own, launches
+`--latency`: starts `dg dev` (webserver + daemon) on a database of its own, launches
 `weekly_collection` through GraphQL and measures from that run's end to the last check
 evaluation of the `post_collection_validation` run that `collection_run_sensor` requested.
 """
@@ -24,7 +24,7 @@ import psycopg
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from rdw_tracking import demo, devserver
+from rdw_tracking import demo, deploy, devserver
 from rdw_tracking.devserver import graphql, sqlalchemy_url
 from rdw_tracking.resources import TargetDatabase
 from rdw_tracking.sensors import INDEX_NAME, ExecutionsPolling, workflow_executions_sensor
@@ -32,18 +32,17 @@ from rdw_tracking.sensors import INDEX_NAME, ExecutionsPolling, workflow_executi
 TITLE = "Sensor tick time and collection-to-validation latency"
 NOTES = (
     "Target: a tick under 100 ms at 1M and 5M workflow_executions rows; a collection run's "
-    "validation checks evaluated under 60 s after it succeeds, under `dagster dev` with the "
+    "validation checks evaluated under 60 s after it succeeds, under `dg dev` with the "
     "daemon (`--latency`; collection_run_sensor ticks every 15 s)."
 )
 SCHEMA = "bench_sensor"
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("--rows", type=int, nargs="+", default=[1_000_000, 5_000_000])
     parser.add_argument("--ticks", type=int, default=20, help="timed ticks per case")
     parser.add_argument(
-        "--latency", action="store_true", help="measure collection -> validation under dagster dev"
+        "--latency", action="store_true", help="measure collection -> validation under dg dev"
     )
     parser.add_argument("--repeats", type=int, default=3, help="collection runs in --latency")
 
@@ -156,7 +155,7 @@ def harness_row(rows: list[dict]) -> str:
     return "; ".join(f"{r['completed_at_index']} index: max {r['tick_max_ms']} ms" for r in rows)
 
 
-# -- latency under dagster dev --------------------------------------------------------------
+# -- latency under dg dev --------------------------------------------------------------
 
 
 def with_database(url: str, database: str) -> str:
@@ -232,7 +231,7 @@ def latency(args) -> list[dict]:
     demo.build(target, demo.DemoShape(rows=20_000))
     storage = fresh_database(args.url, "rdw_bench_dagster")
     home = Path(tempfile.mkdtemp(prefix="rdw_bench_home_"))
-    shutil.copyfile(ROOT / "dagster.yaml", home / "dagster.yaml")
+    shutil.copyfile(deploy.DAGSTER_YAML, home / "dagster.yaml")
     port = devserver.free_port()
     env = {
         **os.environ,
@@ -241,11 +240,11 @@ def latency(args) -> list[dict]:
         "RDW_DATABASE_URL": target,
     }
     proc = devserver.start(
-        ROOT / "workspace.yaml", port, env=env, log=(home / "dagster_dev.log").open("w")
+        deploy.WORKSPACE_YAML, port, env=env, log=(home / "dagster_dev.log").open("w")
     )
     results = []
     try:
-        wait_for("dagster dev", lambda: graphql(port, "{ version }")["version"], 120)
+        wait_for("dg dev", lambda: graphql(port, "{ version }")["version"], 120)
         location = {"repositoryLocationName": "rdw_tracking", "repositoryName": "__repository__"}
         # The run-status sensor's first tick sets its cursor after every run so far: wait
         # for it, or the first collection run would count as history.

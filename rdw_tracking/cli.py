@@ -9,16 +9,16 @@ import sys
 import warnings
 from pathlib import Path
 
-from rdw_tracking import demo, devserver, embedded
+from rdw_tracking import demo, deploy, devserver, embedded
 
 warnings.filterwarnings("ignore", module="platformdirs")
 
 
 def dagster_home() -> Path:
-    """DAGSTER_HOME for the embedded setup: the project's dagster.yaml, under `.rdw/`."""
+    """DAGSTER_HOME for the embedded setup: the package's dagster.yaml, under `.rdw/`."""
     home = embedded.state_dir() / "dagster_home"
     home.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(embedded.PROJECT_ROOT / "dagster.yaml", home / "dagster.yaml")
+    shutil.copyfile(deploy.DAGSTER_YAML, home / "dagster.yaml")
     return home
 
 
@@ -101,7 +101,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
             embedded.stop()
         return 2
     print(f"Dagster UI on http://{args.host}:{args.port} (Ctrl-C stops it)", flush=True)
-    proc = devserver.start(embedded.PROJECT_ROOT / "workspace.yaml", args.port, host=args.host)
+    proc = devserver.start(deploy.WORKSPACE_YAML, args.port, host=args.host)
     try:
         return proc.wait()
     except KeyboardInterrupt:
@@ -110,6 +110,11 @@ def cmd_ui(args: argparse.Namespace) -> int:
         devserver.stop(proc)
         if started:
             embedded.stop()
+
+
+def cmd_dagster_yaml(args: argparse.Namespace) -> int:
+    sys.stdout.write(deploy.DAGSTER_YAML.read_text())
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,16 +131,26 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--keep-running", action="store_true", help="leave the server running")
     demo.set_defaults(func=cmd_demo)
 
-    ui = sub.add_parser("ui", help="dagster dev (webserver + daemon) on the embedded database")
+    ui = sub.add_parser("ui", help="dg dev (webserver + daemon) on the embedded database")
     ui.add_argument("--host", default="127.0.0.1")
     ui.add_argument("--port", type=int, default=3000)
     ui.add_argument("--rows", type=int, default=20_000, help="demo rows if none exist yet")
     ui.set_defaults(func=cmd_ui)
 
+    instance = sub.add_parser(
+        "dagster-yaml",
+        help="print the instance's dagster.yaml, for $DAGSTER_HOME in a deployment",
+    )
+    instance.set_defaults(func=cmd_dagster_yaml)
+
     args = parser.parse_args(argv)
     if getattr(args, "rows", 1) < 1:
         parser.error("--rows must be at least 1")
-    return args.func(args)
+    try:
+        return args.func(args)
+    except embedded.NotInstalled as err:
+        print(f"rdw-tracking {args.command}: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
-"""`dagster dev` (webserver + daemon) as a child process: start, wait, ask, stop.
+"""`dg dev` (webserver + daemon) as a child process: start, wait, ask, stop.
 
 Started from Python in a process group of its own and stopped by that group's pid: a
-`dagster dev` put in the background by a shell script ignores SIGTERM.
+`dg dev` put in the background by a shell script ignores SIGTERM.
 """
 
 from __future__ import annotations
@@ -61,12 +61,17 @@ def start(
     env: Mapping[str, str] | None = None,
     log=None,
     host: str = "127.0.0.1",
+    cwd: Path | None = None,
 ) -> subprocess.Popen:
-    """`dagster dev` in a new process group (its webserver, daemon and code server)."""
-    command = [str(Path(sys.executable).with_name("dagster")), "dev", "-w", str(workspace)]
+    """`dg dev` in a new process group (its webserver, daemon and code server).
+
+    Given the workspace file, `dg dev` needs no project folder: it runs the same from a
+    checkout and from an installed wheel. `cwd` defaults to this process's own."""
+    # `python -m dagster_dg_cli`: the `dg` script sits in whichever venv installed it.
+    command = [sys.executable, "-m", "dagster_dg_cli.cli", "dev", "-w", str(workspace)]
     return subprocess.Popen(
         [*command, "-h", host, "-p", str(port)],
-        cwd=workspace.parent,
+        cwd=cwd,
         env=dict(env) if env is not None else None,
         stdout=log,
         stderr=subprocess.STDOUT if log is not None else None,
@@ -79,14 +84,14 @@ def wait_ready(proc: subprocess.Popen, port: int, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while True:
         if proc.poll() is not None:
-            raise RuntimeError(f"dagster dev exited with code {proc.returncode}")
+            raise RuntimeError(f"dg dev exited with code {proc.returncode}")
         try:
             if graphql(port, "{ version }").get("version"):
                 return
         except (OSError, RuntimeError):
             pass
         if time.monotonic() > deadline:
-            raise TimeoutError(f"dagster dev did not answer on port {port} within {timeout_s} s")
+            raise TimeoutError(f"dg dev did not answer on port {port} within {timeout_s} s")
         time.sleep(0.5)
 
 

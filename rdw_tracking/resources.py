@@ -208,6 +208,20 @@ def run_config_url_problem(url: str) -> str | None:
     return None
 
 
+def _refuse_without_embedded() -> None:
+    """No URL was given: without the `embedded` extra (a production install) that is one
+    error naming the variable, never an embedded server started in a run or sensor pod."""
+    from rdw_tracking import embedded
+
+    if not embedded.installed():
+        raise NotRetryable(
+            f"{URL_ENV} is not set: set it to the libpq URI of the database to look after, "
+            "e.g. postgresql://rdw_reader@db.example.internal:5432/reporting (or set "
+            "target_db.url in code). Only the demo, the tests and the UI run without it, on "
+            f"an embedded PostgreSQL that this install lacks: {embedded.EXTRA} for them"
+        )
+
+
 def _url_from_run_config(context: dg.InitResourceContext, url: str) -> bool:
     """Whether `url` came from the run's config (launchpad, sensor, API), not from code."""
     try:
@@ -244,7 +258,8 @@ class TargetDatabase(dg.ConfigurableResource):
     url: str | None = Field(
         default=None,
         description=(
-            f"libpq URI of the database; default: env {URL_ENV}, else the embedded server. "
+            f"libpq URI of the database; default: env {URL_ENV} (required unless the "
+            "`embedded` extra is installed: demo, tests, UI). "
             f"Given in run config, it must name the server of {URL_ENV} (same host and port) "
             "and carry no password: it may pick another database or user there, never send "
             "the worker's credentials elsewhere."
@@ -315,7 +330,10 @@ class TargetDatabase(dg.ConfigurableResource):
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
         """Refuse a run-config URL that could send credentials elsewhere, in every run:
-        launched as a job (checked at launch too) or from the asset graph (not)."""
+        launched as a job (checked at launch too) or from the asset graph (not); and a
+        missing URL on an install without the embedded server, before any query."""
+        if not (self.url or os.environ.get(URL_ENV)):
+            _refuse_without_embedded()
         if self.url is not None and _url_from_run_config(context, self.url):
             problem = run_config_url_problem(self.url)
             if problem:
@@ -324,9 +342,14 @@ class TargetDatabase(dg.ConfigurableResource):
     # -- where --------------------------------------------------------------------
 
     def resolved_url(self) -> str:
+        """`url`, else env `RDW_DATABASE_URL`, else (with the `embedded` extra installed:
+        demo, tests, UI) the embedded server's demo database. A production install has
+        no such extra, so there a missing URL is one error, not a server started in the
+        run's or sensor's own pod."""
         url = self.url or os.environ.get(URL_ENV)
         if url:
             return url
+        _refuse_without_embedded()
         from rdw_tracking import embedded
 
         return embedded.database_url()

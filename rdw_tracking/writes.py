@@ -35,6 +35,8 @@ def lock_holder(conn: psycopg.Connection, key: tuple[int, int]) -> str:
         FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
         WHERE l.locktype = 'advisory' AND l.granted
           AND l.classid = %s AND l.objid = %s AND l.objsubid = 2
+          -- advisory locks belong to one database: not a same-named table's elsewhere
+          AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
         """,
         list(key),
     ).fetchone()

@@ -372,3 +372,28 @@ def layout_url(database_url: str, layout: str) -> str:
 
     relayout(database_url, layout)
     return database_url
+
+
+# -- a Dagster instance on the test server, for the CLI (`dg launch`) ----------------------
+
+
+@pytest.fixture
+def dagster_home(tmp_path, admin_url, monkeypatch) -> Iterator[dict[str, str]]:
+    """Environment for a Dagster CLI process: DAGSTER_HOME holding the package's
+    dagster.yaml, its runs and events in a fresh database of the test server. Set in
+    this process too (`dg.DagsterInstance.get()` reads the same instance); yields the
+    environment for a subprocess."""
+    from rdw_tracking import deploy
+    from rdw_tracking.devserver import sqlalchemy_url
+
+    name = f"rdw_test_dagster_{os.getpid()}_{next(_counter)}"
+    storage = create_database(admin_url, name)
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text(deploy.DAGSTER_YAML.read_text())
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    monkeypatch.setenv("RDW_DAGSTER_STORAGE_URL", sqlalchemy_url(storage))
+    try:
+        yield dict(os.environ)
+    finally:
+        drop_database(admin_url, name)

@@ -32,6 +32,7 @@ from rdw_tracking_tests.conftest import (
     drop_database,
     launch_refusal,
 )
+from rdw_tracking_tests.test_definitions import dg_cli_process
 from rdw_tracking_tests.test_no_leaks import everything_recorded
 from rdw_tracking_tests.test_sensors import complete, tick
 
@@ -340,6 +341,50 @@ def test_write_asset_from_the_asset_graph_waits_for_the_write_slot(
         worker.join(120)
     assert done["result"].success
     assert sql_exec(indexes) == [(2,)]
+
+
+def test_dg_launch_of_a_write_asset_waits_for_the_write_slot(
+    database_url, dagster_home, sql_exec, tmp_path
+):
+    """`dg launch` runs in its own process, outside the run queue and its tag limits:
+    a write asset launched that way still waits for the `rdw/db-writes` pool's slot of
+    the deployment's instance (dagster.yaml's `concurrency.pools`)."""
+    indexes = "SELECT count(*) FROM pg_indexes WHERE indexname LIKE 'idx_report_data_weeks_%'"
+    with dg.DagsterInstance.get() as instance:
+        storage = instance.event_log_storage
+        storage.initialize_concurrency_limit_to_default("rdw/db-writes")
+        assert storage.get_concurrency_info("rdw/db-writes").slot_count == 1
+        storage.claim_concurrency_slot("rdw/db-writes", "another-write-run", "its-step")
+        log = tmp_path / "dg_launch.log"
+        launch = dg_cli_process(
+            "launch", "--assets", "execution_id_indexes", env=dagster_home, log=log
+        )
+        try:
+            deadline = time.monotonic() + 120
+            while "blocked by limit for pool rdw/db-writes" not in launch_log(instance):
+                assert launch.poll() is None, log.read_text()[-3000:]
+                assert time.monotonic() < deadline, "dg launch never waited for the slot"
+                time.sleep(1)
+            time.sleep(3)
+            assert sql_exec(indexes) == [(0,)], "the write ran beside another write"
+            storage.free_concurrency_slots_for_run("another-write-run")
+            launch.wait(timeout=240)
+        finally:
+            if launch.poll() is None:
+                launch.kill()
+        assert launch.returncode == 0, log.read_text()[-3000:]
+    assert sql_exec(indexes) == [(2,)]
+
+
+def launch_log(instance: dg.DagsterInstance) -> str:
+    """The engine messages of every run of the instance, one per line."""
+    return "\n".join(
+        record.event_log_entry.user_message
+        for run in instance.get_runs()
+        for record in instance.get_records_for_run(
+            run.run_id, of_type=dg.DagsterEventType.ENGINE_EVENT
+        ).records
+    )
 
 
 def test_every_write_asset_and_op_sits_in_the_write_pool():

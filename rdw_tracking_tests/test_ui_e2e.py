@@ -1,6 +1,6 @@
-"""End to end through the UI's own API: `dagster dev` against the test database.
+"""End to end through the UI's own API: `dg dev` against the test database.
 
-Starts `dagster dev` (webserver, daemon, code server) on a free port with Dagster's
+Starts `dg dev` (webserver, daemon, code server) on a free port with Dagster's
 storage in a fresh PostgreSQL database, asks its GraphQL API for the contract's names,
 launches `post_collection_validation` as the UI's Launch button does, and sees it
 succeed with its checks evaluated and its run and events stored in PostgreSQL.
@@ -9,17 +9,15 @@ succeed with its checks evaluated and its run and events stored in PostgreSQL.
 import os
 import shutil
 import time
-from pathlib import Path
 
 import psycopg
 import pytest
 
-from rdw_tracking import devserver
+from rdw_tracking import deploy, devserver
 from rdw_tracking.devserver import free_port, graphql, sqlalchemy_url
 
 from .conftest import create_database, drop_database
 
-ROOT = Path(__file__).resolve().parents[1]
 LOCATION = "rdw_tracking"
 STARTUP_TIMEOUT = 150
 
@@ -92,12 +90,12 @@ query Run($runId: ID!) {
 
 @pytest.fixture
 def dagster_dev(tmp_path, admin_url, database_url):
-    """A running `dagster dev`; yields (port, storage libpq URL). Stopped by its pid."""
+    """A running `dg dev`; yields (port, storage libpq URL). Stopped by its pid."""
     storage_name = f"rdw_test_dagster_{os.getpid()}"
     storage = create_database(admin_url, storage_name)
     home = tmp_path / "dagster_home"
     home.mkdir()
-    shutil.copyfile(ROOT / "dagster.yaml", home / "dagster.yaml")
+    shutil.copyfile(deploy.DAGSTER_YAML, home / "dagster.yaml")
     port = free_port()
     env = {
         **os.environ,
@@ -106,7 +104,7 @@ def dagster_dev(tmp_path, admin_url, database_url):
         "RDW_DATABASE_URL": database_url,
     }
     log = (tmp_path / "dagster_dev.log").open("w")
-    proc = devserver.start(ROOT / "workspace.yaml", port, env=env, log=log)
+    proc = devserver.start(deploy.WORKSPACE_YAML, port, env=env, log=log)
     try:
         # ~20 s on an idle 2-core machine; far more when other suites share its cores
         try:
