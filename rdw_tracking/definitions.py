@@ -2,6 +2,7 @@
 
 import dagster as dg
 
+from rdw_tracking.alerts import alert_sensors
 from rdw_tracking.assets.indexes import index_assets, index_checks
 from rdw_tracking.assets.performance import performance_assets
 from rdw_tracking.assets.population import population_assets
@@ -27,7 +28,7 @@ defs = dg.Definitions(
     asset_checks=[*schema_checks, *index_checks],
     jobs=jobs,
     schedules=schedules,
-    sensors=sensors,
+    sensors=[*sensors, *alert_sensors],
     resources={
         "target_db": TargetDatabase(),
         "executions_polling": ExecutionsPolling(),
