@@ -4,6 +4,7 @@ table is laid out, and whether a validated foreign key ties it to `workflow_exec
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass
 
 import dagster as dg
@@ -398,4 +399,10 @@ def execution_id_foreign_key(target_db: TargetDatabase) -> dg.AssetCheckResult:
 
 
 schema_assets = [execution_id_schema]
-schema_checks = [execution_id_column_contract, execution_id_foreign_key]
+# Every materialization records the table's columns in `dagster/column_schema`: Dagster's
+# check compares the two latest and warns on a column added, removed or retyped.
+with warnings.catch_warnings():
+    # Beta in Dagster 1.13 and chosen knowingly: not a warning on every load of the code.
+    warnings.simplefilter("ignore", dg.BetaWarning)
+    schema_change_checks = dg.build_column_schema_change_checks(assets=[execution_id_schema])
+schema_checks = [execution_id_column_contract, execution_id_foreign_key, *schema_change_checks]
