@@ -87,13 +87,18 @@ def run_failure_payload(context: dg.RunFailureSensorContext) -> dict:
         for event in context.get_step_failure_events()
         if event.event_specific_data
     ]
-    description = clean(" | ".join([context.failure_event.message or "", *steps]).strip(" |"))
+    # Checks that failed in the failed run: check_failure_alert_sensor sees green runs only.
+    checks = failed_checks(context.instance, run.run_id)
+    notes = [f"check {e.check_name} ({e.severity.value}): {e.description}" for e in checks]
+    parts = [context.failure_event.message or "", *steps, *notes]
+    description = clean(" | ".join(p for p in parts if p))
     return {
         "text": f"rdw_tracking: run {run.run_id} of {run.job_name} failed: {description}",
         "kind": "run_failure",
         "job": run.job_name,
         "run_id": run.run_id,
         "description": description,
+        "failed_checks": [e.check_name for e in checks],
     }
 
 

@@ -97,6 +97,22 @@ def test_a_failed_run_posts_one_alert(database_url, run_job, receiver, monkeypat
     assert_no_credential(post)
 
 
+def test_a_failed_run_names_the_checks_that_failed_in_it(database_url, run_job, receiver, sql_exec):
+    # execution_id as text: the blocking column contract fails, and with it the run.
+    sql_exec("ALTER TABLE report_data_weeks ALTER COLUMN execution_id TYPE text")
+    with dg.instance_for_test() as instance:
+        failed = run_job("verify_execution_tracking", instance=instance)
+        assert not failed.success
+        assert not check_results(failed)["execution_id_column_contract"].passed
+        run_failure_alert_sensor(failure_context(instance, failed))
+    [post] = receiver
+    body = post["body"]
+    assert body["run_id"] == failed.run_id and body["job"] == "verify_execution_tracking"
+    assert "execution_id_column_contract" in body["failed_checks"]
+    assert "check execution_id_column_contract (ERROR): " in body["description"]
+    assert "is text, expected uuid" in body["description"]
+
+
 def test_a_failed_non_blocking_check_in_a_green_run_posts_one_alert(
     database_url, run_job, receiver
 ):
