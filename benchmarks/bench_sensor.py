@@ -28,6 +28,7 @@ from rdw_tracking import demo, devserver
 from rdw_tracking.devserver import graphql, sqlalchemy_url
 from rdw_tracking.resources import TargetDatabase
 from rdw_tracking.sensors import INDEX_NAME, ExecutionsPolling, workflow_executions_sensor
+from rdw_tracking.walkthrough import evaluate
 
 TITLE = "Sensor tick time and collection-to-validation latency"
 NOTES = (
@@ -94,7 +95,7 @@ def tick(
         resources={"target_db": db, "executions_polling": ExecutionsPolling()},
     )
     started = time.perf_counter()
-    data = workflow_executions_sensor.evaluate_tick(context)
+    data = evaluate(workflow_executions_sensor, context)
     ms = (time.perf_counter() - started) * 1000
     return ms, data.cursor or context.cursor, len(data.run_requests or [])
 

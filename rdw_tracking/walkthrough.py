@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-from typing import Any
+from typing import Any, NamedTuple
 
 import dagster as dg
 
@@ -117,6 +117,20 @@ def sensor_outcome(
     if isinstance(result, dg.RunRequest):
         return [result], None, cursor
     return [], None, cursor
+
+
+class Tick(NamedTuple):
+    """A sensor's answer as the daemon reads it."""
+
+    run_requests: list[dg.RunRequest]
+    skip_message: str | None
+    cursor: str | None
+
+
+def evaluate(sensor: dg.SensorDefinition, context: dg.SensorEvaluationContext) -> Tick:
+    """`sensor`'s own function called directly with `context` (Dagster's public way to
+    test a sensor): its run requests, skip message and the cursor to keep."""
+    return Tick(*sensor_outcome(sensor(context), context))
 
 
 def report_tick(name: str, requests: list[dg.RunRequest], skip: str | None) -> None:
