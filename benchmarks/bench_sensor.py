@@ -21,6 +21,7 @@ from pathlib import Path
 
 import dagster as dg
 import psycopg
+from dagster_graphql import DagsterGraphQLClient
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
@@ -180,11 +181,6 @@ query Ticks($selector: SensorSelector!) {
   sensorOrError(sensorSelector: $selector) { ... on Sensor { sensorState { ticks(limit: 1) { status } } } }
 }
 """
-LAUNCH = """
-mutation Launch($params: ExecutionParams!) {
-  launchRun(executionParams: $params) { __typename ... on LaunchRunSuccess { run { runId } } }
-}
-"""
 RUN = """
 query Run($runId: ID!) {
   runOrError(runId: $runId) { ... on Run { status endTime } }
@@ -248,6 +244,7 @@ def latency(args) -> list[dict]:
     try:
         wait_for("dagster dev", lambda: graphql(port, "{ version }")["version"], 120)
         location = {"repositoryLocationName": "rdw_tracking", "repositoryName": "__repository__"}
+        client = DagsterGraphQLClient("127.0.0.1", port_number=port)
         # The run-status sensor's first tick sets its cursor after every run so far: wait
         # for it, or the first collection run would count as history.
         wait_for(
@@ -261,12 +258,11 @@ def latency(args) -> list[dict]:
             every=1,
         )
         for attempt in range(args.repeats):
-            launched = graphql(
-                port,
-                LAUNCH,
-                {"params": {"selector": {**location, "jobName": "weekly_collection"}}},
-            )["launchRun"]
-            run_id = launched["run"]["runId"]
+            run_id = client.submit_job_execution(
+                "weekly_collection",
+                repository_location_name=location["repositoryLocationName"],
+                repository_name=location["repositoryName"],
+            )
             collection = wait_for("weekly_collection", partial(finished, port, run_id), 120)
             ended = collection["runOrError"]["endTime"]
             validation_id = wait_for("the triggered run", partial(triggered, port, run_id), 180)
