@@ -1,4 +1,4 @@
-"""Dagster's column schema change check on `execution_id_schema`, on every layout."""
+"""The column schema change check on `execution_id_schema`, on every layout."""
 
 import dagster as dg
 
@@ -24,10 +24,11 @@ def test_a_column_added_to_report_data_weeks_is_reported(layout, layout_url, sql
         assert check_results(first)[CHANGE_CHECK].passed  # nothing to compare with yet
 
         unchanged = check_results(verify_schema(run_job, instance))[CHANGE_CHECK]
-        assert unchanged.passed and "No changes" in unchanged.description
+        assert unchanged.passed and "no column added" in unchanged.description
 
         # On a partitioned or inheritance parent the column reaches every table below.
         sql_exec("ALTER TABLE report_data_weeks ADD COLUMN review_note text")
         changed = check_results(verify_schema(run_job, instance))[CHANGE_CHECK]
     assert not changed.passed and changed.severity == dg.AssetCheckSeverity.WARN
-    assert "Added columns: review_note" in changed.description
+    assert "added review_note (text)" in changed.description
+    assert changed.metadata["changes"].value == ["added review_note (text)"]
