@@ -21,6 +21,7 @@ from pathlib import Path
 
 import dagster as dg
 import psycopg
+from dagster_graphql import DagsterGraphQLClient
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
@@ -28,6 +29,7 @@ from rdw_tracking import demo, deploy, devserver
 from rdw_tracking.devserver import graphql, sqlalchemy_url
 from rdw_tracking.resources import TargetDatabase
 from rdw_tracking.sensors import INDEX_NAME, ExecutionsPolling, workflow_executions_sensor
+from rdw_tracking.walkthrough import evaluate
 
 TITLE = "Sensor tick time and collection-to-validation latency"
 NOTES = (
@@ -93,7 +95,7 @@ def tick(
         resources={"target_db": db, "executions_polling": ExecutionsPolling()},
     )
     started = time.perf_counter()
-    data = workflow_executions_sensor.evaluate_tick(context)
+    data = evaluate(workflow_executions_sensor, context)
     ms = (time.perf_counter() - started) * 1000
     return ms, data.cursor or context.cursor, len(data.run_requests or [])
 
@@ -178,11 +180,6 @@ query Ticks($selector: SensorSelector!) {
   sensorOrError(sensorSelector: $selector) { ... on Sensor { sensorState { ticks(limit: 1) { status } } } }
 }
 """
-LAUNCH = """
-mutation Launch($params: ExecutionParams!) {
-  launchRun(executionParams: $params) { __typename ... on LaunchRunSuccess { run { runId } } }
-}
-"""
 RUN = """
 query Run($runId: ID!) {
   runOrError(runId: $runId) { ... on Run { status endTime } }
@@ -246,6 +243,7 @@ def latency(args) -> list[dict]:
     try:
         wait_for("dg dev", lambda: graphql(port, "{ version }")["version"], 120)
         location = {"repositoryLocationName": "rdw_tracking", "repositoryName": "__repository__"}
+        client = DagsterGraphQLClient("127.0.0.1", port_number=port)
         # The run-status sensor's first tick sets its cursor after every run so far: wait
         # for it, or the first collection run would count as history.
         wait_for(
@@ -259,12 +257,11 @@ def latency(args) -> list[dict]:
             every=1,
         )
         for attempt in range(args.repeats):
-            launched = graphql(
-                port,
-                LAUNCH,
-                {"params": {"selector": {**location, "jobName": "weekly_collection"}}},
-            )["launchRun"]
-            run_id = launched["run"]["runId"]
+            run_id = client.submit_job_execution(
+                "weekly_collection",
+                repository_location_name=location["repositoryLocationName"],
+                repository_name=location["repositoryName"],
+            )
             collection = wait_for("weekly_collection", partial(finished, port, run_id), 120)
             ended = collection["runOrError"]["endTime"]
             validation_id = wait_for("the triggered run", partial(triggered, port, run_id), 180)

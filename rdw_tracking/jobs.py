@@ -15,6 +15,10 @@ from rdw_tracking.resources import TargetDatabase, run_config_url_problem
 # them run at a time, and each also takes a PostgreSQL advisory lock (see writes.py).
 DB_WRITES_TAG = "rdw/db-writes"
 WRITE_JOB_TAGS = {DB_WRITES_TAG: "true"}
+# Rollback and restore resume where they stopped when run again with the same config,
+# which is what a retry does: with `run_retries` enabled in dagster.yaml, a run that
+# failed (a lost connection, a dead worker its launcher detects) is launched again.
+RESUME_BY_RETRY_TAGS = {"dagster/max_retries": "2", "dagster/retry_strategy": "ALL_STEPS"}
 
 
 class RunConfigError(Exception):
@@ -154,7 +158,7 @@ rollback_execution_id = dg.define_asset_job(
     "rollback_execution_id",
     config=checked_at_launch(execution_id_rollback=RollbackConfig),
     selection=dg.AssetSelection.assets("execution_id_rollback"),
-    tags=WRITE_JOB_TAGS,
+    tags={**WRITE_JOB_TAGS, **RESUME_BY_RETRY_TAGS},
     description=(
         "Rollback cleanup: clears execution_id on rows created since cutoff_date, in "
         "backed-up batches. Dry run unless ops.execution_id_rollback.config.dry_run is false."
@@ -164,7 +168,7 @@ restore_execution_id = dg.define_asset_job(
     "restore_execution_id",
     config=checked_at_launch(execution_id_restore=RestoreConfig),
     selection=dg.AssetSelection.assets("execution_id_restore"),
-    tags=WRITE_JOB_TAGS,
+    tags={**WRITE_JOB_TAGS, **RESUME_BY_RETRY_TAGS},
     description=(
         "Puts back the execution_id values a rollback cleared, where still NULL. Dry run "
         "unless ops.execution_id_restore.config.dry_run is false."

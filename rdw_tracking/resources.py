@@ -307,6 +307,10 @@ class TargetDatabase(dg.ConfigurableResource):
     @field_validator("url")
     @classmethod
     def _url(cls, value: str | None) -> str | None:
+        if value == URL_ENV:
+            # dg.EnvVar(URL_ENV) in code reaches validators as its name; Dagster validates
+            # again with the variable's value when the resource is built for a run.
+            return value
         if value is not None and not value.strip():
             raise ValueError("url must not be empty; leave it unset to use env " + URL_ENV)
         if value is not None:

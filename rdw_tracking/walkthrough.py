@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-from typing import Any
+from typing import Any, NamedTuple
 
 import dagster as dg
 
@@ -103,27 +103,77 @@ def run_job(
     return result
 
 
-def tick_sensor(
-    instance: dg.DagsterInstance, name: str, cursor: str | None
-) -> tuple[list[dg.RunRequest], str | None]:
-    """One evaluation of a sensor as the daemon does it: its real evaluation function, the
-    instance's runs and events, the Definitions' resources. Returns (run requests, cursor)."""
-    from rdw_tracking.definitions import defs
+def sensor_outcome(
+    result: Any, context: dg.SensorEvaluationContext | None = None
+) -> tuple[list[dg.RunRequest], str | None, str | None]:
+    """(run requests, skip message, cursor) of whatever a sensor function returned."""
+    cursor = context.cursor if context is not None else None
+    if isinstance(result, dg.SensorResult):
+        skip = result.skip_reason.skip_message if result.skip_reason else None
+        cursor = result.cursor if result.cursor is not None else cursor
+        return list(result.run_requests or []), skip, cursor
+    if isinstance(result, dg.SkipReason):
+        return [], result.skip_message, cursor
+    if isinstance(result, dg.RunRequest):
+        return [result], None, cursor
+    return [], None, cursor
 
-    repository = defs.get_repository_def()
-    sensor = repository.get_sensor_def(name)
-    context = dg.build_sensor_context(
-        instance=instance,
-        cursor=cursor,
-        repository_def=repository,
-        sensor_name=name,
-        resources=repository.get_top_level_resources(),
-    )
-    data = sensor.evaluate_tick(context)
-    requests = list(data.run_requests or [])
-    why = f" ({data.skip_message})" if data.skip_message else ""
+
+class Tick(NamedTuple):
+    """A sensor's answer as the daemon reads it."""
+
+    run_requests: list[dg.RunRequest]
+    skip_message: str | None
+    cursor: str | None
+
+
+def evaluate(sensor: dg.SensorDefinition, context: dg.SensorEvaluationContext) -> Tick:
+    """`sensor`'s own function called directly with `context` (Dagster's public way to
+    test a sensor): its run requests, skip message and the cursor to keep."""
+    return Tick(*sensor_outcome(sensor(context), context))
+
+
+def report_tick(name: str, requests: list[dg.RunRequest], skip: str | None) -> None:
+    why = f" ({skip})" if skip else ""
     print(f"  sensor {name}: {len(requests)} run request(s){why}")
-    return requests, data.cursor if data.cursor is not None else context.cursor
+
+
+def tick_polling_sensor(
+    instance: dg.DagsterInstance, cursor: str | None
+) -> tuple[list[dg.RunRequest], str | None]:
+    """One tick of `workflow_executions_sensor` as the daemon makes it: its own function,
+    the instance, the Definitions' resources and the cursor. Returns (requests, cursor)."""
+    from rdw_tracking.definitions import defs
+    from rdw_tracking.sensors import workflow_executions_sensor
+
+    # Called directly, a sensor gets only the resources its context is given.
+    context = dg.build_sensor_context(
+        instance=instance, cursor=cursor, definitions=defs, resources=dict(defs.resources or {})
+    )
+    requests, skip, cursor = sensor_outcome(workflow_executions_sensor(context), context)
+    report_tick(workflow_executions_sensor.name, requests, skip)
+    return requests, cursor
+
+
+def tick_collection_sensor(
+    instance: dg.DagsterInstance, collection: dg.ExecuteInProcessResult
+) -> list[dg.RunRequest]:
+    """`collection_run_sensor` evaluated for one finished collection run, as the daemon
+    calls it for each successful run it sees (a failed run never reaches it)."""
+    from rdw_tracking.sensors import collection_run_sensor
+
+    if not collection.success:
+        report_tick(collection_run_sensor.name, [], "the collection run failed")
+        return []
+    context = dg.build_run_status_sensor_context(
+        sensor_name=collection_run_sensor.name,
+        dagster_event=collection.get_run_success_event(),
+        dagster_instance=instance,
+        dagster_run=collection.dagster_run,
+    )
+    requests, skip, _ = sensor_outcome(collection_run_sensor(context))
+    report_tick(collection_run_sensor.name, requests, skip)
+    return requests
 
 
 def launch(
@@ -132,7 +182,7 @@ def launch(
     """Run what a sensor requested, in process, tagged the way the daemon tags it."""
     from rdw_tracking.definitions import defs
 
-    job_name = request.job_name or defs.get_repository_def().get_sensor_def(sensor_name).job_name
+    job_name = request.job_name or defs.resolve_sensor_def(sensor_name).job_name
     tags = {**request.tags, "dagster/sensor_name": sensor_name}
     if request.run_key:
         tags["dagster/run_key"] = request.run_key
@@ -152,21 +202,21 @@ def launch(
     return result
 
 
-SENSORS = ("collection_run_sensor", "workflow_executions_sensor")
-
-
 def collection_and_sensors(instance: dg.DagsterInstance) -> list[dg.ExecuteInProcessResult]:
-    """A collection run, then both sensors ticked as the daemon would, then the runs they ask for.
+    """A collection run, then both sensors evaluated as the daemon would, then the runs
+    they ask for.
 
-    Each sensor's first tick only sets its cursor (at the latest run event / the latest
-    completed execution), exactly as on a fresh daemon; the tick after the collection sees it.
+    The polling sensor's first tick only sets its cursor (at the latest completed
+    execution), exactly as on a fresh daemon; the tick after the collection sees it. The
+    run-status sensor is evaluated for the collection run itself.
     """
-    cursors = {name: tick_sensor(instance, name, None)[1] for name in SENSORS}
+    _, cursor = tick_polling_sensor(instance, None)
     collection = run_job(instance, "weekly_collection")
     results = [collection]
-    for name in SENSORS:
-        requests, cursors[name] = tick_sensor(instance, name, cursors[name])
-        results += [launch(instance, name, request) for request in requests]
+    for request in tick_collection_sensor(instance, collection):
+        results.append(launch(instance, "collection_run_sensor", request))
+    requests, _ = tick_polling_sensor(instance, cursor)
+    results += [launch(instance, "workflow_executions_sensor", r) for r in requests]
     return results
 
 

@@ -26,6 +26,7 @@ from psycopg.conninfo import conninfo_to_dict
 
 from rdw_tracking.assets import READ_RETRY
 from rdw_tracking.resources import APPLICATION_NAME
+from rdw_tracking.walkthrough import evaluate
 from rdw_tracking_tests.conftest import (
     TEST_ENV,
     check_results,
@@ -497,7 +498,7 @@ def test_polling_sensor_rides_out_a_database_outage(admin_url, database_url, sql
 
     def tick(cursor):
         with context(cursor) as ctx:
-            return workflow_executions_sensor.evaluate_tick(ctx)
+            return evaluate(workflow_executions_sensor, ctx)
 
     first = tick(None)
     cursor = first.cursor
@@ -511,7 +512,7 @@ def test_polling_sensor_rides_out_a_database_outage(admin_url, database_url, sql
             with context(cursor) as during:
                 started = time.monotonic()
                 with pytest.raises(TargetDatabaseError) as err:
-                    workflow_executions_sensor.evaluate_tick(during)
+                    evaluate(workflow_executions_sensor, during)
                 assert time.monotonic() - started < 5
                 assert "cannot connect to PostgreSQL at" in str(err.value)
                 assert during.cursor == cursor

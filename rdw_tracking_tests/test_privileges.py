@@ -17,13 +17,13 @@ from rdw_tracking.assets.rollback import (
     BackupTables,
     create_tables,
 )
-from rdw_tracking.definitions import defs
 from rdw_tracking.resources import TargetDatabase
 from rdw_tracking.sensors import (
     ExecutionsPolling,
     collection_run_sensor,
     workflow_executions_sensor,
 )
+from rdw_tracking.walkthrough import evaluate
 from rdw_tracking_tests.assets.test_population import failure_text
 from rdw_tracking_tests.conftest import (
     SELECT_ONLY_GRANTS,
@@ -32,6 +32,7 @@ from rdw_tracking_tests.conftest import (
     materialization_metadata,
     step_failure_messages,
 )
+from rdw_tracking_tests.test_sensors import drain
 
 PLAN, STORAGE = "execution_id_join_plan", "execution_id_storage"
 CUTOFF = (dt.datetime.now(dt.timezone.utc).date() - dt.timedelta(days=30)).isoformat()
@@ -112,32 +113,27 @@ def test_both_sensors_under_a_select_only_role(database_url, select_only_url, ru
     reader = TargetDatabase(url=select_only_url)
     # workflow_executions_sensor polls with SELECT alone.
     resources = {"target_db": reader, "executions_polling": ExecutionsPolling()}
-    first = workflow_executions_sensor.evaluate_tick(dg.build_sensor_context(resources=resources))
+    first = evaluate(workflow_executions_sensor, dg.build_sensor_context(resources=resources))
     assert not first.run_requests and first.cursor
     sql_exec(
         "INSERT INTO workflow_executions (status, completed_at) VALUES ('completed', now())",
         url=database_url,
     )
-    second = workflow_executions_sensor.evaluate_tick(
-        dg.build_sensor_context(cursor=first.cursor, resources=resources)
+    second = evaluate(
+        workflow_executions_sensor,
+        dg.build_sensor_context(cursor=first.cursor, resources=resources),
     )
     assert len(second.run_requests) == 1
     # collection_run_sensor reads only Dagster's runs; the validation it requests then
     # runs as the reader. (The collection itself writes, so it runs as the owner.)
     with dg.instance_for_test() as instance:
-        cursor = collection_run_sensor.evaluate_tick(
-            dg.build_sensor_context(instance=instance, definitions=defs)
-        ).cursor
+        _, cursor = drain(collection_run_sensor, instance, None)
         owner = TargetDatabase(url=database_url)
         collection = run_job("weekly_collection", instance=instance, resources={"target_db": owner})
         assert collection.success, failure_text(collection)
-        tick = collection_run_sensor.evaluate_tick(
-            dg.build_sensor_context(instance=instance, cursor=cursor, definitions=defs)
-        )
-        assert [r.run_key for r in tick.run_requests] == [collection.run_id]
-        validation = run_job(
-            "post_collection_validation", instance=instance, tags=tick.run_requests[0].tags
-        )
+        requests, _ = drain(collection_run_sensor, instance, cursor)
+        assert [r.run_key for r in requests] == [collection.run_id]
+        validation = run_job("post_collection_validation", instance=instance, tags=requests[0].tags)
         assert validation.success, failure_text(validation)
 
 

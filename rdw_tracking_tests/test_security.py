@@ -24,6 +24,7 @@ from rdw_tracking import cli, demo, embedded, walkthrough
 from rdw_tracking.definitions import defs
 from rdw_tracking.resources import TargetDatabase, TargetDatabaseError, redact
 from rdw_tracking.sensors import ExecutionsCursor, ExecutionsPolling, workflow_executions_sensor
+from rdw_tracking.walkthrough import evaluate
 from rdw_tracking.writes import LOCK_CLASS, exclusive_write
 from rdw_tracking_tests.assets.test_population import failure_text
 from rdw_tracking_tests.conftest import (
@@ -169,7 +170,7 @@ def test_malformed_url_leaks_no_part_of_the_password(
         resources={"target_db": TargetDatabase(), "executions_polling": ExecutionsPolling()},
     )
     with pytest.raises(Exception) as err:
-        workflow_executions_sensor.evaluate_tick(context)
+        evaluate(workflow_executions_sensor, context)
     texts["sensor tick"] = f"{err.value}\n{err.value!r}"
     with dg.instance_for_test(temp_dir=str(tmp_path)) as instance:
         result = run_job("post_collection_validation", instance=instance)

@@ -22,6 +22,7 @@ from rdw_tracking.sensors import (
     collection_run_sensor,
     workflow_executions_sensor,
 )
+from rdw_tracking.walkthrough import evaluate
 
 UNREACHABLE = "postgresql://postgres@127.0.0.1:1/nowhere"
 
@@ -29,26 +30,30 @@ UNREACHABLE = "postgresql://postgres@127.0.0.1:1/nowhere"
 
 
 def drain(sensor, instance, cursor):
-    """Tick until the sensor has nothing left; (run requests, final cursor)."""
+    """`sensor` called for every run that succeeded since `cursor`, oldest first, as the
+    daemon calls a run-status sensor (public APIs only); (run requests, cursor after)."""
+    changes = instance.fetch_run_status_changes(
+        dg.DagsterEventType.RUN_SUCCESS, limit=100, cursor=cursor, ascending=True
+    )
     requests = []
-    for _ in range(10):
-        data = sensor.evaluate_tick(
-            dg.build_sensor_context(instance=instance, cursor=cursor, definitions=defs)
+    for record in changes.records:
+        entry = record.event_log_entry
+        context = dg.build_run_status_sensor_context(
+            sensor_name=sensor.name,
+            dagster_event=entry.dagster_event,
+            dagster_instance=instance,
+            dagster_run=instance.get_run_by_id(entry.run_id),
         )
-        requests += data.run_requests or []
-        if data.cursor == cursor:
-            return requests, cursor
-        cursor = data.cursor
-    raise AssertionError("sensor never settled")
+        outcome = sensor(context)
+        if isinstance(outcome, dg.RunRequest):
+            requests.append(outcome)
+    return requests, changes.cursor if changes.records else cursor
 
 
 def test_run_status_sensor_fires_after_successful_collection_only(database_url, run_job):
     with dg.instance_for_test() as instance:
-        first = collection_run_sensor.evaluate_tick(
-            dg.build_sensor_context(instance=instance, definitions=defs)
-        )
-        assert not first.run_requests
-        cursor = first.cursor
+        first, cursor = drain(collection_run_sensor, instance, None)
+        assert not first
 
         ok = run_job("weekly_collection", instance=instance)
         failed = run_job(
@@ -92,7 +97,7 @@ def tick(cursor, url, lookback_minutes=10, max_per_tick=1000):
             ),
         },
     )
-    data = workflow_executions_sensor.evaluate_tick(context)
+    data = evaluate(workflow_executions_sensor, context)
     if data.cursor is None:
         data = data._replace(cursor=context.cursor)
     return data
@@ -199,7 +204,7 @@ def test_database_outage_fails_the_tick_and_keeps_the_cursor(database_url, sql_e
             },
         )
         with pytest.raises(TargetDatabaseError, match="cannot connect to PostgreSQL at .*nowhere"):
-            workflow_executions_sensor.evaluate_tick(context)
+            evaluate(workflow_executions_sensor, context)
         assert context.cursor == cursor
     # back up: nothing was lost
     data = tick(cursor, database_url)
@@ -271,14 +276,13 @@ def test_schedule_ticks(schedule, job, when):
 
 
 def test_sensors_and_schedules_run_by_default_and_are_wired():
-    repo = defs.get_repository_def()
     for name in ("collection_run_sensor", "workflow_executions_sensor"):
-        sensor = repo.get_sensor_def(name)
+        sensor = defs.resolve_sensor_def(name)
         assert sensor.default_status == dg.DefaultSensorStatus.RUNNING
         assert sensor.job_name == "post_collection_validation"
         assert sensor.description
     for name in ("daily_population_snapshot", "weekly_execution_tracking_verification"):
-        assert repo.get_schedule_def(name).default_status == dg.DefaultScheduleStatus.RUNNING
+        assert defs.resolve_schedule_def(name).default_status == dg.DefaultScheduleStatus.RUNNING
 
 
 def test_a_cursor_it_did_not_write_fails_the_tick_with_the_way_out(database_url):
@@ -297,5 +301,5 @@ def test_a_locked_table_fails_the_tick_quickly_by_name(database_url):
         with pytest.raises(
             TargetDatabaseError, match=r"could not read public\.workflow_executions.*lock timeout"
         ):
-            workflow_executions_sensor.evaluate_tick(context)
+            evaluate(workflow_executions_sensor, context)
     assert context.cursor == cursor

@@ -2,7 +2,7 @@
 
 Starts `dg dev` (webserver, daemon, code server) on a free port with Dagster's
 storage in a fresh PostgreSQL database, asks its GraphQL API for the contract's names,
-launches `post_collection_validation` as the UI's Launch button does, and sees it
+launches `post_collection_validation` with Dagster's `DagsterGraphQLClient`, and sees it
 succeed with its checks evaluated and its run and events stored in PostgreSQL.
 """
 
@@ -12,6 +12,8 @@ import time
 
 import psycopg
 import pytest
+from dagster import DagsterRunStatus
+from dagster_graphql import DagsterGraphQLClient
 
 from rdw_tracking import deploy, devserver
 from rdw_tracking.devserver import free_port, graphql, sqlalchemy_url
@@ -63,17 +65,6 @@ DEFINITIONS_QUERY = """
     sensors { name sensorState { status } }
     schedules { name cronSchedule executionTimezone }
   } } }
-}
-"""
-
-LAUNCH = """
-mutation Launch($params: ExecutionParams!) {
-  launchRun(executionParams: $params) {
-    __typename
-    ... on LaunchRunSuccess { run { runId } }
-    ... on PythonError { message }
-    ... on RunConfigValidationInvalid { errors { message } }
-  }
 }
 """
 
@@ -143,32 +134,30 @@ def test_ui_shows_the_contract_and_runs_validation(dagster_dev):
     assert CONTRACT_SCHEDULES <= set(schedules)
     assert {s["executionTimezone"] for s in schedules.values()} == {"UTC"}
 
-    launched = graphql(
-        port,
-        LAUNCH,
-        {
-            "params": {
-                "selector": {
-                    "repositoryLocationName": LOCATION,
-                    "repositoryName": repo["name"],
-                    "jobName": "post_collection_validation",
-                },
-                "runConfigData": {},
-            }
-        },
-    )["launchRun"]
-    assert launched["__typename"] == "LaunchRunSuccess", launched
-    run_id = launched["run"]["runId"]
+    # Launch as the UI's Launch button does, through Dagster's own GraphQL client.
+    client = DagsterGraphQLClient("127.0.0.1", port_number=port)
+    run_id = client.submit_job_execution(
+        "post_collection_validation",
+        repository_location_name=LOCATION,
+        repository_name=repo["name"],
+        run_config={},
+    )
 
     deadline = time.monotonic() + 75
     while True:
-        run = graphql(port, RUN, {"runId": run_id})
-        status = run["runOrError"]["status"]
-        if status in ("SUCCESS", "FAILURE", "CANCELED"):
+        status = client.get_run_status(run_id)
+        if status in (
+            DagsterRunStatus.SUCCESS,
+            DagsterRunStatus.FAILURE,
+            DagsterRunStatus.CANCELED,
+        ):
             break
         assert time.monotonic() < deadline, f"run {run_id} still {status} after 75 s"
         time.sleep(1)
-    assert status == "SUCCESS"
+    assert status == DagsterRunStatus.SUCCESS
+    # The run's events: the client has no call for them, so the UI's own query.
+    run = graphql(port, RUN, {"runId": run_id})
+    assert run["runOrError"]["status"] == "SUCCESS"
     events = run["logsForRun"]["events"]
     materialized = {
         "/".join(e["assetKey"]["path"]) for e in events if e["__typename"] == "MaterializationEvent"

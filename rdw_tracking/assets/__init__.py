@@ -1,5 +1,7 @@
 """The tracking assets, one module per concern of the spec, each with its checks."""
 
+import datetime as dt
+
 import dagster as dg
 
 GROUP = "execution_tracking"
@@ -7,6 +9,13 @@ GROUP = "execution_tracking"
 # Read-only assets ride out a database restart or a dropped connection; a user-facing
 # error is raised as `refuse(...)`, which is never retried.
 READ_RETRY = dg.RetryPolicy(max_retries=3, delay=1, backoff=dg.Backoff.EXPONENTIAL)
+
+# The population snapshot is taken every day at 06:00 UTC (daily_population_snapshot):
+# one that has not landed by 07:00 UTC, within the 24 hours before, shows as stale
+# (freshness FAIL in the UI's asset health, evaluated by the daemon).
+DAILY_SNAPSHOT_FRESHNESS = dg.FreshnessPolicy.cron(
+    deadline_cron="0 7 * * *", lower_bound_delta=dt.timedelta(hours=24), timezone="UTC"
+)
 
 
 def refuse(message: str, **metadata) -> dg.Failure:

@@ -17,7 +17,7 @@ from psycopg import sql
 from pydantic import Field, field_validator
 
 from rdw_tracking import catalog
-from rdw_tracking.assets import GROUP, READ_RETRY, refuse
+from rdw_tracking.assets import DAILY_SNAPSHOT_FRESHNESS, GROUP, READ_RETRY, refuse
 from rdw_tracking.assets.tables import report_data_weeks, workflow_executions
 from rdw_tracking.resources import TargetDatabase
 
@@ -710,6 +710,7 @@ def orphan_check(orphans: Orphans | None, db: TargetDatabase) -> dg.AssetCheckRe
     deps=[report_data_weeks, workflow_executions, "execution_id_schema"],
     kinds={"postgres", "pandas"},
     retry_policy=READ_RETRY,
+    freshness_policy=DAILY_SNAPSHOT_FRESHNESS,
     check_specs=[
         dg.AssetCheckSpec(
             RATE_CHECK,
