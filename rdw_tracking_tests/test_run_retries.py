@@ -41,7 +41,7 @@ def test_rollback_and_restore_ask_to_be_retried():
 
 
 def test_dagster_yaml_turns_run_retries_on_for_tagged_jobs_only():
-    config = yaml.safe_load((ROOT / "dagster.yaml").read_text())
+    config = yaml.safe_load((ROOT / "rdw_tracking" / "deploy" / "dagster.yaml").read_text())
     assert config["run_retries"] == {"enabled": True, "max_retries": 0}
     settings = {key: config[key] for key in ("run_retries", "run_monitoring")}
     with dg.instance_for_test(overrides=settings) as instance:
