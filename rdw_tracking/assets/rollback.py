@@ -801,7 +801,12 @@ def in_one_transaction(
     finished), which flushes every batch before the job reports success.
     """
     for attempt in range(LOCK_ATTEMPTS):
-        check_write_lock()  # a job whose write lock was lost must not write on
+        try:
+            check_write_lock()  # a job whose write lock was lost must not write on
+        except dg.Failure:
+            # A server restart ends this session too: then say so (and how to continue).
+            conn.execute("SELECT 1")
+            raise
         started = time.monotonic()
         try:
             with conn.transaction():
