@@ -122,26 +122,6 @@ def refuse_unless_possible(report: SchemaReport, db: TargetDatabase, job: str) -
         )
 
 
-def _refusal(db: TargetDatabase, err: psycopg.Error, added: bool) -> dg.Failure:
-    weeks = db.qualified(db.weeks_table)
-    state = (
-        f"constraint {FK_NAME} stays NOT VALID (it already checks new writes)"
-        if added
-        else "nothing was changed"
-    )
-    if isinstance(err, psycopg.errors.ForeignKeyViolation):
-        return refuse(
-            f"VALIDATE found orphaned {weeks}.execution_id values written since the orphan "
-            f"check; {state}. Clear them, then run add_execution_id_foreign_key again"
-        )
-    if isinstance(err, psycopg.errors.InsufficientPrivilege):
-        return refuse(
-            f"adding the foreign key needs the owner of {weeks} and REFERENCES on "
-            f"{db.qualified(db.executions_table)}; {state}. Run the job as that role"
-        )
-    return refuse(f"adding the foreign key on {weeks} failed ({state}): {err}")
-
-
 @dataclass(frozen=True)
 class Step:
     """One statement of the route, run in its own transaction."""
