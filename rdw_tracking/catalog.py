@@ -192,3 +192,22 @@ def wal_bytes(start: str | None, end: str | None) -> int | None:
         return (int(high, 16) << 32) + int(low, 16)
 
     return position(end) - position(start)
+
+
+# A valid, ready, non-partial B-tree led by `column`, on each of the given physical tables.
+_LEADING_INDEX = """
+SELECT t.oid FROM unnest(%(tables)s::oid[]) AS t(oid)
+WHERE NOT EXISTS (
+    SELECT 1 FROM pg_index i
+    JOIN pg_class ic ON ic.oid = i.indexrelid
+    JOIN pg_am am ON am.oid = ic.relam AND am.amname = 'btree'
+    JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
+    WHERE i.indrelid = t.oid AND i.indisvalid AND i.indisready AND i.indpred IS NULL
+      AND a.attname = %(column)s)
+"""
+
+
+def without_leading_index(cur: psycopg.Cursor, tables: list[int], column: str) -> list[int]:
+    """Which of `tables` (oids of physical tables) have no usable B-tree led by `column`."""
+    cur.execute(_LEADING_INDEX, {"tables": tables, "column": column})
+    return [row[0] for row in cur.fetchall()]

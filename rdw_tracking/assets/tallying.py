@@ -1,0 +1,89 @@
+"""The tally of a target database kept in Dagster's storage, brought up to date per run.
+
+The tally (`rdw_tracking.tally`) is stored in the instance's key-value store, in the
+same PostgreSQL that holds runs and events, so a run on any machine finds the one the
+previous run left. Its key names the server, database and table, never a credential.
+"""
+
+from dataclasses import dataclass
+
+import dagster as dg
+import psycopg
+
+from rdw_tracking import catalog
+from rdw_tracking.assets import refuse
+from rdw_tracking.layout import Layout, table_layout
+from rdw_tracking.resources import TargetDatabase
+from rdw_tracking.tally import Tables, Tally, update
+
+CREATED_AT_INDEX = "idx_report_data_weeks_created_at"
+KEY_PREFIX = "rdw_tracking/tally/"
+
+
+def tally_key(db: TargetDatabase, cur: psycopg.Cursor) -> str:
+    endpoint = db.endpoint()
+    database = cur.execute("SELECT current_database()").fetchone()[0]
+    return (
+        f"{KEY_PREFIX}{endpoint.host}:{endpoint.port}/{database}/{db.schema_name}.{db.weeks_table}"
+    )
+
+
+def load(instance: dg.DagsterInstance, key: str) -> Tally | None:
+    text = instance.run_storage.get_cursor_values({key}).get(key)
+    return Tally.from_json(text) if text else None
+
+
+def save(instance: dg.DagsterInstance, key: str, tally: Tally) -> None:
+    instance.run_storage.set_cursor_values({key: tally.to_json()})
+
+
+@dataclass(frozen=True)
+class Current:
+    """A tally brought up to date, with what it was brought up from."""
+
+    tally: Tally
+    previous: Tally | None
+    layout: Layout
+    unindexed: list[str]  # leaves without a B-tree led by created_at: each recount reads them whole
+
+
+def weeks_layout(cur: psycopg.Cursor, db: TargetDatabase) -> Layout:
+    layout = table_layout(cur, db.schema_name, db.weeks_table)
+    if layout is None or layout.kind not in ("ordinary", "partitioned", "inheritance"):
+        what = "does not exist" if layout is None else f"is a {layout.kind}, not a table"
+        raise refuse(
+            f"{db.qualified(db.weeks_table)} {what}; check target_db.schema_name and weeks_table"
+        )
+    return layout
+
+
+def unindexed_leaves(cur: psycopg.Cursor, layout: Layout) -> list[str]:
+    missing = set(catalog.without_leading_index(cur, [m.oid for m in layout.leaves], "created_at"))
+    return [m.label for m in layout.leaves if m.oid in missing]
+
+
+def bring_up_to_date(db: TargetDatabase, instance: dg.DagsterInstance) -> Current:
+    """The stored tally brought up to date in one snapshot, and stored again."""
+    with db.cursor() as cur:
+        cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        layout = weeks_layout(cur, db)
+        with_executions = catalog.table_exists(cur, db.schema_name, db.executions_table)
+        key = tally_key(db, cur)
+        previous = load(instance, key)
+        tables = Tables(db.weeks, db.executions if with_executions else None, layout)
+        tally = update(cur, tables, previous)
+        unindexed = unindexed_leaves(cur, layout)
+    save(instance, key, tally)
+    return Current(tally, previous, layout, unindexed)
+
+
+def index_note(db: TargetDatabase, unindexed: list[str]) -> str:
+    """What a missing created_at index costs, and the fix; '' when every leaf has one."""
+    if not unindexed:
+        return ""
+    where = ", ".join(unindexed[:5]) + (" ..." if len(unindexed) > 5 else "")
+    return (
+        f"no index led by created_at on {where}: validation reads the whole table each run; "
+        f"build the opt-in {CREATED_AT_INDEX} with the create_execution_id_indexes job (run "
+        "config ops.execution_id_indexes.config.report_data_weeks_created_at: true)"
+    )
