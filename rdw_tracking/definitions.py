@@ -5,6 +5,7 @@ import os
 import dagster as dg
 
 from rdw_tracking.alerts import alert_sensors
+from rdw_tracking.assets.daily import daily_assets, daily_checks
 from rdw_tracking.assets.indexes import index_assets, index_checks
 from rdw_tracking.assets.performance import performance_assets
 from rdw_tracking.assets.population import population_assets
@@ -31,11 +32,12 @@ defs = dg.Definitions(
         *schema_assets,
         *index_assets,
         *population_assets,
+        *daily_assets,
         *performance_assets,
         *rollback_assets,
         *restore_assets,
     ],
-    asset_checks=[*schema_checks, *index_checks],
+    asset_checks=[*schema_checks, *index_checks, *daily_checks],
     jobs=jobs,
     schedules=schedules,
     sensors=[*sensors, *alert_sensors],

@@ -41,6 +41,7 @@ class DemoShape:
     weeks: int = WEEKS
     cutover_days: int = 56
     orphan_every: int = 1_000  # about one orphaned execution_id per this many tracked rows
+    collections_per_run: int = COLLECTIONS_PER_RUN  # fewer: more workflow_executions
 
     @property
     def collections(self) -> int:
@@ -48,7 +49,7 @@ class DemoShape:
 
     @property
     def runs_per_week(self) -> int:
-        return max(1, math.ceil(self.collections / COLLECTIONS_PER_RUN))
+        return max(1, math.ceil(self.collections / self.collections_per_run))
 
 
 @dataclass(frozen=True)
@@ -246,7 +247,7 @@ def build(
         "cutover_days": Int8(shape.cutover_days),
         "orphan_every": Int8(shape.orphan_every),
         "runs": Int8(shape.runs_per_week),
-        "per_run": Int8(COLLECTIONS_PER_RUN),
+        "per_run": Int8(shape.collections_per_run),
         "collections": Int8(shape.collections),
     }
     ids = names.ids()

@@ -101,7 +101,12 @@ verify_execution_tracking = dg.define_asset_job(
     )
     # The index check alone: verification must never build the indexes.
     | dg.AssetSelection.checks(
-        dg.AssetCheckKey(dg.AssetKey("execution_id_indexes"), "execution_id_indexes_valid")
+        dg.AssetCheckKey(dg.AssetKey("execution_id_indexes"), "execution_id_indexes_valid"),
+        # The reconcile alone: the weekly verification compares the stored history with
+        # the table, it does not rewrite it.
+        dg.AssetCheckKey(
+            dg.AssetKey("execution_id_daily_population"), "execution_id_daily_history_matches"
+        ),
     ),
     description=(
         "Read-only verification of execution tracking: the schema of execution_id and its "
@@ -118,7 +123,9 @@ post_collection_validation = dg.define_asset_job(
     selection=dg.AssetSelection.assets("execution_id_population"),
     description=(
         "Read-only population snapshot of execution_id with its checks (recent rate, "
-        "orphaned ids, daily trend); run after each collection."
+        "orphaned ids, daily trend) and the verdict on the executions it validates "
+        "(execution_id_run_stamped); publishes the days it recounted to "
+        "execution_id_daily_population. Run after each collection."
     ),
 )
 

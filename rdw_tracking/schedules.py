@@ -9,6 +9,8 @@ import dagster as dg
 
 from rdw_tracking.jobs import post_collection_validation, verify_execution_tracking
 
+REFRESH_DAYS = 3
+
 daily_population_snapshot = dg.ScheduleDefinition(
     name="daily_population_snapshot",
     job=post_collection_validation,
@@ -17,10 +19,14 @@ daily_population_snapshot = dg.ScheduleDefinition(
     cron_schedule="0 6 * * *",
     execution_timezone="UTC",
     default_status=dg.DefaultScheduleStatus.RUNNING,
+    # Re-materialize the last few days of execution_id_daily_population: late rows and
+    # rollbacks on days that have closed show up in the history by the next morning.
+    run_config={"ops": {"execution_id_population": {"config": {"refresh_days": REFRESH_DAYS}}}},
     description=(
         "Every day at 06:00 UTC: a population snapshot of execution_id with its checks "
         "(post_collection_validation), so a collection path that stops stamping rows shows "
-        "up within a day even when no collection run triggers validation."
+        "up within a day even when no collection run triggers validation; re-publishes the "
+        f"last {REFRESH_DAYS} days of execution_id_daily_population."
     ),
 )
 

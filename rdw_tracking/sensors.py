@@ -24,6 +24,7 @@ from psycopg import sql
 from pydantic import Field
 
 from rdw_tracking import catalog
+from rdw_tracking.assets.verdict import MAX_EXECUTIONS
 from rdw_tracking.jobs import post_collection_validation, weekly_collection
 from rdw_tracking.resources import StatementTimeout, TargetDatabase, TargetDatabaseError, redact
 
@@ -64,7 +65,18 @@ def collection_run_sensor(context: dg.RunStatusSensorContext):
     execution_id = stamped_execution_id(context.instance, run.run_id)
     if execution_id:
         tags["rdw/execution_id"] = execution_id
-    return dg.RunRequest(run_key=run.run_id, tags=tags)
+    return dg.RunRequest(
+        run_key=run.run_id,
+        tags=tags,
+        run_config=judge_config([execution_id] if execution_id else []),
+    )
+
+
+def judge_config(execution_ids: list[str]) -> dict:
+    """Run config of post_collection_validation that judges these executions."""
+    if not execution_ids:
+        return {}
+    return {"ops": {"execution_id_population": {"config": {"execution_ids": execution_ids}}}}
 
 
 def stamped_execution_id(instance: dg.DagsterInstance, run_id: str) -> str | None:
@@ -377,6 +389,8 @@ def workflow_executions_sensor(
         run_requests=[
             dg.RunRequest(
                 run_key=run_key(new_cursor.watermark, ids),
+                # judged by execution_id_run_stamped, at most MAX_EXECUTIONS per run
+                run_config=judge_config(ids[:MAX_EXECUTIONS]),
                 tags={
                     "rdw/trigger": "workflow_executions_sensor",
                     "rdw/new_executions": str(len(ids)),

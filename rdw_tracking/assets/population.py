@@ -8,7 +8,6 @@ same snapshot instead of scanning again.
 
 import datetime as dt
 from dataclasses import dataclass, field
-from decimal import ROUND_HALF_UP, Decimal
 
 import dagster as dg
 import pandas as pd
@@ -17,9 +16,19 @@ from psycopg import sql
 from pydantic import Field, field_validator
 
 from rdw_tracking import catalog
-from rdw_tracking.assets import DAILY_SNAPSHOT_FRESHNESS, GROUP, READ_RETRY, refuse
+from rdw_tracking.assets import (
+    DAILY_SNAPSHOT_FRESHNESS,
+    GROUP,
+    READ_RETRY,
+    daily,
+    refuse,
+    tallying,
+    verdict,
+)
 from rdw_tracking.assets.tables import report_data_weeks, workflow_executions
+from rdw_tracking.assets.verdict import MAX_EXECUTIONS, valid_ids
 from rdw_tracking.resources import TargetDatabase
+from rdw_tracking.tally import DayTally, Tally, rate
 
 ASSET = "execution_id_population"
 RATE_CHECK = "execution_id_recent_population_rate"
@@ -68,6 +77,41 @@ class PopulationConfig(dg.Config):
         ),
     )
 
+    execution_ids: list[str] = Field(
+        default=[],
+        description=(
+            "workflow_executions ids to judge with execution_id_run_stamped (the sensors "
+            "fill this in); a collection run's rdw/execution_id tag is judged too."
+        ),
+    )
+    refresh_days: int = Field(
+        default=1,
+        description=(
+            "Days before today whose execution_id_daily_population partitions this run "
+            "re-materializes, besides the days it recounted (the daily schedule uses 3)."
+        ),
+    )
+
+    @field_validator("execution_ids")
+    @classmethod
+    def _ids(cls, value: list[str], info) -> list[str]:
+        try:
+            ids = valid_ids(value)
+        except ValueError as err:
+            raise refuse(f"{info.field_name}: {err}; give workflow_executions ids") from None
+        if len(ids) > MAX_EXECUTIONS:
+            raise refuse(
+                f"{info.field_name} lists {len(ids)} executions; at most {MAX_EXECUTIONS} per run"
+            )
+        return ids
+
+    @field_validator("refresh_days")
+    @classmethod
+    def _refresh(cls, value: int, info) -> int:
+        if not 0 <= value <= 366:
+            raise refuse(f"{info.field_name} must be between 0 and 366 days, got {value}")
+        return value
+
     @field_validator("window_days")
     @classmethod
     def _window(cls, value: int, info) -> int:
@@ -109,14 +153,6 @@ class PopulationConfig(dg.Config):
 
 
 # -- the snapshot ----------------------------------------------------------------------
-
-
-def rate(with_execution_id: int, total: int) -> float | None:
-    """The spec's ROUND(with * 100.0 / total, 2), exactly; None without rows."""
-    if not total:
-        return None
-    exact = Decimal(with_execution_id) * 100 / Decimal(total)
-    return float(exact.quantize(Decimal("0.01"), ROUND_HALF_UP))
 
 
 @dataclass(frozen=True)
@@ -477,6 +513,96 @@ def take_snapshot(db: TargetDatabase, window_days: int, started_at: dt.datetime 
     )
 
 
+# -- the snapshot from a tally (when every leaf has an index led by created_at) ----------
+
+LATEST_SQL = """
+SELECT id, collection_id, week_start_date, status, execution_id, created_at
+FROM {weeks} WHERE created_at IS NOT NULL ORDER BY created_at DESC LIMIT %(limit)s
+"""
+PART_OF_DAY_SQL = """
+SELECT count(*), count(execution_id) FROM {weeks}
+WHERE created_at >= %(since)s AND created_at < %(until)s
+"""
+ORPHAN_ROWS_SQL = """
+SELECT id::text, execution_id::text FROM {weeks}
+WHERE execution_id = ANY(%(ids)s::uuid[]) LIMIT %(limit)s
+"""
+
+
+def counts_since(
+    cur: psycopg.Cursor, db: TargetDatabase, tally: Tally, since: dt.datetime
+) -> Counts:
+    """Rows created at or after `since`: whole days from the tally, the rest of a day
+    that `since` starts within counted from the table (an index range)."""
+    day = since.astimezone(dt.timezone.utc).date()
+    if since == midnight(day):
+        total = tally.total(day)
+        return Counts(total.rows, total.stamped)
+    after = tally.total(day + dt.timedelta(days=1))
+    rows, stamped = cur.execute(
+        sql.SQL(PART_OF_DAY_SQL).format(weeks=db.weeks),
+        {"since": since, "until": midnight(day + dt.timedelta(days=1))},
+    ).fetchone()
+    return Counts(after.rows + rows, after.stamped + stamped)
+
+
+def tally_orphan_sample(
+    cur: psycopg.Cursor, db: TargetDatabase, tally: Tally
+) -> list[tuple[str, str]]:
+    if tally.orphan_ids is None:
+        return orphan_sample(cur, db)
+    newest = sorted(
+        tally.orphan_ids,
+        key=lambda i: max((d for d in tally.orphan_ids[i] if d), default=dt.date.min),
+        reverse=True,
+    )[:ORPHAN_SAMPLE_SIZE]
+    if not newest:
+        return []
+    cur.execute(
+        sql.SQL(ORPHAN_ROWS_SQL).format(weeks=db.weeks),
+        {"ids": newest, "limit": ORPHAN_SAMPLE_SIZE},
+    )
+    return [tuple(row) for row in cur.fetchall()]
+
+
+def snapshot_from_tally(
+    db: TargetDatabase, tally: Tally, window_days: int, started_at: dt.datetime | None
+) -> Snapshot:
+    """The snapshot `take_snapshot` would take, from an up-to-date tally: only the rows
+    of part of a day and the five latest rows are read from the table."""
+    params = {"window_days": window_days, "started_at": started_at}
+    with db.cursor() as cur:
+        today, window_start, recent_since = cur.execute(BOUNDS_SQL, params).fetchone()
+        overall = tally.total()
+        recent = counts_since(cur, db, tally, recent_since)
+        since_tracking = counts_since(cur, db, tally, started_at) if started_at else None
+        groups = {d: (c.rows, c.stamped) for d, c in tally.days.items() if d is not None}
+        daily = window_days_of(
+            today, window_start, {d: g for d, g in groups.items() if d >= window_start}
+        )
+        orphans = None
+        if tally.with_executions:
+            total = tally.total().orphans
+            recent_orphans = tally.total(today - dt.timedelta(days=1)).orphans
+            orphans = Orphans(
+                total, recent_orphans, tally_orphan_sample(cur, db, tally) if total else []
+            )
+        sample = fetch_rows(
+            cur, sql.SQL(LATEST_SQL).format(weeks=db.weeks), {"limit": ROW_SAMPLE_SIZE}
+        )
+    return Snapshot(
+        today=today,
+        window_start=window_start,
+        recent_since=recent_since,
+        overall=Counts(overall.rows, overall.stamped),
+        recent=recent,
+        since_tracking=since_tracking,
+        daily=daily,
+        orphans=orphans,
+        sample=sample,
+    )
+
+
 def daily_frame(daily: list[Day]) -> pd.DataFrame:
     frame = pd.DataFrame(
         [(d.creation_date, d.total_records, d.with_execution_id, d.population_rate) for d in daily],
@@ -727,34 +853,111 @@ def orphan_check(orphans: Orphans | None, db: TargetDatabase) -> dg.AssetCheckRe
             asset=ASSET,
             description="The latest complete day's rate has not dropped below the trailing days' (WARN).",
         ),
+        dg.AssetCheckSpec(
+            verdict.CHECK,
+            asset=ASSET,
+            description=(
+                "Each execution validated by this run stamped every row created while it ran "
+                "(ERROR); names the rows it left without an execution_id."
+            ),
+        ),
     ],
 )
-def execution_id_population(config: PopulationConfig, target_db: TargetDatabase):
+def execution_id_population(
+    context: dg.AssetExecutionContext, config: PopulationConfig, target_db: TargetDatabase
+):
     # No return annotation: with check outputs, Dagster would read it as the output types.
     """How many `report_data_weeks` rows carry an `execution_id`: overall, in the recent
-    window, and per creation day.
+    window, and per creation day; and, for the executions being validated, whether each
+    stamped every row it wrote.
 
-    The spec's data-quality queries in one pass over the table: overall counts, the
-    recent window (`created_at >= CURRENT_DATE - window_days`, UTC days), the per-day
-    breakdown with every day of the window present (days without rows show 0), and the
-    five latest rows. Set `tracking_started_at` to the fix's deploy time so the recent
-    rate counts only rows created since then. Returns the daily breakdown as a pandas
-    DataFrame. The checks judge this same snapshot: the recent rate against a threshold,
-    orphaned execution_ids (no `workflow_executions` row), and a day-over-trailing-days
-    drop that signals a collection path that stopped stamping ids.
+    With `idx_report_data_weeks_created_at` (opt-in, create_execution_id_indexes), a run
+    reads only what changed: the per-day tally kept from the previous run is brought up
+    to date by recounting its last days, and the server's counters prove older days did
+    not change (else the whole table is counted again, and the metadata says why). Without
+    it, the spec's data-quality queries run as one pass over the table. Either way the
+    recent window (`created_at >= CURRENT_DATE - window_days`, UTC days), every day of it,
+    and the five latest rows. Set `tracking_started_at` to the fix's deploy time so the
+    recent rate counts only rows created since then. The days this run recounted are
+    published as partitions of `execution_id_daily_population`. The checks judge this
+    same snapshot: the recent rate against a threshold, orphaned execution_ids, a
+    day-over-trailing-days drop, and each validated execution's own rows.
     """
     started_at = config.started_at()
-    snapshot = take_snapshot(target_db, config.window_days, started_at)
+    with target_db.cursor() as cur:
+        if not catalog.table_exists(cur, target_db.schema_name, target_db.weeks_table):
+            raise refuse(
+                f"table {target_db.qualified(target_db.weeks_table)} does not exist; "
+                "check target_db.schema_name and weeks_table"
+            )
+        unindexed = tallying.unindexed_leaves(cur, tallying.weeks_layout(cur, target_db))
+    judged = verdict.judge(target_db, verdict.requested(context, config.execution_ids))
+    touched = set().union(*(j.days() for j in judged)) if judged else set()
+    note = tallying.index_note(target_db, unindexed)
+    if note:
+        context.log.warning(note)
+        snapshot = take_snapshot(target_db, config.window_days, started_at)
+        metadata = {"created_at_index": "missing", "counted": "whole table (one pass)"}
+        first = snapshot.today - dt.timedelta(days=config.refresh_days)
+        days = publishable(target_db, snapshot.today, first, touched)
+    else:
+        current = tallying.bring_up_to_date(target_db, context.instance)
+        tally = current.tally
+        context.log.info(("counted the whole table: " if tally.full else "") + tally.reason)
+        snapshot = snapshot_from_tally(target_db, tally, config.window_days, started_at)
+        metadata = tally_metadata(tally)
+        first = snapshot.today - dt.timedelta(days=config.refresh_days)
+        days = changed_days(current.previous, tally, first, snapshot.today, touched)
+    for event in daily.materializations(daily.in_history(days, snapshot.today)):
+        context.log_event(event)
     where = target_db.qualified(target_db.weeks_table)
     return dg.MaterializeResult(
         value=daily_frame(snapshot.daily),
-        metadata=snapshot_metadata(snapshot, config.window_days),
+        metadata=snapshot_metadata(snapshot, config.window_days) | metadata,
         check_results=[
             rate_check(snapshot, config.min_recent_population_pct, where),
             orphan_check(snapshot.orphans, target_db),
             trend_check(snapshot, config.trend_margin_pct, started_at),
+            verdict.verdict_check(target_db, judged, note),
         ],
     )
+
+
+def tally_metadata(tally: Tally) -> dict:
+    return {
+        "created_at_index": "present",
+        "counted": "whole table" if tally.full else f"days since {tally.recounted_from}",
+        "count_reason": tally.reason,
+        "full_count": tally.full,
+    }
+
+
+def changed_days(
+    previous: Tally | None, tally: Tally, first: dt.date, today: dt.date, touched: set[dt.date]
+) -> dict[dt.date, DayTally]:
+    """The days to publish: those recounted (or changed, after a whole-table count), the
+    refresh window from `first`, and the days the judged executions ran on."""
+    empty = DayTally(0, 0, 0)
+    if tally.full:
+        before = previous.days if previous else {}
+        days = {d for d, c in tally.days.items() if before.get(d) != c}
+        days |= {d for d in before if d not in tally.days}
+    else:
+        days = {d for d in tally.days if d is not None and d >= tally.recounted_from}
+    days |= {first + dt.timedelta(days=k) for k in range((today - first).days + 1)}
+    days |= touched
+    return {d: tally.days.get(d, empty) for d in days if d is not None}
+
+
+def publishable(
+    db: TargetDatabase, today: dt.date, first: dt.date, touched: set[dt.date]
+) -> dict[dt.date, DayTally]:
+    """Without a created_at index: the refresh window and the executions' days, counted
+    from the table (one pass over the range)."""
+    start = min([first, *touched])
+    with db.cursor() as cur:
+        days = daily.count_days(cur, db, start, max([today, *touched]))
+    return {d: c for d, c in days.items() if d >= first or d in touched}
 
 
 population_assets = [execution_id_population]
