@@ -69,6 +69,8 @@ def test_run_status_sensor_fires_after_successful_collection_only(database_url, 
     assert requests[0].tags["rdw/triggered_by_run"] == ok.run_id
     stamped = ok.asset_materializations_for_node("collect_weeks")[0].metadata["execution_id"]
     assert requests[0].tags["rdw/execution_id"] == stamped.value
+    judged = requests[0].run_config["ops"]["execution_id_population"]["config"]["execution_ids"]
+    assert judged == [stamped.value]
 
 
 def test_run_status_sensor_function_ignores_other_jobs(database_url, run_job):
@@ -138,6 +140,8 @@ def test_ties_are_each_reported_once_across_ticks(database_url, sql_exec):
         seen = set(ExecutionsCursor.from_json(data.cursor).seen)
         reported += sorted(seen - before)
         assert int(request.tags["rdw/new_executions"]) == len(seen - before)
+        config = request.run_config["ops"]["execution_id_population"]["config"]
+        assert sorted(config["execution_ids"]) == sorted(seen - before)
         assert request.tags["rdw/watermark"] in request.run_key
         cursor = data.cursor
     assert sorted(reported) == tied
