@@ -312,18 +312,19 @@ def execution_id_daily_history_matches(
 
     stored = stored_days(context.instance)
     with target_db.cursor() as cur:
+        cur.execute(tallying.SNAPSHOT)
         today = cur.execute("SELECT CURRENT_DATE").fetchone()[0]
-        unindexed = tallying.unindexed_leaves(cur, tallying.weeks_layout(cur, target_db))
-    first, last = partition_days(today)
-    if unindexed:
-        context.log.warning(tallying.index_note(target_db, unindexed))
-        with target_db.cursor() as cur:
+        layout = tallying.weeks_layout(cur, target_db)
+        note = tallying.index_note(target_db, tallying.unindexed_leaves(cur, layout))
+        first, last = partition_days(today)
+        if note:
+            context.log.warning(note)
             table = count_days(cur, target_db, first, last)
-        how = "one pass over the history's range"
-    else:
-        tally = tallying.bring_up_to_date(target_db, context.instance).tally
-        table = tally.days
-        how = "whole table counted" if tally.full else tally.reason
+            how = "one pass over the history's range"
+        else:
+            tally = tallying.bring_up_to_date(cur, target_db, context.instance, layout).tally
+            table = tally.days
+            how = "whole table counted" if tally.full else tally.reason
     checked = sum(1 for d in stored if first <= d <= last)
     return reconcile_result(reconcile(stored, table, first, last), checked, how)
 

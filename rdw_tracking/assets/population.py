@@ -566,30 +566,31 @@ def tally_orphan_sample(
 
 
 def snapshot_from_tally(
-    db: TargetDatabase, tally: Tally, window_days: int, started_at: dt.datetime | None
+    cur: psycopg.Cursor,
+    db: TargetDatabase,
+    tally: Tally,
+    window_days: int,
+    started_at: dt.datetime | None,
 ) -> Snapshot:
     """The snapshot `take_snapshot` would take, from an up-to-date tally: only the rows
     of part of a day and the five latest rows are read from the table."""
     params = {"window_days": window_days, "started_at": started_at}
-    with db.cursor() as cur:
-        today, window_start, recent_since = cur.execute(BOUNDS_SQL, params).fetchone()
-        overall = tally.total()
-        recent = counts_since(cur, db, tally, recent_since)
-        since_tracking = counts_since(cur, db, tally, started_at) if started_at else None
-        groups = {d: (c.rows, c.stamped) for d, c in tally.days.items() if d is not None}
-        daily = window_days_of(
-            today, window_start, {d: g for d, g in groups.items() if d >= window_start}
+    today, window_start, recent_since = cur.execute(BOUNDS_SQL, params).fetchone()
+    overall = tally.total()
+    recent = counts_since(cur, db, tally, recent_since)
+    since_tracking = counts_since(cur, db, tally, started_at) if started_at else None
+    groups = {d: (c.rows, c.stamped) for d, c in tally.days.items() if d is not None}
+    daily = window_days_of(
+        today, window_start, {d: g for d, g in groups.items() if d >= window_start}
+    )
+    orphans = None
+    if tally.with_executions:
+        total = tally.total().orphans
+        recent_orphans = tally.total(today - dt.timedelta(days=1)).orphans
+        orphans = Orphans(
+            total, recent_orphans, tally_orphan_sample(cur, db, tally) if total else []
         )
-        orphans = None
-        if tally.with_executions:
-            total = tally.total().orphans
-            recent_orphans = tally.total(today - dt.timedelta(days=1)).orphans
-            orphans = Orphans(
-                total, recent_orphans, tally_orphan_sample(cur, db, tally) if total else []
-            )
-        sample = fetch_rows(
-            cur, sql.SQL(LATEST_SQL).format(weeks=db.weeks), {"limit": ROW_SAMPLE_SIZE}
-        )
+    sample = fetch_rows(cur, sql.SQL(LATEST_SQL).format(weeks=db.weeks), {"limit": ROW_SAMPLE_SIZE})
     return Snapshot(
         today=today,
         window_start=window_start,
@@ -884,16 +885,24 @@ def execution_id_population(
     day-over-trailing-days drop, and each validated execution's own rows.
     """
     started_at = config.started_at()
+    ids = verdict.requested(context, config.execution_ids)
     with target_db.cursor() as cur:
+        # One connection and one snapshot for everything this run reads.
+        cur.execute(tallying.SNAPSHOT)
         if not catalog.table_exists(cur, target_db.schema_name, target_db.weeks_table):
             raise refuse(
                 f"table {target_db.qualified(target_db.weeks_table)} does not exist; "
                 "check target_db.schema_name and weeks_table"
             )
-        unindexed = tallying.unindexed_leaves(cur, tallying.weeks_layout(cur, target_db))
-    judged = verdict.judge(target_db, verdict.requested(context, config.execution_ids))
+        layout = tallying.weeks_layout(cur, target_db)
+        note = tallying.index_note(target_db, tallying.unindexed_leaves(cur, layout))
+        judged = verdict.judge(cur, target_db, ids)
+        if not note:
+            current = tallying.bring_up_to_date(cur, target_db, context.instance, layout)
+            snapshot = snapshot_from_tally(
+                cur, target_db, current.tally, config.window_days, started_at
+            )
     touched = set().union(*(j.days() for j in judged)) if judged else set()
-    note = tallying.index_note(target_db, unindexed)
     if note:
         context.log.warning(note)
         snapshot = take_snapshot(target_db, config.window_days, started_at)
@@ -901,10 +910,8 @@ def execution_id_population(
         first = snapshot.today - dt.timedelta(days=config.refresh_days)
         days = publishable(target_db, snapshot.today, first, touched)
     else:
-        current = tallying.bring_up_to_date(target_db, context.instance)
         tally = current.tally
         context.log.info(("counted the whole table: " if tally.full else "") + tally.reason)
-        snapshot = snapshot_from_tally(target_db, tally, config.window_days, started_at)
         metadata = tally_metadata(tally)
         first = snapshot.today - dt.timedelta(days=config.refresh_days)
         days = changed_days(current.previous, tally, first, snapshot.today, touched)

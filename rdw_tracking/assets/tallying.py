@@ -44,7 +44,6 @@ class Current:
     tally: Tally
     previous: Tally | None
     layout: Layout
-    unindexed: list[str]  # leaves without a B-tree led by created_at: each recount reads them whole
 
 
 def weeks_layout(cur: psycopg.Cursor, db: TargetDatabase) -> Layout:
@@ -52,7 +51,8 @@ def weeks_layout(cur: psycopg.Cursor, db: TargetDatabase) -> Layout:
     if layout is None or layout.kind not in ("ordinary", "partitioned", "inheritance"):
         what = "does not exist" if layout is None else f"is a {layout.kind}, not a table"
         raise refuse(
-            f"{db.qualified(db.weeks_table)} {what}; check target_db.schema_name and weeks_table"
+            f"table {db.qualified(db.weeks_table)} {what}; check target_db.schema_name and "
+            "weeks_table"
         )
     return layout
 
@@ -62,19 +62,21 @@ def unindexed_leaves(cur: psycopg.Cursor, layout: Layout) -> list[str]:
     return [m.label for m in layout.leaves if m.oid in missing]
 
 
-def bring_up_to_date(db: TargetDatabase, instance: dg.DagsterInstance) -> Current:
-    """The stored tally brought up to date in one snapshot, and stored again."""
-    with db.cursor() as cur:
-        cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-        layout = weeks_layout(cur, db)
-        with_executions = catalog.table_exists(cur, db.schema_name, db.executions_table)
-        key = tally_key(db, cur)
-        previous = load(instance, key)
-        tables = Tables(db.weeks, db.executions if with_executions else None, layout)
-        tally = update(cur, tables, previous)
-        unindexed = unindexed_leaves(cur, layout)
+SNAPSHOT = "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY"
+
+
+def bring_up_to_date(
+    cur: psycopg.Cursor, db: TargetDatabase, instance: dg.DagsterInstance, layout: Layout
+) -> Current:
+    """The stored tally brought up to date, and stored again. `cur` is in a transaction
+    begun with SNAPSHOT, so that every count sees the same rows."""
+    with_executions = catalog.table_exists(cur, db.schema_name, db.executions_table)
+    key = tally_key(db, cur)
+    previous = load(instance, key)
+    tables = Tables(db.weeks, db.executions if with_executions else None, layout)
+    tally = update(cur, tables, previous)
     save(instance, key, tally)
-    return Current(tally, previous, layout, unindexed)
+    return Current(tally, previous, layout)
 
 
 def index_note(db: TargetDatabase, unindexed: list[str]) -> str:

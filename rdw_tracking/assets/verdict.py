@@ -93,23 +93,20 @@ def requested(context: dg.AssetExecutionContext, configured: list[str]) -> list[
         return valid_ids(configured)[:MAX_EXECUTIONS]
 
 
-def judge(db: TargetDatabase, ids: list[str]) -> list[Judged]:
+def judge(cur: psycopg.Cursor, db: TargetDatabase, ids: list[str]) -> list[Judged]:
     """Each execution's verdict, in the order asked."""
     if not ids:
         return []
-    with db.cursor() as cur:
-        if not catalog.table_exists(cur, db.schema_name, db.executions_table):
-            return [Judged(i, found=False) for i in ids]
-        rows = {
-            r[0]: r
-            for r in cur.execute(
-                sql.SQL(EXECUTIONS_SQL).format(executions=db.executions), {"ids": ids}
-            )
-        }
-        stamped = dict(
-            cur.execute(sql.SQL(STAMPED_SQL).format(weeks=db.weeks), {"ids": ids}).fetchall()
-        )
-        return [_judge_one(cur, db, i, rows.get(i), stamped.get(i, 0)) for i in ids]
+    if not catalog.table_exists(cur, db.schema_name, db.executions_table):
+        return [Judged(i, found=False) for i in ids]
+    rows = {
+        r[0]: r
+        for r in cur.execute(sql.SQL(EXECUTIONS_SQL).format(executions=db.executions), {"ids": ids})
+    }
+    stamped = dict(
+        cur.execute(sql.SQL(STAMPED_SQL).format(weeks=db.weeks), {"ids": ids}).fetchall()
+    )
+    return [_judge_one(cur, db, i, rows.get(i), stamped.get(i, 0)) for i in ids]
 
 
 def _judge_one(
