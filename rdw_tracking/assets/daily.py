@@ -18,6 +18,7 @@ day with the table and names the days that drifted.
 
 import datetime as dt
 import os
+import warnings
 from dataclasses import dataclass
 
 import dagster as dg
@@ -25,10 +26,10 @@ import psycopg
 from psycopg import sql
 
 from rdw_tracking import catalog
-from rdw_tracking.assets import GROUP, READ_RETRY, refuse
+from rdw_tracking.assets import DAILY_SNAPSHOT_FRESHNESS, GROUP, READ_RETRY, refuse
 from rdw_tracking.assets.tables import report_data_weeks, workflow_executions
 from rdw_tracking.resources import TargetDatabase
-from rdw_tracking.tally import DayTally, midnight, rate
+from rdw_tracking.tally import DayTally, Tables, count_all, midnight, rate
 
 ASSET = "execution_id_daily_population"
 RECONCILE_CHECK = "execution_id_daily_history_matches"
@@ -73,9 +74,16 @@ GROUP BY 1
 """
 
 
+# Past this many days, a range is counted the way the tally counts the whole table (each
+# distinct execution_id asked about once) rather than by joining every row.
+LONG_RANGE_DAYS = 31
+
+
 def count_days(cur: psycopg.Cursor, db: TargetDatabase, first: dt.date, last: dt.date) -> dict:
     """{day: DayTally} for every day from `first` to `last` (days without rows: zeros)."""
     with_executions = catalog.table_exists(cur, db.schema_name, db.executions_table)
+    if (last - first).days >= LONG_RANGE_DAYS:
+        return _long_range(cur, db, with_executions, first, last)
     parts = {
         "weeks": db.weeks,
         "join": sql.SQL("LEFT JOIN {} AS e ON e.id = w.execution_id").format(db.executions)
@@ -106,6 +114,20 @@ def day_metadata(counts: DayTally) -> dict:
         "without_execution_id": counts.rows - counts.stamped,
         "population_pct": rate(counts.stamped, counts.rows),
         "orphan_count": counts.orphans,
+    }
+
+
+def _long_range(
+    cur: psycopg.Cursor, db: TargetDatabase, with_executions: bool, first: dt.date, last: dt.date
+) -> dict:
+    from rdw_tracking.assets.tallying import weeks_layout
+
+    tables = Tables(db.weeks, db.executions if with_executions else None, weeks_layout(cur, db))
+    counted, _ = count_all(cur, tables)
+    days = (last - first).days + 1
+    return {
+        first + dt.timedelta(days=k): counted.get(first + dt.timedelta(days=k), DayTally(0, 0))
+        for k in range(days)
     }
 
 
@@ -170,46 +192,71 @@ def stored_days(instance: dg.DagsterInstance) -> dict[dt.date, StoredDay]:
 # -- the asset ------------------------------------------------------------------------------
 
 
-@dg.asset(
-    key=ASSET,
-    group_name=GROUP,
-    deps=[report_data_weeks, workflow_executions],
-    kinds={"postgres"},
-    partitions_def=daily_partitions,
-    backfill_policy=dg.BackfillPolicy.single_run(),
-    retry_policy=READ_RETRY,
-    description=(
-        "Population of execution_id per UTC creation day: rows, rows with an execution_id, "
-        "population_pct and orphaned ids of that day. Each day is computed once and "
-        "re-materialized when it changes (validation after a collection run publishes the "
-        "days it touched; the daily schedule the last few days). A backfill of any range "
-        "runs as one run with one query over the range."
-    ),
-)
 def execution_id_daily_population(
     context: dg.AssetExecutionContext, target_db: TargetDatabase
 ) -> dg.MaterializeResult:
     """Population of `execution_id` per UTC creation day, one partition per day.
 
-    A backfill of many days is one run (single-run backfill policy) and one grouped query
-    over the range, using `idx_report_data_weeks_created_at` when it exists. Each partition
+    A backfill of many days is one run (single-run backfill policy). With
+    `idx_report_data_weeks_created_at` on every partition, the days come from the per-day
+    tally brought up to date (the first time, one count of the whole table); without it,
+    one grouped query over the range. Each partition
     records its own `total_rows`, `with_execution_id`, `population_pct` and `orphan_count`.
     """
     window = context.partition_time_window
     first = window.start.date()
     last = (window.end - dt.timedelta(days=1)).date()
+    from rdw_tracking.assets import tallying
+
     with target_db.cursor() as cur:
+        cur.execute(tallying.SNAPSHOT)
         if not catalog.table_exists(cur, target_db.schema_name, target_db.weeks_table):
             raise refuse(
                 f"table {target_db.qualified(target_db.weeks_table)} does not exist; "
                 "check target_db.schema_name and weeks_table"
             )
-        days = count_days(cur, target_db, first, last)
+        layout = tallying.weeks_layout(cur, target_db)
+        note = tallying.index_note(target_db, tallying.unindexed_leaves(cur, layout))
+        if note:
+            context.log.warning(note)
+            days = count_days(cur, target_db, first, last)
+        else:
+            # The per-day tally brought up to date: only what changed since it is read.
+            tally = tallying.bring_up_to_date(cur, target_db, context.instance, layout).tally
+            context.log.info(("counted the whole table: " if tally.full else "") + tally.reason)
+            days = {
+                first + dt.timedelta(days=k): tally.days.get(
+                    first + dt.timedelta(days=k), DayTally(0, 0)
+                )
+                for k in range((last - first).days + 1)
+            }
     for day, counts in days.items():
         context.add_asset_metadata(day_metadata(counts), partition_key=day.isoformat())
     total = sum(c.rows for c in days.values())
     context.log.info(f"{len(days)} day(s) from {first} to {last}: {total} rows")
     return dg.MaterializeResult()
+
+
+with warnings.catch_warnings():
+    # backfill_policy is beta in Dagster 1.13, chosen knowingly: no warning on every load.
+    warnings.simplefilter("ignore", dg.BetaWarning)
+    execution_id_daily_population = dg.asset(
+        key=ASSET,
+        group_name=GROUP,
+        deps=[report_data_weeks, workflow_executions],
+        kinds={"postgres"},
+        partitions_def=daily_partitions,
+        backfill_policy=dg.BackfillPolicy.single_run(),
+        freshness_policy=DAILY_SNAPSHOT_FRESHNESS,
+        retry_policy=READ_RETRY,
+        description=(
+            "Population of execution_id per UTC creation day: rows, rows with an execution_id, "
+            "population_pct and orphaned ids of that day. Each day is computed once and "
+            "re-materialized when it changes (validation after a collection run publishes the "
+            "days it touched; the daily schedule the last few days). A backfill of any range "
+            "runs as one run with one query over the range."
+        ),
+    )(execution_id_daily_population)
 
 
 # -- execution_id_daily_history_matches -------------------------------------------------------

@@ -1669,7 +1669,9 @@ def execution_id_indexes_valid(target_db: TargetDatabase) -> dg.AssetCheckResult
         problems, equivalents = index_problems(target_db, indexes)
         if tree:
             problems += partition_problems(target_db, layout, tree, equivalents)
-    names = ", ".join(contract_indexes(target_db))
+    found = {i.name for i in indexes}
+    opt_in = [name for name in (CREATED_AT_INDEX, COMPLETED_AT_INDEX) if name in found]
+    names = ", ".join([*contract_indexes(target_db), *opt_in])
     shown = problems[:5] + ([f"and {len(problems) - 5} more"] if len(problems) > 5 else [])
     description = "; ".join(shown) or f"{names}: valid, ready, expected definition"
     if tree and not problems:
