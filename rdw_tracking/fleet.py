@@ -153,7 +153,7 @@ def parse(path: Path, text: str, environ: Mapping[str, str]) -> Fleet:
     """The fleet in `text` (the contents of `path`), checked entry by entry."""
     where = f"fleet file {path}"
     try:
-        document = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a safe loader)
+        document = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass
     except yaml.YAMLError as err:
         # Problem and position only: PyYAML's own message quotes the offending line,
         # which may be a URL someone pasted.

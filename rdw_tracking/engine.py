@@ -1,0 +1,115 @@
+"""Where a run's steps execute: in the launching process (the default), or on Dagster's
+celery executor, chosen by env `RDW_EXECUTOR` where the definitions load.
+
+    RDW_EXECUTOR        unset (or `default`): each job's own executor, as before;
+                        `celery`: dagster-celery's executor
+    RDW_CELERY_BROKER   the broker's URL (default: RabbitMQ on 127.0.0.1:5672, guest)
+    RDW_CELERY_QUEUE    the celery queue the steps go to (default: `dagster`)
+
+The executor and the workers must agree on broker and queue: `worker_config()` is the
+`execution: config:` block both take (`dagster-celery worker start -y` reads it), and
+it names the broker's env var rather than holding its URL. Results come back over
+`rpc://` (the broker itself): no second server. Steps are acknowledged only once done
+(`task_acks_late`), so a step whose worker dies mid-step is delivered again to another
+worker rather than lost; steps must therefore be safe to run twice, as every asset here
+is (read-only, or idempotent and guarded by the write lock).
+
+The celery workers load the same code and need the same Dagster instance: a persistent
+`DAGSTER_HOME` with the project's dagster.yaml (runs and events in PostgreSQL) and the
+same `RDW_DAGSTER_STORAGE_URL`, since each step writes its events there itself.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import dagster as dg
+
+EXECUTOR_ENV = "RDW_EXECUTOR"
+BROKER_ENV = "RDW_CELERY_BROKER"
+QUEUE_ENV = "RDW_CELERY_QUEUE"
+# RabbitMQ's stock account, which it accepts from localhost only.
+DEFAULT_BROKER = "pyamqp://guest:guest@127.0.0.1:5672//"
+DEFAULT_QUEUE = "dagster"
+# Results travel back over the broker's own connection: no result server to run.
+BACKEND = "rpc://"
+_BROKER_SCHEMES = re.compile(r"^(py)?amqps?://|^rediss?://|^sqs://", re.IGNORECASE)
+_QUEUE_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,200}")
+CHOICES = ("default", "celery")
+
+
+class EngineConfigError(ValueError):
+    """An executor setting that cannot work; the message names the variable and the fix."""
+
+
+def choice(environ: Mapping[str, str] | None = None) -> str:
+    """`default` or `celery`, from env `RDW_EXECUTOR`."""
+    environ = os.environ if environ is None else environ
+    value = (environ.get(EXECUTOR_ENV) or "default").strip().lower()
+    if value not in CHOICES:
+        # Not quoted: whatever was pasted there is not ours to print.
+        raise EngineConfigError(
+            f"{EXECUTOR_ENV} must be `celery` or unset (each job's own executor), not "
+            "another value; fix it where the code location and the workers run"
+        )
+    return value
+
+
+def executor(
+    default: dg.ExecutorDefinition = dg.multiprocess_executor,
+    environ: Mapping[str, str] | None = None,
+) -> dg.ExecutorDefinition:
+    """The executor for a job: `default` unless `RDW_EXECUTOR=celery`, then celery."""
+    return celery_executor(environ) if choice(environ) == "celery" else default
+
+
+def worker_config(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The celery executor's config: the `execution: config:` block of a worker's
+    `-y` file, and what `celery_executor()` is configured with.
+
+    The broker is `{env: RDW_CELERY_BROKER}` when that is set, so neither the YAML nor
+    the job's snapshot holds a broker password; else RabbitMQ's localhost default.
+    """
+    environ = os.environ if environ is None else environ
+    broker_url = (environ.get(BROKER_ENV) or "").strip()
+    if broker_url and not _BROKER_SCHEMES.match(broker_url):
+        raise EngineConfigError(
+            f"{BROKER_ENV} is not a celery broker URL; set it to e.g. "
+            "pyamqp://user:password@rabbitmq:5672// (or redis://host:6379/0)"
+        )
+    queue = (environ.get(QUEUE_ENV) or DEFAULT_QUEUE).strip()
+    if not _QUEUE_NAME.fullmatch(queue):
+        raise EngineConfigError(
+            f"{QUEUE_ENV} must be a queue name of letters, digits, '_', '.' or '-'; "
+            f"fix it (default: {DEFAULT_QUEUE})"
+        )
+    return {
+        "broker": {"env": BROKER_ENV} if broker_url else DEFAULT_BROKER,
+        "backend": BACKEND,
+        "config_source": {
+            "task_default_queue": queue,
+            # A step is acknowledged when it ends, not when it starts: a worker killed
+            # mid-step leaves it on the queue for another worker.
+            "task_acks_late": True,
+            # ...and so does a pool process killed under a living worker.
+            "task_reject_on_worker_lost": True,
+            "worker_prefetch_multiplier": 1,
+            "broker_connection_retry_on_startup": True,
+        },
+    }
+
+
+def broker_url(environ: Mapping[str, str] | None = None) -> str:
+    """The broker's URL itself, for a process that talks to the broker directly."""
+    environ = os.environ if environ is None else environ
+    return (environ.get(BROKER_ENV) or "").strip() or DEFAULT_BROKER
+
+
+def celery_executor(environ: Mapping[str, str] | None = None) -> dg.ExecutorDefinition:
+    """dagster-celery's executor, configured by `worker_config()`."""
+    from dagster_celery import celery_executor as dagster_celery_executor
+
+    return dagster_celery_executor.configured(worker_config(environ), name="celery")
