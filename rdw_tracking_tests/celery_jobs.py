@@ -14,42 +14,40 @@ class ProbeConfig(dg.Config):
     sleep_s: float = 0.0
 
 
-def _where(context: dg.OpExecutionContext, config: ProbeConfig) -> dict:
+def _where(context: dg.OpExecutionContext, config: ProbeConfig) -> None:
     time.sleep(config.sleep_s)
-    where = {"pid": os.getpid(), "hostname": socket.gethostname()}
-    context.log.info(f"step {context.op.name} ran in pid {where['pid']} on {where['hostname']}")
-    context.add_output_metadata(where)
-    return where
+    context.log.info(f"step {context.op.name} ran in pid {os.getpid()} on {socket.gethostname()}")
 
 
-@dg.op
-def probe_a(context: dg.OpExecutionContext, config: ProbeConfig) -> dict:
-    return _where(context, config)
+# Ordering only, no values between steps: none of them reads another's local disk,
+# which on machines of their own it could not.
+@dg.op(out=dg.Out(dg.Nothing))
+def probe_a(context: dg.OpExecutionContext, config: ProbeConfig) -> None:
+    _where(context, config)
 
 
-@dg.op
-def probe_b(context: dg.OpExecutionContext, config: ProbeConfig) -> dict:
-    return _where(context, config)
+@dg.op(out=dg.Out(dg.Nothing))
+def probe_b(context: dg.OpExecutionContext, config: ProbeConfig) -> None:
+    _where(context, config)
 
 
-@dg.op
-def probe_c(context: dg.OpExecutionContext, config: ProbeConfig) -> dict:
-    return _where(context, config)
+@dg.op(out=dg.Out(dg.Nothing))
+def probe_c(context: dg.OpExecutionContext, config: ProbeConfig) -> None:
+    _where(context, config)
 
 
-@dg.op
-def probe_d(context: dg.OpExecutionContext, config: ProbeConfig, a: dict, b: dict, c: dict):
-    """Runs after the other three: reads their outputs, which another worker wrote."""
-    assert {a["pid"], b["pid"], c["pid"]}, "upstream outputs loaded"
-    return _where(context, config)
+@dg.op(ins={name: dg.In(dg.Nothing) for name in ("a", "b", "c")}, out=dg.Out(dg.Nothing))
+def probe_d(context: dg.OpExecutionContext, config: ProbeConfig) -> None:
+    """Runs once the other three are done."""
+    _where(context, config)
 
 
 def probe_job() -> dg.JobDefinition:
-    """Three independent steps, then one that loads all three outputs; on celery, with
-    broker and queue from the environment (the test gives each run its own queue)."""
+    """Three independent steps, then one after all three; on celery, with broker and
+    queue from the environment."""
 
     @dg.job(name="celery_probe", executor_def=engine.celery_executor())
     def celery_probe():
-        probe_d(probe_a(), probe_b(), probe_c())
+        probe_d(a=probe_a(), b=probe_b(), c=probe_c())
 
     return celery_probe
