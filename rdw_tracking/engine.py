@@ -2,7 +2,9 @@
 celery executor, chosen by env `RDW_EXECUTOR` where the definitions load.
 
     RDW_EXECUTOR        unset (or `default`): each job's own executor, as before;
-                        `celery`: dagster-celery's executor
+                        `celery`: dagster-celery's executor;
+                        `k8s`: dagster-k8s's, each step in a Kubernetes Job (the `k8s`
+                        extra; settings in deploy/k8s/executor.yaml)
     RDW_CELERY_BROKER   the broker's URL (default: RabbitMQ on 127.0.0.1:5672, guest)
     RDW_CELERY_QUEUE    the celery queue the steps go to (default: `dagster`)
 
@@ -38,7 +40,7 @@ DEFAULT_QUEUE = "dagster"
 BACKEND = "rpc://"
 _BROKER_SCHEMES = re.compile(r"^(py)?amqps?://|^rediss?://|^sqs://", re.IGNORECASE)
 _QUEUE_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,200}")
-CHOICES = ("default", "celery")
+CHOICES = ("default", "celery", "k8s")
 
 
 class EngineConfigError(ValueError):
@@ -52,8 +54,8 @@ def choice(environ: Mapping[str, str] | None = None) -> str:
     if value not in CHOICES:
         # Not quoted: whatever was pasted there is not ours to print.
         raise EngineConfigError(
-            f"{EXECUTOR_ENV} must be `celery` or unset (each job's own executor), not "
-            "another value; fix it where the code location and the workers run"
+            f"{EXECUTOR_ENV} must be `celery`, `k8s` or unset (each job's own executor), "
+            "not another value; fix it where the code location and the workers run"
         )
     return value
 
@@ -62,8 +64,13 @@ def executor(
     default: dg.ExecutorDefinition = dg.multiprocess_executor,
     environ: Mapping[str, str] | None = None,
 ) -> dg.ExecutorDefinition:
-    """The executor for a job: `default` unless `RDW_EXECUTOR=celery`, then celery."""
-    return celery_executor(environ) if choice(environ) == "celery" else default
+    """The executor for a job: `default`, unless `RDW_EXECUTOR` picks celery or k8s."""
+    chosen = choice(environ)
+    if chosen == "celery":
+        return celery_executor(environ)
+    if chosen == "k8s":
+        return k8s_executor()
+    return default
 
 
 def worker_config(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
@@ -113,3 +120,17 @@ def celery_executor(environ: Mapping[str, str] | None = None) -> dg.ExecutorDefi
     from dagster_celery import celery_executor as dagster_celery_executor
 
     return dagster_celery_executor.configured(worker_config(environ), name="celery")
+
+
+def k8s_executor() -> dg.ExecutorDefinition:
+    """dagster-k8s's `k8s_job_executor`: each step in a Kubernetes Job, with the run
+    launcher's image, namespace and env unless the run's `execution: config:` says
+    otherwise (deploy/k8s/executor.yaml)."""
+    try:
+        from dagster_k8s import k8s_job_executor
+    except ImportError:
+        raise EngineConfigError(
+            f"{EXECUTOR_ENV}=k8s needs dagster-k8s, which this install lacks; install the "
+            "`k8s` extra (pip install 'rdw_tracking[k8s]') or unset it"
+        ) from None
+    return k8s_job_executor

@@ -220,8 +220,10 @@ def test_executor_is_chosen_by_environment():
     assert engine.executor(dg.in_process_executor, environ={}) is dg.in_process_executor
     assert engine.executor(environ={"RDW_EXECUTOR": "default"}) is dg.multiprocess_executor
     assert engine.executor(environ={"RDW_EXECUTOR": " Celery "}).name == "celery"
-    with pytest.raises(engine.EngineConfigError, match="RDW_EXECUTOR must be `celery` or unset"):
-        engine.executor(environ={"RDW_EXECUTOR": "k8s"})
+    with pytest.raises(
+        engine.EngineConfigError, match="RDW_EXECUTOR must be `celery`, `k8s` or unset"
+    ):
+        engine.executor(environ={"RDW_EXECUTOR": "kubernetes"})
 
 
 def test_worker_config_names_the_broker_variable_not_its_url():
