@@ -38,6 +38,11 @@ DEFAULT_BROKER = "pyamqp://guest:guest@127.0.0.1:5672//"
 DEFAULT_QUEUE = "dagster"
 # Results travel back over the broker's own connection: no result server to run.
 BACKEND = "rpc://"
+# dagster-celery's run loop sleeps TICK_SECONDS (1 s) between polls of its steps'
+# results: every level of a run's step graph then waits up to a second, 3-5 s for
+# verify_execution_tracking. A tenth of a second makes that near nothing; a poll is a
+# look at the rpc:// reply queue already open, not a new request.
+POLL_SECONDS = 0.1
 _BROKER_SCHEMES = re.compile(r"^(py)?amqps?://|^rediss?://|^sqs://", re.IGNORECASE)
 _QUEUE_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,200}")
 CHOICES = ("default", "celery", "k8s")
@@ -117,8 +122,12 @@ def broker_url(environ: Mapping[str, str] | None = None) -> str:
 
 def celery_executor(environ: Mapping[str, str] | None = None) -> dg.ExecutorDefinition:
     """dagster-celery's executor, configured by `worker_config()`."""
+    import dagster_celery.core_execution_loop as run_loop
     from dagster_celery import celery_executor as dagster_celery_executor
 
+    # Read at every turn of the loop, so setting it here reaches every run this process
+    # orchestrates; test_celery.py fails if an upgrade drops the name.
+    run_loop.TICK_SECONDS = POLL_SECONDS
     return dagster_celery_executor.configured(worker_config(environ), name="celery")
 
 

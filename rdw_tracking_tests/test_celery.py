@@ -226,6 +226,13 @@ def test_executor_is_chosen_by_environment():
         engine.executor(environ={"RDW_EXECUTOR": "kubernetes"})
 
 
+def test_celery_run_loop_polls_faster_than_once_a_second():
+    import dagster_celery.core_execution_loop as run_loop
+
+    engine.celery_executor(environ={})
+    assert run_loop.TICK_SECONDS == engine.POLL_SECONDS < 1
+
+
 def test_worker_config_names_the_broker_variable_not_its_url():
     secret = "pyamqp://rdw:hunter22@rabbitmq.internal:5672//"
     config = engine.worker_config({"RDW_CELERY_BROKER": secret, "RDW_CELERY_QUEUE": "eu.runs"})
