@@ -58,7 +58,13 @@ def celery_setup(dagster_home, tmp_path, monkeypatch) -> Iterator[dict]:
     monkeypatch.setenv(engine.QUEUE_ENV, queue)
     monkeypatch.delenv(engine.BROKER_ENV, raising=False)
     config = tmp_path / "celery.yaml"
-    config.write_text(yaml.safe_dump({"execution": {"config": engine.worker_config()}}))
+    # What a deployment runs: `rdw-tracking celery-yaml > celery.yaml`.
+    printed = subprocess.run(
+        [sys.executable, "-m", "rdw_tracking.cli", "celery-yaml"],
+        capture_output=True, text=True, check=True, env=dict(os.environ),
+    ).stdout  # fmt: skip
+    assert yaml.safe_load(printed) == {"execution": {"config": engine.worker_config()}}
+    config.write_text(printed)
     env = dict(os.environ)
     # The workers import the job from this checkout's test package, and run `celery`.
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
@@ -252,6 +258,16 @@ def test_worker_config_names_the_broker_variable_not_its_url():
     assert "hunter22" not in str(err.value)
     with pytest.raises(engine.EngineConfigError, match="RDW_CELERY_QUEUE must be a queue name"):
         engine.worker_config({"RDW_CELERY_QUEUE": "eu runs"})
+
+
+def test_celery_yaml_command_refuses_a_bad_broker_without_quoting_it(monkeypatch, capsys):
+    from rdw_tracking import cli
+
+    monkeypatch.setenv("RDW_CELERY_BROKER", "rdw:hunter22@rabbitmq")
+    assert cli.main(["celery-yaml"]) == 2
+    captured = capsys.readouterr()
+    assert "RDW_CELERY_BROKER is not a celery broker URL" in captured.err
+    assert "hunter22" not in captured.err + captured.out
 
 
 def test_steps_are_executed_by_both_workers(workers):
