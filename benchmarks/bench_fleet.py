@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -74,6 +75,7 @@ def run(args) -> list[dict]:
         for name in [template, *names, storage]:
             drop_database(admin, name)
         _delete_queue(queue)
+        shutil.rmtree(home, ignore_errors=True)
     global NOTES
     uptime = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     NOTES = f"{NOTES} `uptime` after the runs: {uptime}."
