@@ -117,6 +117,22 @@ def cmd_dagster_yaml(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_celery_yaml(args: argparse.Namespace) -> int:
+    """The `-y` file of `dagster-celery worker start`: the same broker, queue and
+    settings as the executor that RDW_EXECUTOR=celery gives the jobs."""
+    import yaml
+
+    from rdw_tracking import engine
+
+    try:
+        config = engine.worker_config()
+    except engine.EngineConfigError as err:
+        print(f"rdw-tracking celery-yaml: {err}", file=sys.stderr)
+        return 2
+    sys.stdout.write(yaml.safe_dump({"execution": {"config": config}}, sort_keys=False))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rdw-tracking", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -142,6 +158,12 @@ def main(argv: list[str] | None = None) -> int:
         help="print the instance's dagster.yaml, for $DAGSTER_HOME in a deployment",
     )
     instance.set_defaults(func=cmd_dagster_yaml)
+
+    celery = sub.add_parser(
+        "celery-yaml",
+        help="print the -y file of `dagster-celery worker start` (RDW_CELERY_BROKER, RDW_CELERY_QUEUE)",
+    )
+    celery.set_defaults(func=cmd_celery_yaml)
 
     args = parser.parse_args(argv)
     if getattr(args, "rows", 1) < 1:

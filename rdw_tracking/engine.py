@@ -1,0 +1,145 @@
+"""Where a run's steps execute: in the launching process (the default), or on Dagster's
+celery executor, chosen by env `RDW_EXECUTOR` where the definitions load.
+
+    RDW_EXECUTOR        unset (or `default`): each job's own executor, as before;
+                        `celery`: dagster-celery's executor;
+                        `k8s`: dagster-k8s's, each step in a Kubernetes Job (the `k8s`
+                        extra; settings in deploy/k8s/executor.yaml)
+    RDW_CELERY_BROKER   the broker's URL (default: RabbitMQ on 127.0.0.1:5672, guest)
+    RDW_CELERY_QUEUE    the celery queue the steps go to (default: `dagster`)
+
+The executor and the workers must agree on broker and queue: `worker_config()` is the
+`execution: config:` block both take (`dagster-celery worker start -y` reads it), and
+it names the broker's env var rather than holding its URL. Results come back over
+`rpc://` (the broker itself): no second server. Steps are acknowledged only once done
+(`task_acks_late`), so a step whose worker dies mid-step is delivered again to another
+worker rather than lost; steps must therefore be safe to run twice, as every asset here
+is (read-only, or idempotent and guarded by the write lock).
+
+The celery workers load the same code and need the same Dagster instance: a persistent
+`DAGSTER_HOME` with the project's dagster.yaml (runs and events in PostgreSQL) and the
+same `RDW_DAGSTER_STORAGE_URL`, since each step writes its events there itself.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import dagster as dg
+
+EXECUTOR_ENV = "RDW_EXECUTOR"
+BROKER_ENV = "RDW_CELERY_BROKER"
+QUEUE_ENV = "RDW_CELERY_QUEUE"
+# RabbitMQ's stock account, which it accepts from localhost only.
+DEFAULT_BROKER = "pyamqp://guest:guest@127.0.0.1:5672//"
+DEFAULT_QUEUE = "dagster"
+# Results travel back over the broker's own connection: no result server to run.
+BACKEND = "rpc://"
+# dagster-celery's run loop sleeps TICK_SECONDS (1 s) between polls of its steps'
+# results: every level of a run's step graph then waits up to a second, 3-5 s for
+# verify_execution_tracking. A tenth of a second makes that near nothing; a poll is a
+# look at the rpc:// reply queue already open, not a new request.
+POLL_SECONDS = 0.1
+_BROKER_SCHEMES = re.compile(r"^(py)?amqps?://|^rediss?://|^sqs://", re.IGNORECASE)
+_QUEUE_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,200}")
+CHOICES = ("default", "celery", "k8s")
+
+
+class EngineConfigError(ValueError):
+    """An executor setting that cannot work; the message names the variable and the fix."""
+
+
+def choice(environ: Mapping[str, str] | None = None) -> str:
+    """`default` or `celery`, from env `RDW_EXECUTOR`."""
+    environ = os.environ if environ is None else environ
+    value = (environ.get(EXECUTOR_ENV) or "default").strip().lower()
+    if value not in CHOICES:
+        # Not quoted: whatever was pasted there is not ours to print.
+        raise EngineConfigError(
+            f"{EXECUTOR_ENV} must be `celery`, `k8s` or unset (each job's own executor), "
+            "not another value; fix it where the code location and the workers run"
+        )
+    return value
+
+
+def executor(
+    default: dg.ExecutorDefinition = dg.multiprocess_executor,
+    environ: Mapping[str, str] | None = None,
+) -> dg.ExecutorDefinition:
+    """The executor for a job: `default`, unless `RDW_EXECUTOR` picks celery or k8s."""
+    chosen = choice(environ)
+    if chosen == "celery":
+        return celery_executor(environ)
+    if chosen == "k8s":
+        return k8s_executor()
+    return default
+
+
+def worker_config(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The celery executor's config: the `execution: config:` block of a worker's
+    `-y` file, and what `celery_executor()` is configured with.
+
+    The broker is `{env: RDW_CELERY_BROKER}` when that is set, so neither the YAML nor
+    the job's snapshot holds a broker password; else RabbitMQ's localhost default.
+    """
+    environ = os.environ if environ is None else environ
+    broker_url = (environ.get(BROKER_ENV) or "").strip()
+    if broker_url and not _BROKER_SCHEMES.match(broker_url):
+        raise EngineConfigError(
+            f"{BROKER_ENV} is not a celery broker URL; set it to e.g. "
+            "pyamqp://user:password@rabbitmq:5672// (or redis://host:6379/0)"
+        )
+    queue = (environ.get(QUEUE_ENV) or DEFAULT_QUEUE).strip()
+    if not _QUEUE_NAME.fullmatch(queue):
+        raise EngineConfigError(
+            f"{QUEUE_ENV} must be a queue name of letters, digits, '_', '.' or '-'; "
+            f"fix it (default: {DEFAULT_QUEUE})"
+        )
+    return {
+        "broker": {"env": BROKER_ENV} if broker_url else DEFAULT_BROKER,
+        "backend": BACKEND,
+        "config_source": {
+            "task_default_queue": queue,
+            # A step is acknowledged when it ends, not when it starts: a worker killed
+            # mid-step leaves it on the queue for another worker.
+            "task_acks_late": True,
+            # ...and so does a pool process killed under a living worker.
+            "task_reject_on_worker_lost": True,
+            "worker_prefetch_multiplier": 1,
+            "broker_connection_retry_on_startup": True,
+        },
+    }
+
+
+def broker_url(environ: Mapping[str, str] | None = None) -> str:
+    """The broker's URL itself, for a process that talks to the broker directly."""
+    environ = os.environ if environ is None else environ
+    return (environ.get(BROKER_ENV) or "").strip() or DEFAULT_BROKER
+
+
+def celery_executor(environ: Mapping[str, str] | None = None) -> dg.ExecutorDefinition:
+    """dagster-celery's executor, configured by `worker_config()`."""
+    import dagster_celery.core_execution_loop as run_loop
+    from dagster_celery import celery_executor as dagster_celery_executor
+
+    # Read at every turn of the loop, so setting it here reaches every run this process
+    # orchestrates; test_celery.py fails if an upgrade drops the name.
+    run_loop.TICK_SECONDS = POLL_SECONDS
+    return dagster_celery_executor.configured(worker_config(environ), name="celery")
+
+
+def k8s_executor() -> dg.ExecutorDefinition:
+    """dagster-k8s's `k8s_job_executor`: each step in a Kubernetes Job, with the run
+    launcher's image, namespace and env unless the run's `execution: config:` says
+    otherwise (deploy/k8s/executor.yaml)."""
+    try:
+        from dagster_k8s import k8s_job_executor
+    except ImportError:
+        raise EngineConfigError(
+            f"{EXECUTOR_ENV}=k8s needs dagster-k8s, which this install lacks; install the "
+            "`k8s` extra (pip install 'rdw_tracking[k8s]') or unset it"
+        ) from None
+    return k8s_job_executor
