@@ -56,6 +56,11 @@ def collection_run_sensor(context: dg.RunStatusSensorContext):
     (`rdw/triggered_by_run`), with the `workflow_executions` id it stamped
     (`rdw/execution_id`), so the validation run links back to the collection it validates. Runs of any other job, and failed collection runs, request nothing.
     """
+    return collection_request(context)
+
+
+def collection_request(context: dg.RunStatusSensorContext) -> dg.RunRequest | dg.SkipReason:
+    """What collection_run_sensor asks for after one collection run (see its docstring)."""
     run = context.dagster_run
     # monitored_jobs already filters; this keeps the sensor from ever triggering itself
     # should someone widen the monitored jobs.
@@ -353,54 +358,74 @@ def workflow_executions_sensor(
     `executions_polling.future_tolerance_minutes` is reported (log and skip message) and
     skipped, and never moves the cursor: one row dated 2099 cannot silence the sensor.
     """
+    outcome = tick(context.log, target_db, executions_polling, context.cursor)
+    if outcome.request is None:
+        if outcome.cursor is not None:
+            context.update_cursor(outcome.cursor)
+        return dg.SkipReason(outcome.skip)
+    return dg.SensorResult(run_requests=[outcome.request], cursor=outcome.cursor)
+
+
+@dataclass(frozen=True)
+class Tick:
+    """One database's part of a tick: the cursor to keep (None: unchanged), and either a
+    run request or why there is none."""
+
+    cursor: str | None
+    request: dg.RunRequest | None = None
+    skip: str = ""
+
+
+def tick(
+    log, target_db: TargetDatabase, executions_polling: ExecutionsPolling, cursor_json: str | None
+) -> Tick:
+    """Poll one database from its cursor; raises TargetDatabaseError when it cannot."""
     lookback = dt.timedelta(minutes=executions_polling.lookback_minutes)
     tolerance = dt.timedelta(minutes=executions_polling.future_tolerance_minutes)
-    cursor = ExecutionsCursor.from_json(context.cursor) if context.cursor else None
+    cursor = ExecutionsCursor.from_json(cursor_json) if cursor_json else None
     result = poll(target_db, cursor, lookback, executions_polling.max_per_tick, tolerance)
     note = index_note(target_db, result.index_names)
     if not result.index_names:
-        context.log.warning(note)
+        log.warning(note)
     if result.capped_from is not None:
-        context.log.warning(
+        log.warning(
             f"the cursor's watermark {result.capped_from.isoformat()} lay in the future; "
             f"moved back to {result.horizon.isoformat()} (the database's now() plus the tolerance)"
         )
         cursor = cursor.capped(result.horizon)
     future = future_note(target_db, result)
     if future:
-        context.log.warning(future)
+        log.warning(future)
     note = future + note
     new_cursor = advance(cursor or ExecutionsCursor(), result.rows, lookback)
     if result.first_tick:
-        context.update_cursor(new_cursor.to_json())
         latest = new_cursor.watermark.isoformat() if new_cursor.watermark else "none yet"
-        return dg.SkipReason(
-            f"first tick: cursor set at the latest completion ({latest}); no run requested. {note}"
+        return Tick(
+            new_cursor.to_json(),
+            skip=f"first tick: cursor set at the latest completion ({latest}); no run requested. {note}",
         )
     if not result.rows:
-        if result.capped_from is not None:
-            context.update_cursor(cursor.to_json())  # keep the capped watermark
-        return dg.SkipReason(
-            f"no execution completed since {cursor.watermark.isoformat() if cursor and cursor.watermark else 'the start'}. {note}"
+        since = cursor.watermark.isoformat() if cursor and cursor.watermark else "the start"
+        return Tick(
+            cursor.to_json()
+            if result.capped_from is not None
+            else None,  # keep the capped watermark
+            skip=f"no execution completed since {since}. {note}",
         )
     ids = [i for i, _ in result.rows]
-    context.log.info(f"{len(ids)} new completed execution(s), watermark {new_cursor.watermark}")
-    return dg.SensorResult(
-        run_requests=[
-            dg.RunRequest(
-                run_key=run_key(new_cursor.watermark, ids),
-                # judged by execution_id_run_stamped, at most MAX_EXECUTIONS per run
-                run_config=judge_config(ids[:MAX_EXECUTIONS]),
-                tags={
-                    "rdw/trigger": "workflow_executions_sensor",
-                    "rdw/new_executions": str(len(ids)),
-                    "rdw/watermark": new_cursor.watermark.isoformat(),
-                    "rdw/completed_at_index": "present" if result.index_names else "missing",
-                },
-            )
-        ],
-        cursor=new_cursor.to_json(),
+    log.info(f"{len(ids)} new completed execution(s), watermark {new_cursor.watermark}")
+    request = dg.RunRequest(
+        run_key=run_key(new_cursor.watermark, ids),
+        # judged by execution_id_run_stamped, at most MAX_EXECUTIONS per run
+        run_config=judge_config(ids[:MAX_EXECUTIONS]),
+        tags={
+            "rdw/trigger": "workflow_executions_sensor",
+            "rdw/new_executions": str(len(ids)),
+            "rdw/watermark": new_cursor.watermark.isoformat(),
+            "rdw/completed_at_index": "present" if result.index_names else "missing",
+        },
     )
+    return Tick(new_cursor.to_json(), request)
 
 
 sensors = [collection_run_sensor, workflow_executions_sensor]
