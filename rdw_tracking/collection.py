@@ -30,7 +30,7 @@ from psycopg import sql
 from pydantic import Field
 
 from rdw_tracking import catalog
-from rdw_tracking.assets import refuse
+from rdw_tracking.assets import WRITE_POOL, refuse
 from rdw_tracking.resources import TargetDatabase, TargetDatabaseError
 from rdw_tracking.writes import Need, exclusive_write, refuse_without_grants, weeks_need
 
@@ -185,7 +185,7 @@ def collection_needs(db: TargetDatabase) -> list[Need]:
     ]
 
 
-@dg.op(name="collect_weeks", tags={"kind": "postgres"}, pool="rdw/db-writes")
+@dg.op(name="collect_weeks", tags={"kind": "postgres"}, pool=WRITE_POOL)
 def collect_weeks(
     context: dg.OpExecutionContext, config: CollectionConfig, target_db: TargetDatabase
 ) -> dg.Output[int]:

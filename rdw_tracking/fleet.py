@@ -31,7 +31,8 @@ import yaml
 
 FLEET_ENV = "RDW_FLEET_FILE"
 NAME_PATTERN = re.compile(r"[a-z0-9_]+")
-# `TargetDatabase`'s fields, less `url` (which never sits in the file), with their types.
+# `TargetDatabase`'s fields, less `url` (which never sits in the file) and `fleet_name`
+# (the entry's `name`), with their types.
 # test_fleet.py checks this against the resource, so a new field is not forgotten here.
 TARGET_DB_FIELDS: Mapping[str, type] = MappingProxyType(
     {

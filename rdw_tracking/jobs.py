@@ -2,6 +2,7 @@
 
 import dagster as dg
 
+from rdw_tracking import engine
 from rdw_tracking.assets.foreign_key import ForeignKeyConfig, add_foreign_key
 from rdw_tracking.assets.indexes import IndexConfig
 from rdw_tracking.assets.performance import JoinPlanConfig, StorageConfig
@@ -88,8 +89,9 @@ def _first_error(err: Exception) -> str:
 
 verify_execution_tracking = dg.define_asset_job(
     "verify_execution_tracking",
-    # Short read-only steps: one process saves a process start per step (seconds each).
-    executor_def=dg.in_process_executor,
+    # Short read-only steps: one process saves a process start per step (seconds each);
+    # RDW_EXECUTOR=celery (or k8s) runs them on workers instead, being safe to run twice.
+    executor_def=engine.executor(dg.in_process_executor),
     config=checked_at_launch(
         execution_id_population=PopulationConfig,
         execution_id_join_plan=JoinPlanConfig,
@@ -117,8 +119,9 @@ verify_execution_tracking = dg.define_asset_job(
 
 post_collection_validation = dg.define_asset_job(
     "post_collection_validation",
-    # Short read-only steps: one process saves a process start per step (seconds each).
-    executor_def=dg.in_process_executor,
+    # Short read-only steps: one process saves a process start per step (seconds each);
+    # RDW_EXECUTOR=celery (or k8s) runs them on workers instead, being safe to run twice.
+    executor_def=engine.executor(dg.in_process_executor),
     config=checked_at_launch(execution_id_population=PopulationConfig),
     selection=dg.AssetSelection.assets("execution_id_population"),
     description=(

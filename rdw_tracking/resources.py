@@ -265,6 +265,10 @@ class TargetDatabase(dg.ConfigurableResource):
             "the worker's credentials elsewhere."
         ),
     )
+    fleet_name: str | None = Field(
+        default=None,
+        description="The database's name in the fleet file (set by the fleet, named in errors).",
+    )
     schema_name: str = Field(default="public", description="Schema holding the three tables.")
     weeks_table: str = Field(default="report_data_weeks")
     executions_table: str = Field(default="workflow_executions")
@@ -362,7 +366,8 @@ class TargetDatabase(dg.ConfigurableResource):
         return endpoint(self.resolved_url())
 
     def describe(self) -> str:
-        return f"{self.endpoint()} schema {self.schema_name}"
+        where = f"{self.endpoint()} schema {self.schema_name}"
+        return f"fleet database {self.fleet_name} ({where})" if self.fleet_name else where
 
     # -- names --------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ import dagster as dg
 from rdw_tracking.jobs import post_collection_validation, verify_execution_tracking
 
 REFRESH_DAYS = 3
+DAILY_RUN_CONFIG = {"ops": {"execution_id_population": {"config": {"refresh_days": REFRESH_DAYS}}}}
 
 daily_population_snapshot = dg.ScheduleDefinition(
     name="daily_population_snapshot",
@@ -21,7 +22,7 @@ daily_population_snapshot = dg.ScheduleDefinition(
     default_status=dg.DefaultScheduleStatus.RUNNING,
     # Re-materialize the last few days of execution_id_daily_population: late rows and
     # rollbacks on days that have closed show up in the history by the next morning.
-    run_config={"ops": {"execution_id_population": {"config": {"refresh_days": REFRESH_DAYS}}}},
+    run_config=DAILY_RUN_CONFIG,
     description=(
         "Every day at 06:00 UTC: a population snapshot of execution_id with its checks "
         "(post_collection_validation), so a collection path that stops stamping rows shows "

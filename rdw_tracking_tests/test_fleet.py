@@ -82,7 +82,7 @@ def test_url_comes_from_the_environment_at_use(tmp_path, monkeypatch):
 def test_the_fields_are_target_dbs_less_url():
     from rdw_tracking.resources import TargetDatabase
 
-    assert set(fleet.TARGET_DB_FIELDS) == set(TargetDatabase.model_fields) - {"url"}
+    assert set(fleet.TARGET_DB_FIELDS) == set(TargetDatabase.model_fields) - {"url", "fleet_name"}
     for name, kind in fleet.TARGET_DB_FIELDS.items():
         assert TargetDatabase.model_fields[name].annotation is kind, name
 

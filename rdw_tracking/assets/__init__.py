@@ -1,10 +1,16 @@
 """The tracking assets, one module per concern of the spec, each with its checks."""
 
 import datetime as dt
+import os
 
 import dagster as dg
 
 GROUP = "execution_tracking"
+
+# Write assets and ops sit in this Dagster pool: one database write at a time, however
+# they are launched. A fleet (RDW_FLEET_FILE) serializes writes per database instead
+# (run tag rdw/db-writes=<database> and the advisory lock), so no global pool there.
+WRITE_POOL = None if os.environ.get("RDW_FLEET_FILE") else "rdw/db-writes"
 
 # Read-only assets ride out a database restart or a dropped connection; a user-facing
 # error is raised as `refuse(...)`, which is never retried.

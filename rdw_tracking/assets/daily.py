@@ -34,6 +34,7 @@ from rdw_tracking.tally import DayTally, Tables, count_all, midnight, rate
 ASSET = "execution_id_daily_population"
 RECONCILE_CHECK = "execution_id_daily_history_matches"
 HISTORY_START_ENV = "RDW_HISTORY_START"
+FLEET_ENV = "RDW_FLEET_FILE"
 DEFAULT_HISTORY_START = "2025-01-01"
 MISMATCH_SAMPLE = 50
 
@@ -131,12 +132,28 @@ def _long_range(
     }
 
 
-def materializations(days: dict) -> list[dg.AssetMaterialization]:
+def run_database(context) -> str | None:
+    """The fleet database this run is for; None outside a fleet (one database)."""
+    if not os.environ.get(FLEET_ENV):
+        return None
+    from rdw_tracking.fleet_defs import database_of
+
+    return database_of(context.run.tags)
+
+
+def history_key(day: dt.date, database: str | None) -> str:
+    """A day's partition key: `YYYY-MM-DD`, or `<database>|YYYY-MM-DD` in a fleet."""
+    if database is None:
+        return day.isoformat()
+    return str(dg.MultiPartitionKey({"database": database, "day": day.isoformat()}))
+
+
+def materializations(days: dict, database: str | None = None) -> list[dg.AssetMaterialization]:
     """One materialization of `execution_id_daily_population` per day (within the history)."""
     return [
         dg.AssetMaterialization(
             asset_key=ASSET,
-            partition=day.isoformat(),
+            partition=history_key(day, database),
             metadata=day_metadata(counts),
             description=f"{counts.rows} rows created on {day} (UTC)",
         )
@@ -158,14 +175,18 @@ class StoredDay:
     stored_at: float  # timestamp of the materialization
 
 
-def stored_days(instance: dg.DagsterInstance) -> dict[dt.date, StoredDay]:
-    """The latest materialization of every partition of the history, read from Dagster's
-    event log (no table scan)."""
+def stored_days(
+    instance: dg.DagsterInstance, database: str | None = None
+) -> dict[dt.date, StoredDay]:
+    """The latest materialization of every partition of the history (of one database, in
+    a fleet), read from Dagster's event log (no table scan)."""
     key = dg.AssetKey(ASSET)
     latest = instance.get_latest_storage_id_by_partition(
         key, dg.DagsterEventType.ASSET_MATERIALIZATION
     )
     stored: dict[dt.date, StoredDay] = {}
+    if database is not None:
+        latest = {k: v for k, v in latest.items() if k.split("|")[0] == database}
     ids = list(latest.values())
     for start in range(0, len(ids), 500):
         chunk = ids[start : start + 500]
@@ -182,7 +203,8 @@ def stored_days(instance: dg.DagsterInstance) -> dict[dt.date, StoredDay]:
                 entry = meta.get(name)
                 return int(entry.value) if entry is not None and entry.value is not None else 0
 
-            stored[dt.date.fromisoformat(materialization.partition)] = StoredDay(
+            day = str(materialization.partition).split("|")[-1]
+            stored[dt.date.fromisoformat(day)] = StoredDay(
                 DayTally(value("total_rows"), value("with_execution_id"), value("orphan_count")),
                 record.timestamp,
             )
@@ -230,8 +252,9 @@ def execution_id_daily_population(
                 )
                 for k in range((last - first).days + 1)
             }
+    database = run_database(context)
     for day, counts in days.items():
-        context.add_asset_metadata(day_metadata(counts), partition_key=day.isoformat())
+        context.add_asset_metadata(day_metadata(counts), partition_key=history_key(day, database))
     total = sum(c.rows for c in days.values())
     context.log.info(f"{len(days)} day(s) from {first} to {last}: {total} rows")
     return dg.MaterializeResult()
@@ -357,7 +380,7 @@ def execution_id_daily_history_matches(
     history's range."""
     from rdw_tracking.assets import tallying
 
-    stored = stored_days(context.instance)
+    stored = stored_days(context.instance, run_database(context))
     with target_db.cursor() as cur:
         cur.execute(tallying.SNAPSHOT)
         today = cur.execute("SELECT CURRENT_DATE").fetchone()[0]

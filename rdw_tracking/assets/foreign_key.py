@@ -29,7 +29,7 @@ import psycopg
 from psycopg import sql
 from pydantic import Field, field_validator
 
-from rdw_tracking.assets import refuse
+from rdw_tracking.assets import WRITE_POOL, refuse
 from rdw_tracking.assets.indexes import (
     EXECUTION_ID_INDEX,
     LockWait,
@@ -290,7 +290,7 @@ def _refusal(db: TargetDatabase, err: psycopg.Error, added: bool) -> dg.Failure:
 
 @dg.op(
     name="add_foreign_key",
-    pool="rdw/db-writes",  # one database write at a time, however it is launched
+    pool=WRITE_POOL,  # one database write at a time, however it is launched
     description="Adds the FK from execution_id to workflow_executions(id): NOT VALID, then VALIDATE.",
 )
 def add_foreign_key(

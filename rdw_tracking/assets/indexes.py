@@ -23,7 +23,7 @@ from psycopg import sql
 from pydantic import Field, field_validator, model_validator
 
 from rdw_tracking import catalog
-from rdw_tracking.assets import GROUP, READ_RETRY, refuse
+from rdw_tracking.assets import GROUP, READ_RETRY, WRITE_POOL, refuse
 from rdw_tracking.assets.tables import report_data_weeks, workflow_executions
 from rdw_tracking.layout import Layout, Member, table_layout
 from rdw_tracking.resources import TargetDatabase
@@ -1446,7 +1446,7 @@ def _equivalents(builds: list[IndexBuild]) -> dict[str, IndexBuild]:
 @dg.asset(
     key="execution_id_indexes",
     group_name=GROUP,
-    pool="rdw/db-writes",  # one database write at a time, however it is launched
+    pool=WRITE_POOL,  # one database write at a time, however it is launched
     deps=[report_data_weeks, workflow_executions],
     kinds={"postgres"},
 )

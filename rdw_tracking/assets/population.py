@@ -915,7 +915,8 @@ def execution_id_population(
         metadata = tally_metadata(tally)
         first = snapshot.today - dt.timedelta(days=config.refresh_days)
         days = changed_days(current.previous, tally, first, snapshot.today, touched)
-    for event in daily.materializations(daily.in_history(days, snapshot.today)):
+    history = daily.in_history(days, snapshot.today)
+    for event in daily.materializations(history, daily.run_database(context)):
         context.log_event(event)
     where = target_db.qualified(target_db.weeks_table)
     return dg.MaterializeResult(

@@ -19,7 +19,7 @@ import psycopg
 from psycopg import sql
 from pydantic import Field, field_validator
 
-from rdw_tracking.assets import GROUP, refuse
+from rdw_tracking.assets import GROUP, WRITE_POOL, refuse
 from rdw_tracking.assets.rollback import (
     CLEARED_COLUMNS,
     RESTORE_JOB,
@@ -245,7 +245,7 @@ def put_back(
 @dg.asset(
     key="execution_id_restore",
     group_name=GROUP,
-    pool="rdw/db-writes",  # one database write at a time, however it is launched
+    pool=WRITE_POOL,  # one database write at a time, however it is launched
     deps=[report_data_weeks],
     kinds={"postgres"},
 )

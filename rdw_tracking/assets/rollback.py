@@ -40,7 +40,7 @@ from psycopg import errors, sql
 from pydantic import Field, field_validator
 
 from rdw_tracking import catalog
-from rdw_tracking.assets import GROUP, refuse
+from rdw_tracking.assets import GROUP, WRITE_POOL, refuse
 from rdw_tracking.assets.indexes import Session, describe
 from rdw_tracking.assets.tables import report_data_weeks
 from rdw_tracking.layout import Layout, is_member, member_by_oid, table_layout
@@ -1314,7 +1314,7 @@ def clear(
 @dg.asset(
     key="execution_id_rollback",
     group_name=GROUP,
-    pool="rdw/db-writes",  # one database write at a time, however it is launched
+    pool=WRITE_POOL,  # one database write at a time, however it is launched
     deps=[report_data_weeks],
     kinds={"postgres"},
 )
