@@ -1574,10 +1574,14 @@ def partition_problems(
     tree: dict[int, list[ExistingIndex]],
     equivalents: dict[str, str],
 ) -> list[str]:
-    """Each partition (any level) or child table lacking a contract index, or whose index
-    is invalid, not ready or of another definition, as a sentence naming it."""
+    """Each partition (any level) or child table lacking a contract index (or the opt-in
+    created_at index, once built), or whose index is invalid, not ready or of another
+    definition, as a sentence naming it."""
     problems: list[str] = []
-    for spec in contract_indexes(db).values():
+    specs = list(contract_indexes(db).values())
+    if any(i.name == CREATED_AT_INDEX for i in tree.get(layout.root.oid, [])):
+        specs.append(created_at_index(db))  # opt-in: judged on every partition once built
+    for spec in specs:
         if layout.kind == "inheritance":
             for child in (m for m in layout.partitions if m.relkind == "r"):
                 problems += _child_problems(db, spec, child, tree.get(child.oid, []))

@@ -297,3 +297,22 @@ def test_reconcile_names_the_days_that_drifted(database_url, run_job, sql_exec, 
     assert not reconcile.passed and reconcile.severity == dg.AssetCheckSeverity.WARN
     assert reconcile.metadata["drifted_days"].value == [drifted.isoformat()]
     assert drifted.isoformat() in reconcile.description
+
+
+def test_created_at_index_is_built_and_judged_on_every_layout(layout_url, run_job, sql_exec):
+    every = {"ops": {"execution_id_indexes": {"config": {"report_data_weeks_created_at": True}}}}
+    assert run_job("create_execution_id_indexes", run_config=every).success
+    result = run_job("verify_execution_tracking")
+    check = check_results(result)["execution_id_indexes_valid"]
+    assert check.passed, check.description
+    assert "idx_report_data_weeks_created_at" in check.description
+    leaves = sql_exec(
+        "SELECT count(*) FROM pg_class WHERE relkind = 'r' AND relname LIKE 'report_data_weeks%%'"
+    )[0][0]
+    built = sql_exec(
+        "SELECT count(*) FROM pg_index i JOIN pg_class t ON t.oid = i.indrelid "
+        "JOIN pg_attribute a ON a.attrelid = t.oid AND a.attnum = i.indkey[0] "
+        "WHERE t.relkind = 'r' AND t.relname LIKE 'report_data_weeks%%' "
+        "AND a.attname = 'created_at' AND i.indisvalid"
+    )[0][0]
+    assert built == leaves
