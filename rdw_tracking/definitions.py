@@ -84,6 +84,11 @@ def fleet_databases(fleet: Fleet) -> dg.Definitions:
         ],
         sensors=[
             fleet_defs.collection_sensor(fleet, fleet_jobs["weekly_collection"], validation),
+            fleet_defs.rollback_sensor(
+                fleet,
+                [fleet_jobs["rollback_execution_id"], fleet_jobs["restore_execution_id"]],
+                validation,
+            ),
             fleet_defs.executions_sensor(fleet, validation),
             *alert_sensors,
         ],

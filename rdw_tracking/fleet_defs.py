@@ -168,6 +168,34 @@ def collection_sensor(fleet: Fleet, weekly_collection, validation) -> dg.SensorD
     return collection_run_sensor
 
 
+def rollback_sensor(fleet: Fleet, write_jobs: list, validation) -> dg.SensorDefinition:
+    @dg.run_status_sensor(
+        name="rollback_history_sensor",
+        run_status=dg.DagsterRunStatus.SUCCESS,
+        monitored_jobs=write_jobs,
+        request_job=validation,
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        minimum_interval_seconds=15,
+        description=(
+            "After a rollback or restore that changed rows, requests post_collection_validation "
+            "for the same database with refresh_days reaching back to its cutoff_date."
+        ),
+    )
+    def rollback_history_sensor(context: dg.RunStatusSensorContext):
+        outcome = single.history_request(context)
+        name = database_of(context.dagster_run.tags)
+        if not isinstance(outcome, dg.RunRequest) or name not in fleet.names:
+            return outcome if name in fleet.names else dg.SkipReason("the run names no database")
+        return dg.RunRequest(
+            run_key=outcome.run_key,
+            run_config=outcome.run_config,
+            tags={**outcome.tags, DATABASE_TAG: name, READS_TAG: name},
+            partition_key=name,
+        )
+
+    return rollback_history_sensor
+
+
 def executions_sensor(fleet: Fleet, validation) -> dg.SensorDefinition:
     @dg.sensor(
         name="workflow_executions_sensor",

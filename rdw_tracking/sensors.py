@@ -25,7 +25,12 @@ from pydantic import Field
 
 from rdw_tracking import catalog
 from rdw_tracking.assets.verdict import MAX_EXECUTIONS
-from rdw_tracking.jobs import post_collection_validation, weekly_collection
+from rdw_tracking.jobs import (
+    post_collection_validation,
+    restore_execution_id,
+    rollback_execution_id,
+    weekly_collection,
+)
 from rdw_tracking.resources import StatementTimeout, TargetDatabase, TargetDatabaseError, redact
 
 INDEX_NAME = "idx_workflow_executions_completed_at"
@@ -94,6 +99,61 @@ def stamped_execution_id(instance: dg.DagsterInstance, run_id: str) -> str | Non
         materialization = record.event_log_entry.asset_materialization
         if materialization and "execution_id" in materialization.metadata:
             return str(materialization.metadata["execution_id"].value)
+    return None
+
+
+# -- rollback_history_sensor ---------------------------------------------------------------
+
+MAX_REFRESH_DAYS = 366
+
+
+@dg.run_status_sensor(
+    name="rollback_history_sensor",
+    run_status=dg.DagsterRunStatus.SUCCESS,
+    monitored_jobs=[rollback_execution_id, restore_execution_id],
+    request_job=post_collection_validation,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    minimum_interval_seconds=15,
+    description=(
+        "After a rollback or restore that changed rows (not a dry run), requests "
+        "post_collection_validation with refresh_days reaching back to its cutoff_date, so "
+        "execution_id_daily_population shows the days it changed."
+    ),
+)
+def rollback_history_sensor(context: dg.RunStatusSensorContext):
+    """After a rollback or restore that changed rows, re-publishes every day since its
+    cutoff to the history (closed days included), whether or not the created_at index
+    lets the validation see the change by itself."""
+    return history_request(context)
+
+
+def history_request(context: dg.RunStatusSensorContext) -> dg.RunRequest | dg.SkipReason:
+    run = context.dagster_run
+    written = write_outcome(context.instance, run.run_id)
+    if written is None:
+        return dg.SkipReason(f"run {run.run_id} was a dry run or changed nothing")
+    today = dt.datetime.now(dt.timezone.utc).date()
+    days = min(max((today - written).days, 0), MAX_REFRESH_DAYS)
+    return dg.RunRequest(
+        run_key=run.run_id,
+        tags={"rdw/trigger": "rollback_history_sensor", "rdw/triggered_by_run": run.run_id},
+        run_config={"ops": {"execution_id_population": {"config": {"refresh_days": days}}}},
+    )
+
+
+def write_outcome(instance: dg.DagsterInstance, run_id: str) -> dt.date | None:
+    """The cutoff_date of a rollback or restore run that changed rows; None otherwise."""
+    records = instance.get_records_for_run(
+        run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION
+    ).records
+    for record in records:
+        materialization = record.event_log_entry.asset_materialization
+        meta = materialization.metadata if materialization else {}
+        if "cutoff_date" not in meta or meta.get("dry_run") is None:
+            continue
+        if meta["dry_run"].value:
+            return None
+        return dt.date.fromisoformat(str(meta["cutoff_date"].value))
     return None
 
 
@@ -428,4 +488,4 @@ def tick(
     return Tick(new_cursor.to_json(), request)
 
 
-sensors = [collection_run_sensor, workflow_executions_sensor]
+sensors = [collection_run_sensor, rollback_history_sensor, workflow_executions_sensor]

@@ -316,3 +316,36 @@ def test_created_at_index_is_built_and_judged_on_every_layout(layout_url, run_jo
         "AND a.attname = 'created_at' AND i.indisvalid"
     )[0][0]
     assert built == leaves
+
+
+@pytest.mark.parametrize("indexed", [False, True], ids=["one-pass", "tally"])
+def test_rollback_on_closed_days_shows_in_the_history(database_url, run_job, sql_exec, indexed):
+    """A rollback's days reach the history through rollback_history_sensor's run, even
+    days older than the daily schedule's refresh window."""
+    from rdw_tracking.sensors import rollback_history_sensor
+    from rdw_tracking_tests.test_sensors import drain
+
+    if indexed:
+        build_created_at_index(run_job)
+    today = sql_exec("SELECT CURRENT_DATE")[0][0]
+    cutoff = today - dt.timedelta(days=12)
+    with dg.instance_for_test() as instance:
+        assert backfill(run_job, instance, today - dt.timedelta(days=20), today).success
+        _, cursor = drain(rollback_history_sensor, instance, None)
+        config = {"cutoff_date": cutoff.isoformat(), "dry_run": False}
+        rollback = run_job(
+            "rollback_execution_id",
+            run_config={"ops": {"execution_id_rollback": {"config": config}}},
+            instance=instance,
+        )
+        assert rollback.success
+        requests, _ = drain(rollback_history_sensor, instance, cursor)
+        assert len(requests) == 1
+        assert requests[0].run_config["ops"][ASSET]["config"]["refresh_days"] == 12
+        validation = run_job(
+            "post_collection_validation", run_config=requests[0].run_config, instance=instance
+        )
+        assert validation.success
+        days = [cutoff + dt.timedelta(days=k) for k in range(13)]
+        assert_history_holds(sql_exec, instance, days)
+        assert all(daily.stored_days(instance)[d].counts.stamped == 0 for d in days[1:-1])
