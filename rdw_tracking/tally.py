@@ -35,7 +35,7 @@ from psycopg import sql
 
 from rdw_tracking.layout import Layout
 
-VERSION = 1
+VERSION = 2
 # Rows are stamped `created_at = now()` when their transaction starts: a run that began
 # shortly before the previous tally commits rows dated before it.
 LOOKBACK = dt.timedelta(hours=1)
@@ -67,9 +67,23 @@ class DayTally:
             self.rows + other.rows, self.stamped + other.stamped, self.orphans + other.orphans
         )
 
+    def __sub__(self, other: DayTally) -> DayTally:
+        return DayTally(
+            self.rows - other.rows, self.stamped - other.stamped, self.orphans - other.orphans
+        )
+
 
 ZERO = DayTally(0, 0, 0)
 Day = dt.date | None  # None: rows without a created_at
+OrphanIds = dict[str, dict[Day, int]]  # execution_id -> day -> rows pointing at it
+
+
+@dataclass(frozen=True)
+class Part:
+    """Counts of some rows per day, with the orphaned ids among them."""
+
+    days: dict[Day, DayTally]
+    orphan_ids: OrphanIds
 
 
 @dataclass(frozen=True)
@@ -92,6 +106,10 @@ class Tally:
     expected_inserts: int  # inserts the days account for (ahead of counters while they lag)
     epoch: list
     full_at: dt.datetime
+    # The tail: rows created at or after `tail_from` (and rows without created_at) as
+    # they were counted; the next tally counts only the tail again, and what came since.
+    tail_from: dt.datetime
+    tail: Part
     recounted_from: dt.date | None = None  # None: the whole table was counted
     reason: str = ""  # why the whole table was counted, or how older days were proven
     waited_s: float = 0.0
@@ -122,6 +140,8 @@ class Tally:
                 "expected_inserts": self.expected_inserts,
                 "epoch": self.epoch,
                 "full_at": self.full_at.isoformat(),
+                "tail_from": self.tail_from.isoformat(),
+                "tail": _part_json(self.tail),
             },
             separators=(",", ":"),
         )
@@ -145,9 +165,25 @@ class Tally:
                 expected_inserts=raw["expected_inserts"],
                 epoch=raw["epoch"],
                 full_at=dt.datetime.fromisoformat(raw["full_at"]),
+                tail_from=dt.datetime.fromisoformat(raw["tail_from"]),
+                tail=_part(raw["tail"]),
             )
         except (ValueError, KeyError, TypeError):
             return None
+
+
+def _part_json(part: Part) -> dict:
+    return {
+        "days": {_key(d): [c.rows, c.stamped, c.orphans] for d, c in part.days.items()},
+        "orphan_ids": {i: {_key(d): n for d, n in by.items()} for i, by in part.orphan_ids.items()},
+    }
+
+
+def _part(raw: dict) -> Part:
+    return Part(
+        {_day(k): DayTally(*v) for k, v in raw["days"].items()},
+        {i: {_day(k): n for k, n in by.items()} for i, by in raw["orphan_ids"].items()},
+    )
 
 
 def _key(day: Day) -> str:
@@ -239,6 +275,21 @@ WHERE NOT EXISTS (SELECT 1 FROM {executions} AS e WHERE e.id = i)
 """
 SINCE = "w.created_at >= %(since)s"
 NO_CREATED_AT = "w.created_at IS NULL"
+# The rows since the previous tail began, and among them the new tail.
+IN_NEW_TAIL = "(w.created_at >= %(new_from)s OR w.created_at IS NULL)"
+TAIL_DAYS_SQL = """
+SELECT w.created_at::date AS day, count(*) AS rows, count(w.execution_id) AS stamped,
+       count(*) FILTER (WHERE {in_new}) AS tail_rows,
+       count(w.execution_id) FILTER (WHERE {in_new}) AS tail_stamped
+FROM {weeks} AS w WHERE {where} GROUP BY 1
+"""
+TAIL_ORPHANS_SQL = """
+SELECT d.day, d.execution_id::text AS execution_id, d.n, d.tail_n FROM (
+    SELECT w.created_at::date AS day, w.execution_id, count(*) AS n,
+           count(*) FILTER (WHERE {in_new}) AS tail_n
+    FROM {weeks} AS w WHERE w.execution_id IS NOT NULL AND ({where}) GROUP BY 1, 2) AS d
+WHERE NOT EXISTS (SELECT 1 FROM {executions} AS e WHERE e.id = d.execution_id)
+"""
 
 
 @dataclass
@@ -258,18 +309,6 @@ class Tables:
 def _days(cur: psycopg.Cursor, t: Tables, where: str, params: dict) -> dict[Day, DayTally]:
     cur.execute(sql.SQL(DAYS_SQL).format(weeks=t.weeks, where=sql.SQL(where)), params)
     return {day: DayTally(rows, stamped) for day, rows, stamped in cur.fetchall()}
-
-
-def _recent_orphans(
-    cur: psycopg.Cursor, t: Tables, where: str, params: dict
-) -> dict[str, dict[Day, int]]:
-    statement = sql.SQL(RECENT_ORPHANS_SQL).format(
-        weeks=t.weeks, executions=t.executions, where=sql.SQL(where)
-    )
-    found: dict[str, dict[Day, int]] = {}
-    for day, execution_id, n in cur.execute(statement, params).fetchall():
-        found.setdefault(execution_id, {})[day] = n
-    return found
 
 
 def _with_orphans(
@@ -345,23 +384,62 @@ def why_not_incremental(
     return None
 
 
-def update(cur: psycopg.Cursor, t: Tables, previous: Tally | None) -> Tally:
-    """The tally now: `previous` with the days since it recounted when the counters show
-    nothing else changed, else the whole table counted. `cur` must be in a fresh
-    REPEATABLE READ transaction, so every count sees one snapshot."""
+def count_tail(
+    cur: psycopg.Cursor, t: Tables, since: dt.datetime, new_from: dt.datetime
+) -> tuple[Part, Part]:
+    """(the rows created at or after `since`, the rows at or after `new_from` among them),
+    rows without created_at in both: counts per day with their orphaned ids."""
+    parts = {"in_new": sql.SQL(IN_NEW_TAIL), "weeks": t.weeks}
+    params = {"since": since, "new_from": new_from}
+    seen: dict[Day, DayTally] = {}
+    tail: dict[Day, DayTally] = {}
+    seen_orphans: OrphanIds = {}
+    tail_orphans: OrphanIds = {}
+    for where in (SINCE, NO_CREATED_AT):
+        statement = sql.SQL(TAIL_DAYS_SQL).format(where=sql.SQL(where), **parts)
+        for row in cur.execute(statement, params).fetchall():
+            day, rows, stamped, tail_rows, tail_stamped = row
+            seen[day] = DayTally(rows, stamped)
+            if tail_rows:
+                tail[day] = DayTally(tail_rows, tail_stamped)
+        if t.executions is None:
+            continue
+        statement = sql.SQL(TAIL_ORPHANS_SQL).format(
+            where=sql.SQL(where), executions=t.executions, **parts
+        )
+        for day, execution_id, n, tail_n in cur.execute(statement, params).fetchall():
+            seen_orphans.setdefault(execution_id, {})[day] = n
+            if tail_n:
+                tail_orphans.setdefault(execution_id, {})[day] = tail_n
+    return (
+        Part(_with_orphans(seen, seen_orphans), seen_orphans),
+        Part(_with_orphans(tail, tail_orphans), tail_orphans),
+    )
+
+
+def _moment(cur: psycopg.Cursor, t: Tables) -> tuple[list, dt.datetime, Counters]:
+    """(the epoch, the snapshot's now(), the counters) at the start of a tally."""
     if t.executions is not None and not t.execution_leaves:
         t.execution_leaves = execution_leaves(cur, t.executions)
     epoch = list(cur.execute(EPOCH_SQL, {"relations": t.leaves + t.execution_leaves}).fetchone())
     epoch[2] = list(epoch[2])
     now = cur.execute("SELECT now()").fetchone()[0]
-    counters = read_counters(cur, t.leaves, t.execution_leaves)
+    return epoch, now, read_counters(cur, t.leaves, t.execution_leaves)
+
+
+def update(cur: psycopg.Cursor, t: Tables, previous: Tally | None) -> Tally:
+    """The tally now: `previous` with its tail and what came since recounted when the
+    counters show nothing else changed, else the whole table counted. `cur` must be in a
+    fresh REPEATABLE READ transaction, so every count sees one snapshot."""
+    epoch, now, counters = _moment(cur, t)
     reason = why_not_incremental(previous, now, counters, epoch, t)
     if reason is None:
         incremental = _incremental(cur, t, previous, now, counters)
         if isinstance(incremental, Tally):
-            return replace(incremental, epoch=epoch)
+            return incremental
         reason = incremental
     days, orphan_ids = count_all(cur, t)
+    _, tail = count_tail(cur, t, now - LOOKBACK, now - LOOKBACK)
     return Tally(
         days=days,
         orphan_ids=orphan_ids,
@@ -371,27 +449,26 @@ def update(cur: psycopg.Cursor, t: Tables, previous: Tally | None) -> Tally:
         expected_inserts=counters.inserted,
         epoch=epoch,
         full_at=now,
+        tail_from=now - LOOKBACK,
+        tail=tail,
         recounted_from=None,
         reason=reason,
     )
 
 
-def _incremental(
-    cur: psycopg.Cursor, t: Tables, previous: Tally, now: dt.datetime, counters: Counters
-) -> Tally | str:
-    """`previous` brought up to date by recounting its last days, or why it cannot be."""
-    since_day = (previous.taken_at - LOOKBACK).date()
-    params = {"since": midnight(since_day)}
-    recent = _days(cur, t, SINCE, params)
-    for day, counts in _days(cur, t, NO_CREATED_AT, {}).items():
-        recent[day] = counts
-    before = sum(c.rows for d, c in previous.days.items() if d is None or d >= since_day)
-    growth = sum(c.rows for c in recent.values()) - before
+def _growth(
+    cur: psycopg.Cursor, t: Tables, previous: Tally, seen: Part
+) -> tuple[int, int, Counters, float]:
+    """(rows added since the previous tally, inserts the counters report, the counters,
+    seconds waited for them). A backend reports its inserts shortly after its commit:
+    rows the snapshot sees may not be counted yet, so wait a little for them; past that
+    they are accounted for now (the next tally then expects them)."""
+    growth = sum(c.rows for c in seen.days.values()) - sum(
+        c.rows for c in previous.tail.days.values()
+    )
+    counters = read_counters(cur, t.leaves, t.execution_leaves)
     inserted = counters.inserted - previous.expected_inserts
     waited = 0.0
-    # A backend reports its inserts shortly after its commit: rows the snapshot sees may
-    # not be counted yet. Wait a little for them; past that, account for them now (the
-    # next tally then expects them) rather than count the whole table.
     for _ in range(STATS_RETRIES):
         if inserted >= growth:
             break
@@ -399,39 +476,67 @@ def _incremental(
         waited += STATS_WAIT_S
         counters = read_counters(cur, t.leaves, t.execution_leaves)
         inserted = counters.inserted - previous.expected_inserts
+    return growth, inserted, counters, waited
+
+
+def _minus(ids: OrphanIds, less: OrphanIds) -> OrphanIds:
+    """Orphaned ids of `ids` once the rows of `less` are taken out."""
+    kept: OrphanIds = {}
+    for execution_id, by_day in ids.items():
+        for day, n in by_day.items():
+            left = n - less.get(execution_id, {}).get(day, 0)
+            if left > 0:
+                kept.setdefault(execution_id, {})[day] = left
+    return kept
+
+
+def _merge(ids: OrphanIds, more: OrphanIds) -> OrphanIds:
+    merged = {i: dict(by) for i, by in ids.items()}
+    for execution_id, by_day in more.items():
+        for day, n in by_day.items():
+            merged.setdefault(execution_id, {})[day] = merged.get(execution_id, {}).get(day, 0) + n
+    return merged
+
+
+def _brought_forward(
+    cur: psycopg.Cursor, t: Tables, previous: Tally, seen: Part
+) -> tuple[dict[Day, DayTally], OrphanIds | None]:
+    """Every day: the previous tally less its tail, plus the rows seen since the tail
+    began; orphaned ids of older rows asked again (only they can have changed)."""
+    rows = {}
+    for day in set(previous.days) | set(seen.days):
+        old = previous.days.get(day, ZERO) - previous.tail.days.get(day, ZERO)
+        rows[day] = replace(old + seen.days.get(day, ZERO), orphans=0)
+    if t.executions is None:
+        return rows, None
+    if previous.orphan_ids is None:
+        statement = sql.SQL(ORPHANS_PER_DAY_SQL).format(weeks=t.weeks, executions=t.executions)
+        per_day = dict(cur.execute(statement).fetchall())
+        return {d: replace(c, orphans=per_day.get(d, 0)) for d, c in rows.items()}, None
+    older = _minus(previous.orphan_ids, previous.tail.orphan_ids)
+    alive = still_orphaned(cur, t, list(older))
+    orphan_ids = _merge({i: by for i, by in older.items() if i in alive}, seen.orphan_ids)
+    days = _with_orphans(rows, orphan_ids)
+    return days, (orphan_ids if len(orphan_ids) <= ORPHAN_IDS_MAX else None)
+
+
+def _incremental(
+    cur: psycopg.Cursor, t: Tables, previous: Tally, now: dt.datetime, counters: Counters
+) -> Tally | str:
+    """`previous` brought up to date by recounting its tail and the rows since, or why
+    it cannot be."""
+    seen, tail = count_tail(cur, t, previous.tail_from, now - LOOKBACK)
+    growth, inserted, counters, waited = _growth(cur, t, previous, seen)
     if inserted > growth:
         return (
-            f"{inserted - growth} row(s) inserted since the last tally are not in the days "
-            f"since {since_day} (rows dated in the past, or inserts rolled back)"
+            f"{inserted - growth} row(s) inserted since the last tally are not dated after "
+            f"{previous.tail_from:%Y-%m-%d %H:%M} UTC (rows dated in the past, or inserts "
+            "rolled back)"
         )
-    older = {d: c for d, c in previous.days.items() if d is not None and d < since_day}
-    orphan_ids: dict[str, dict[Day, int]] | None = None
-    if t.executions is not None:
-        recent_orphans = _recent_orphans(cur, t, SINCE, params)
-        for execution_id, by_day in _recent_orphans(cur, t, NO_CREATED_AT, {}).items():
-            recent_orphans.setdefault(execution_id, {}).update(by_day)
-        recent = _with_orphans(recent, recent_orphans)
-        if previous.orphan_ids is None:
-            per_day = dict(
-                cur.execute(
-                    sql.SQL(ORPHANS_PER_DAY_SQL).format(weeks=t.weeks, executions=t.executions)
-                ).fetchall()
-            )
-            older = {d: replace(c, orphans=per_day.get(d, 0)) for d, c in older.items()}
-        else:
-            kept = {
-                i: {d: n for d, n in by.items() if d is not None and d < since_day}
-                for i, by in previous.orphan_ids.items()
-            }
-            kept = {i: by for i, by in kept.items() if by}
-            alive = still_orphaned(cur, t, list(kept))
-            kept = {i: by for i, by in kept.items() if i in alive}
-            older = _with_orphans({d: replace(c, orphans=0) for d, c in older.items()}, kept)
-            for execution_id, by_day in recent_orphans.items():
-                kept.setdefault(execution_id, {}).update(by_day)
-            orphan_ids = kept if len(kept) <= ORPHAN_IDS_MAX else None
+    days, orphan_ids = _brought_forward(cur, t, previous, seen)
+    days = {d: c for d, c in days.items() if c.rows}
     return Tally(
-        days={**older, **recent},
+        days=days,
         orphan_ids=orphan_ids,
         with_executions=t.executions is not None,
         taken_at=now,
@@ -439,10 +544,13 @@ def _incremental(
         expected_inserts=previous.expected_inserts + growth,
         epoch=previous.epoch,
         full_at=previous.full_at,
-        recounted_from=since_day,
+        tail_from=now - LOOKBACK,
+        tail=tail,
+        recounted_from=previous.tail_from.date(),
         reason=(
-            f"days before {since_day} taken from the tally of {previous.taken_at:%Y-%m-%d %H:%M} UTC: "
-            f"since then {growth} row(s) inserted, all on later days, none updated or deleted"
+            f"rows created before {previous.tail_from:%Y-%m-%d %H:%M} UTC taken from the tally "
+            f"of {previous.taken_at:%Y-%m-%d %H:%M} UTC: since then {growth} row(s) inserted, "
+            "all dated after it, none updated or deleted"
         ),
         waited_s=waited,
     )
