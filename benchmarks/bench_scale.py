@@ -48,6 +48,13 @@ def add_arguments(parser) -> None:
     parser.add_argument("--rows", type=int, nargs="+", default=[1_000_000, 5_000_000, 20_000_000])
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--repeat", type=int, default=5, help="timed rounds per figure")
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=["indexed", "plain"],
+        choices=["indexed", "plain"],
+        help="with the opt-in created_at index, without it, or both",
+    )
 
 
 def run(args) -> list[dict]:
@@ -67,7 +74,7 @@ def run(args) -> list[dict]:
                     conn.execute(statement)
                 conn.execute("VACUUM ANALYZE report_data_weeks")
                 conn.execute("VACUUM ANALYZE workflow_executions")
-            for indexed in (True, False):
+            for indexed in [v == "indexed" for v in args.variants]:
                 if not indexed:
                     with psycopg.connect(args.url, autocommit=True) as conn:
                         conn.execute("DROP INDEX idx_report_data_weeks_created_at")
