@@ -108,8 +108,16 @@ def count_days(cur: psycopg.Cursor, db: TargetDatabase, first: dt.date, last: dt
     }
 
 
+def day_status(counts: DayTally) -> str:
+    """`ok`, or what makes the day stand out."""
+    if counts.orphans:
+        return f"FAILING: {counts.orphans} row(s) point at no workflow_executions row"
+    return "ok"
+
+
 def day_metadata(counts: DayTally) -> dict:
     return {
+        "day_status": day_status(counts),
         "total_rows": counts.rows,
         "with_execution_id": counts.stamped,
         "without_execution_id": counts.rows - counts.stamped,
@@ -155,7 +163,7 @@ def materializations(days: dict, database: str | None = None) -> list[dg.AssetMa
             asset_key=ASSET,
             partition=history_key(day, database),
             metadata=day_metadata(counts),
-            description=f"{counts.rows} rows created on {day} (UTC)",
+            description=f"{counts.rows} rows created on {day} (UTC): {day_status(counts)}",
         )
         for day, counts in sorted(days.items())
     ]
