@@ -220,7 +220,7 @@ def cmd_dagster_yaml(args: argparse.Namespace, signals: StopSignals) -> int:
     return 0
 
 
-def cmd_celery_yaml(args: argparse.Namespace) -> int:
+def cmd_celery_yaml(args: argparse.Namespace, signals: StopSignals) -> int:
     """The `-y` file of `dagster-celery worker start`: the same broker, queue and
     settings as the executor that RDW_EXECUTOR=celery gives the jobs."""
     import yaml
