@@ -56,10 +56,7 @@ SKIPPED = [
     (r"^kubectl ", "no cluster here; test_k8s.py validates deploy/k8s"),
 ]
 # Documented commands that fail today. Each is still run: once it works, the test says so.
-KNOWN_BROKEN = {
-    "rdw-tracking celery-yaml": "cli.main calls func(args, signals), cmd_celery_yaml takes "
-    "args alone (since the signals merge): TypeError",
-}
+KNOWN_BROKEN: dict[str, str] = {}
 REPO_PREFIXES = ("rdw_tracking/", "rdw_tracking_tests/", "benchmarks/", "deploy/", "docs/", ".ci/")
 
 

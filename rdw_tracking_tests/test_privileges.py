@@ -1,7 +1,7 @@
 """Least privilege: what each job needs, and a clear refusal, before any change, without it.
 
 Every role here is a fresh LOGIN role (conftest.role_url) on the test's database, where
-the tables belong to the superuser the suite connects as. The README's "Grants each job
+the tables belong to the superuser the suite connects as. docs/grants.md's "Grants each job
 needs" lists the same statements these tests grant.
 """
 
@@ -38,7 +38,7 @@ PLAN, STORAGE = "execution_id_join_plan", "execution_id_storage"
 CUTOFF = (dt.datetime.now(dt.timezone.utc).date() - dt.timedelta(days=30)).isoformat()
 OWN_WEEKS = "ALTER TABLE report_data_weeks OWNER TO {role}"
 CREATE_IN_PUBLIC = "GRANT CREATE ON SCHEMA public TO {role}"
-# The README's grants for the rollback and the restore, on existing backup tables.
+# docs/grants.md's grants for the rollback and the restore, on existing backup tables.
 ROLLBACK_GRANTS = (
     *SELECT_ONLY_GRANTS,
     "GRANT UPDATE (execution_id, updated_at) ON report_data_weeks TO {role}",
@@ -216,7 +216,7 @@ def test_rollback_and_restore_need_update_and_backup_rights(
     assert "UPDATE on" not in message and "CREATE on schema public" in message
     assert database_checksums(database_url) == before
 
-    # The README's way: the owner creates the backup tables once, then grants.
+    # docs/grants.md's way: the owner creates the backup tables once, then grants.
     with psycopg.connect(database_url, autocommit=True) as conn:
         create_tables(
             conn,

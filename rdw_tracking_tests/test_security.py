@@ -77,7 +77,7 @@ def demo_url(admin_url):
 def test_demo_and_ui_never_touch_an_exported_database(
     production_url, demo_url, tmp_path, monkeypatch
 ):
-    # The operator's shell, as the README tells them to set it up for production.
+    # The operator's shell, as docs/operating.md tells them to set it up for production.
     monkeypatch.setenv("RDW_DATABASE_URL", production_url)
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "production_dagster_home"))
     monkeypatch.setenv("RDW_FLEET_FILE", str(tmp_path / "fleet.yaml"))
