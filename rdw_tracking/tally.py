@@ -35,7 +35,7 @@ from psycopg import sql
 
 from rdw_tracking.layout import Layout
 
-VERSION = 2
+VERSION = 3
 # Rows are stamped `created_at = now()` when their transaction starts: a run that began
 # shortly before the previous tally commits rows dated before it.
 LOOKBACK = dt.timedelta(hours=1)
@@ -94,6 +94,7 @@ class Counters:
     moved: int = 0  # non-HOT updates: may have changed created_at or execution_id
     deleted: int = 0
     executions_deleted: int = 0
+    executions_inserted: int = 0
 
 
 @dataclass(frozen=True)
@@ -110,6 +111,8 @@ class Tally:
     # they were counted; the next tally counts only the tail again, and what came since.
     tail_from: dt.datetime
     tail: Part
+    snapshot_xmax: int  # the snapshot's xmax (xid8): rows written later have a newer xmin
+    expected_executions: int  # workflow_executions inserts accounted for (like expected_inserts)
     recounted_from: dt.date | None = None  # None: the whole table was counted
     reason: str = ""  # why the whole table was counted, or how older days were proven
     waited_s: float = 0.0
@@ -142,6 +145,8 @@ class Tally:
                 "full_at": self.full_at.isoformat(),
                 "tail_from": self.tail_from.isoformat(),
                 "tail": _part_json(self.tail),
+                "snapshot_xmax": self.snapshot_xmax,
+                "expected_executions": self.expected_executions,
             },
             separators=(",", ":"),
         )
@@ -167,6 +172,8 @@ class Tally:
                 full_at=dt.datetime.fromisoformat(raw["full_at"]),
                 tail_from=dt.datetime.fromisoformat(raw["tail_from"]),
                 tail=_part(raw["tail"]),
+                snapshot_xmax=raw["snapshot_xmax"],
+                expected_executions=raw["expected_executions"],
             )
         except (ValueError, KeyError, TypeError):
             return None
@@ -205,6 +212,8 @@ SELECT coalesce(sum(s.n_tup_ins), 0)::bigint,
        coalesce(sum(s.n_tup_upd - s.n_tup_hot_upd), 0)::bigint,
        coalesce(sum(s.n_tup_del), 0)::bigint,
        (SELECT coalesce(sum(x.n_tup_del), 0)::bigint FROM pg_stat_all_tables x
+        WHERE x.relid = ANY(%(executions)s::oid[])),
+       (SELECT coalesce(sum(x.n_tup_ins), 0)::bigint FROM pg_stat_all_tables x
         WHERE x.relid = ANY(%(executions)s::oid[]))
 FROM pg_stat_all_tables s WHERE s.relid = ANY(%(leaves)s::oid[])
 """
@@ -427,6 +436,13 @@ def _moment(cur: psycopg.Cursor, t: Tables) -> tuple[list, dt.datetime, Counters
     return epoch, now, read_counters(cur, t.leaves, t.execution_leaves)
 
 
+XMAX_SQL = "SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint"
+
+
+def snapshot_xmax(cur: psycopg.Cursor) -> int:
+    return cur.execute(XMAX_SQL).fetchone()[0]
+
+
 def update(cur: psycopg.Cursor, t: Tables, previous: Tally | None) -> Tally:
     """The tally now: `previous` with its tail and what came since recounted when the
     counters show nothing else changed, else the whole table counted. `cur` must be in a
@@ -451,6 +467,8 @@ def update(cur: psycopg.Cursor, t: Tables, previous: Tally | None) -> Tally:
         full_at=now,
         tail_from=now - LOOKBACK,
         tail=tail,
+        snapshot_xmax=snapshot_xmax(cur),
+        expected_executions=counters.executions_inserted,
         recounted_from=None,
         reason=reason,
     )
@@ -498,9 +516,45 @@ def _merge(ids: OrphanIds, more: OrphanIds) -> OrphanIds:
     return merged
 
 
+# workflow_executions rows referenced by the rows since the tail began, with their xmin.
+REFERENCED_SQL = """
+SELECT e.id::text, e.xmin::text::bigint FROM {executions} AS e
+WHERE e.id IN (SELECT w.execution_id FROM {weeks} AS w
+               WHERE (w.created_at >= %(since)s OR w.created_at IS NULL)
+                 AND w.execution_id IS NOT NULL)
+"""
+
+
+def _resolved_by_new_executions(
+    cur: psycopg.Cursor, t: Tables, previous: Tally, counters: Counters
+) -> set[str] | None:
+    """The ids that can have stopped being orphans since `previous`, when that is cheap to
+    know, else None (ask every older orphaned id again).
+
+    An orphan stops being one only when its execution is inserted. When the counters'
+    inserts into workflow_executions since `previous` all belong to executions that rows
+    written since then point at (xmin newer than the previous snapshot), those are the
+    only candidates; a collection run inserts its execution and stamps its rows, so that
+    is the usual case, and asking a few ids replaces asking every orphaned id."""
+    inserted = counters.executions_inserted - previous.expected_executions
+    statement = sql.SQL(REFERENCED_SQL).format(executions=t.executions, weeks=t.weeks)
+    rows = cur.execute(statement, {"since": previous.tail_from}).fetchall()
+    now_xmax = snapshot_xmax(cur)
+    new = {i for i, xmin in rows if _xid8(xmin, now_xmax) >= previous.snapshot_xmax}
+    # Fewer inserts counted than new executions seen: the statistics lag (they are
+    # expected next time); more: an execution no new row points at, ask every id.
+    return new if inserted <= len(new) else None
+
+
+def _xid8(xmin: int, reference: int) -> int:
+    """A 32-bit xmin as a 64-bit xid, taken as the latest one not after `reference`."""
+    full = (reference >> 32 << 32) | xmin
+    return full - (1 << 32) if full > reference else full
+
+
 def _brought_forward(
-    cur: psycopg.Cursor, t: Tables, previous: Tally, seen: Part
-) -> tuple[dict[Day, DayTally], OrphanIds | None]:
+    cur: psycopg.Cursor, t: Tables, previous: Tally, seen: Part, counters: Counters
+) -> tuple[dict[Day, DayTally], OrphanIds | None, int]:
     """Every day: the previous tally less its tail, plus the rows seen since the tail
     began; orphaned ids of older rows asked again (only they can have changed)."""
     rows = {}
@@ -508,16 +562,23 @@ def _brought_forward(
         old = previous.days.get(day, ZERO) - previous.tail.days.get(day, ZERO)
         rows[day] = replace(old + seen.days.get(day, ZERO), orphans=0)
     if t.executions is None:
-        return rows, None
+        return rows, None, counters.executions_inserted
     if previous.orphan_ids is None:
         statement = sql.SQL(ORPHANS_PER_DAY_SQL).format(weeks=t.weeks, executions=t.executions)
         per_day = dict(cur.execute(statement).fetchall())
-        return {d: replace(c, orphans=per_day.get(d, 0)) for d, c in rows.items()}, None
+        days = {d: replace(c, orphans=per_day.get(d, 0)) for d, c in rows.items()}
+        return days, None, counters.executions_inserted
     older = _minus(previous.orphan_ids, previous.tail.orphan_ids)
-    alive = still_orphaned(cur, t, list(older))
+    resolved = _resolved_by_new_executions(cur, t, previous, counters)
+    if resolved is None:
+        alive = still_orphaned(cur, t, list(older))
+        expected = counters.executions_inserted
+    else:
+        alive = set(older) - resolved
+        expected = previous.expected_executions + len(resolved)
     orphan_ids = _merge({i: by for i, by in older.items() if i in alive}, seen.orphan_ids)
     days = _with_orphans(rows, orphan_ids)
-    return days, (orphan_ids if len(orphan_ids) <= ORPHAN_IDS_MAX else None)
+    return days, (orphan_ids if len(orphan_ids) <= ORPHAN_IDS_MAX else None), expected
 
 
 def _incremental(
@@ -533,7 +594,7 @@ def _incremental(
             f"{previous.tail_from:%Y-%m-%d %H:%M} UTC (rows dated in the past, or inserts "
             "rolled back)"
         )
-    days, orphan_ids = _brought_forward(cur, t, previous, seen)
+    days, orphan_ids, expected_executions = _brought_forward(cur, t, previous, seen, counters)
     days = {d: c for d, c in days.items() if c.rows}
     return Tally(
         days=days,
@@ -546,6 +607,8 @@ def _incremental(
         full_at=previous.full_at,
         tail_from=now - LOOKBACK,
         tail=tail,
+        snapshot_xmax=snapshot_xmax(cur),
+        expected_executions=expected_executions,
         recounted_from=previous.tail_from.date(),
         reason=(
             f"rows created before {previous.tail_from:%Y-%m-%d %H:%M} UTC taken from the tally "
