@@ -5,6 +5,7 @@ The restore itself is `rdw_tracking.rollback.restore`, callable without Dagster.
 
 import logging
 import uuid
+from contextlib import nullcontext
 from typing import Any
 
 import dagster as dg
@@ -65,11 +66,9 @@ def execution_id_restore(
     row is untouched since the rollback, so rollback + restore gives back the table as it
     was; a row written since keeps its newer `updated_at`.
     """
-    if config.dry_run:
+    # A real run holds the write lock; a dry run changes nothing and needs none.
+    with nullcontext() if config.dry_run else exclusive_write(target_db, RESTORE_JOB):
         report = restore(target_db, config, context.log)
-    else:
-        with exclusive_write(target_db, RESTORE_JOB):
-            report = restore(target_db, config, context.log)
     return dg.MaterializeResult(metadata=report.metadata())
 
 

@@ -8,6 +8,7 @@ asked for and turns the report into the asset's metadata.
 import datetime as dt
 import logging
 import re
+from contextlib import nullcontext
 from typing import Any
 
 import dagster as dg
@@ -188,11 +189,9 @@ def execution_id_rollback(
     are touched. Stopped at any point, the next real run with the same `cutoff_date`
     continues the same rollback. `restore_execution_id` undoes it.
     """
-    if config.dry_run:
+    # A real run holds the write lock; a dry run changes nothing and needs none.
+    with nullcontext() if config.dry_run else exclusive_write(target_db, ROLLBACK_JOB):
         report = rollback(target_db, config, context.log)
-    else:
-        with exclusive_write(target_db, ROLLBACK_JOB):
-            report = rollback(target_db, config, context.log)
     return dg.MaterializeResult(metadata=rollback_metadata(report))
 
 
