@@ -414,7 +414,7 @@ def test_index_build_behind_a_busy_lock_holder_names_it(database_url, sql_exec, 
 def test_rollback_behind_a_lock_holder_names_it_then_continues(
     lock, database_url, sql_exec, run_job, monkeypatch
 ):
-    from rdw_tracking.assets import rollback
+    from rdw_tracking.rollback import matched as rollback
     from rdw_tracking_tests.assets.test_rollback import days_ago, rollback_config
 
     # The holder's transaction began before the run: don't wait the default 30 s for it.

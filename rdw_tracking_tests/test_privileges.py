@@ -11,13 +11,13 @@ import dagster as dg
 import psycopg
 import pytest
 
-from rdw_tracking.assets.rollback import (
+from rdw_tracking.resources import TargetDatabase
+from rdw_tracking.rollback.backup import (
     DEFAULT_BACKUP_TABLE,
     DEFAULT_STATE_TABLE,
     BackupTables,
     create_tables,
 )
-from rdw_tracking.resources import TargetDatabase
 from rdw_tracking.sensors import (
     ExecutionsPolling,
     collection_run_sensor,

@@ -12,8 +12,8 @@ from pathlib import Path
 import dagster as dg
 import yaml
 
-from rdw_tracking.assets.rollback import ROLLBACK_APPLICATION_NAME
 from rdw_tracking.definitions import defs
+from rdw_tracking.rollback import ROLLBACK_APPLICATION_NAME
 from rdw_tracking_tests.assets.test_rollback import (
     BACKUP,
     add_recent_rows,

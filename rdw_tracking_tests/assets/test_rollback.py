@@ -11,13 +11,10 @@ from contextlib import contextmanager, suppress
 import psycopg
 import pytest
 
-from rdw_tracking.assets.rollback import (
-    ROLLBACK_APPLICATION_NAME,
-    BlockWalk,
-    RollbackConfig,
-    parse_cutoff,
-)
+from rdw_tracking.assets.rollback import RollbackConfig, parse_cutoff
 from rdw_tracking.resources import TargetDatabase
+from rdw_tracking.rollback import ROLLBACK_APPLICATION_NAME
+from rdw_tracking.rollback.walk import BlockWalk
 from rdw_tracking_tests.conftest import (
     create_database,
     drop_database,
@@ -529,7 +526,7 @@ def test_restore_after_rollback_is_checksum_identical(database_url, sql_exec, ru
 
 
 def test_batch_rows_follow_the_time_target():
-    from rdw_tracking.assets.rollback import BATCH_TARGET_MS, MIN_BATCH_ROWS, LastBatch, batch_rows
+    from rdw_tracking.rollback.pace import BATCH_TARGET_MS, MIN_BATCH_ROWS, LastBatch, batch_rows
 
     def took(ms: float) -> LastBatch:
         return LastBatch(5_000, ms, None)
@@ -541,7 +538,7 @@ def test_batch_rows_follow_the_time_target():
 
 
 def test_batch_rows_stay_within_the_wal_budget():
-    from rdw_tracking.assets.rollback import MIN_BATCH_ROWS, LastBatch, batch_rows
+    from rdw_tracking.rollback.pace import MIN_BATCH_ROWS, LastBatch, batch_rows
 
     mb = 2**20
     # 5,000 rows wrote 17 MB: with a 3 MB budget the next batches hold 882 rows, however fast.
@@ -555,7 +552,7 @@ def test_batch_rows_stay_within_the_wal_budget():
 
 
 def test_wait_for_wal_room_is_bounded_and_outside_any_transaction(database_url, monkeypatch):
-    from rdw_tracking.assets import rollback
+    from rdw_tracking.rollback import pace as rollback
 
     with psycopg.connect(database_url, autocommit=True) as conn:
         # Room for any batch: no wait.

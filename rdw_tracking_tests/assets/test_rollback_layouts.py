@@ -7,11 +7,11 @@ import logging
 import psycopg
 import pytest
 
-from rdw_tracking.assets import rollback as rollback_module
 from rdw_tracking.assets.rollback import RollbackConfig, rollback
 from rdw_tracking.demo_layouts import relayout
 from rdw_tracking.layout import table_layout
 from rdw_tracking.resources import TargetDatabase
+from rdw_tracking.rollback import walk as rollback_module
 from rdw_tracking_tests.assets.test_rollback import days_ago, restore_config, rollback_config
 from rdw_tracking_tests.conftest import materialization_metadata, step_failure_messages
 

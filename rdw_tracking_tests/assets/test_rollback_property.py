@@ -28,11 +28,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from psycopg import sql
 
-from rdw_tracking.assets import rollback as rollback_module
 from rdw_tracking.assets.restore import RestoreConfig, restore
 from rdw_tracking.assets.rollback import RollbackConfig, rollback
 from rdw_tracking.layout import table_layout
 from rdw_tracking.resources import TargetDatabase
+from rdw_tracking.rollback import walk as rollback_module
 
 EXAMPLES = int(os.environ.get("RDW_PROPERTY_EXAMPLES", "6"))
 LOG = logging.getLogger("rdw_tracking_tests.property")

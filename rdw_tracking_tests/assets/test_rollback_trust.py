@@ -13,8 +13,9 @@ import psycopg
 import pytest
 
 from rdw_tracking.assets.restore import RestoreConfig, restore
-from rdw_tracking.assets.rollback import CREATE_BACKUP, CREATE_STATE, RollbackConfig, rollback
+from rdw_tracking.assets.rollback import RollbackConfig, rollback
 from rdw_tracking.resources import TargetDatabase
+from rdw_tracking.rollback.backup import CREATE_BACKUP, CREATE_STATE
 from rdw_tracking_tests.conftest import database_checksums
 
 LOG = logging.getLogger("rdw_tracking_tests.trust")

@@ -1,0 +1,112 @@
+"""What a run checks before it changes anything: the table's layout, and the rights it
+needs on the table, its partitions and children, and the backup and state tables."""
+
+from rdw_tracking.assets import refuse
+from rdw_tracking.layout import Layout, table_layout
+from rdw_tracking.resources import TargetDatabase
+from rdw_tracking.rollback import RESTORE_JOB, ROLLBACK_JOB
+from rdw_tracking.rollback.backup import BackupTables
+from rdw_tracking.rollback.progress import Log
+from rdw_tracking.writes import Need, missing_grants, refuse_without_grants, weeks_need
+
+# UPDATE on just these columns is enough for the rollback and the restore.
+CLEARED_COLUMNS = ("execution_id", "updated_at")
+
+
+def backup_needs(
+    tables: BackupTables,
+    backup_rights: tuple[str, ...],
+    state_rights: tuple[str, ...],
+    create: bool,
+) -> list[Need]:
+    """What a job needs on the backup and state tables (or, `create`: on their schema)."""
+    field = (
+        "backup_schema (create that schema first, or leave backup_schema unset)"
+        if create
+        else "backup_schema, backup_table and state_table: they name the rollback's "
+        "backup, which a real rollback creates"
+    )
+    return [
+        Need(
+            tables.schema, tables.backup_name, backup_rights, create_if_missing=create, field=field
+        ),
+        Need(tables.schema, tables.state_name, state_rights, create_if_missing=create, field=field),
+    ]
+
+
+def leaf_needs(layout: Layout, *rights: str) -> list[Need]:
+    """The batches change each partition or child directly (a ctid means something only
+    inside its own table), and PostgreSQL checks a table's own grants when it is named:
+    the rights granted on the parent must be granted on each of them too."""
+    return [
+        Need(
+            leaf.schema,
+            leaf.name,
+            rights,
+            CLEARED_COLUMNS if "UPDATE" in rights else (),
+            field=f"the grants on {layout.label}'s partitions and child tables",
+        )
+        for leaf in layout.leaves
+        if leaf.oid != layout.root.oid
+    ]
+
+
+def rollback_needs(db: TargetDatabase, tables: BackupTables, layout: Layout) -> list[Need]:
+    """A real rollback's rights: change the table, write the backup (or create it)."""
+    return [
+        weeks_need(db, "SELECT", "UPDATE", update_columns=CLEARED_COLUMNS),
+        *leaf_needs(layout, "SELECT", "UPDATE"),
+        *backup_needs(tables, ("SELECT", "INSERT"), ("SELECT", "INSERT", "UPDATE"), create=True),
+    ]
+
+
+def restore_needs(db: TargetDatabase, tables: BackupTables) -> list[Need]:
+    """A real restore's rights: change the table back, read the backup, mark the state."""
+    return [
+        weeks_need(db, "SELECT", "UPDATE", update_columns=CLEARED_COLUMNS),
+        *backup_needs(tables, ("SELECT",), ("SELECT", "UPDATE"), create=False),
+    ]
+
+
+def layout_or_refuse(db: TargetDatabase, job: str) -> Layout:
+    """The weeks table's layout; refuses a view, a foreign table or rules before any change."""
+    with db.cursor() as cur:
+        layout = table_layout(cur, db.schema_name, db.weeks_table)
+    if layout is None:
+        raise refuse(
+            f"table {db.qualified(db.weeks_table)} does not exist; check "
+            "target_db.schema_name and target_db.weeks_table"
+        )
+    refusal = layout.refusal(job)
+    if refusal:
+        raise refuse(refusal)
+    return layout
+
+
+def check_rollback(db: TargetDatabase, tables: BackupTables, dry_run: bool, log: Log) -> Layout:
+    """The table's layout, once a rollback may read it; a real run is refused without
+    every right it needs, a dry run warns what a real one would be refused."""
+    # Before anything else: a refusal for want of a grant must leave nothing half done.
+    refuse_without_grants(db, ROLLBACK_JOB, [weeks_need(db, "SELECT")])
+    layout = layout_or_refuse(db, ROLLBACK_JOB)
+    needs = rollback_needs(db, tables, layout)
+    if dry_run:
+        role, missing = missing_grants(db, needs)
+        if missing:
+            log.warning(f"a real run as role {role} would be refused: " + "; ".join(missing))
+    else:
+        refuse_without_grants(db, ROLLBACK_JOB, needs)
+    if layout.is_tree:
+        log.info(f"{layout.describe()}: the run clears one physical table at a time")
+    return layout
+
+
+def check_restore(db: TargetDatabase, tables: BackupTables, dry_run: bool) -> None:
+    """Refuse a restore without the rights it needs (a dry run needs only to read), or
+    on a table laid out as no write job may change."""
+    reads = [
+        weeks_need(db, "SELECT"),
+        *backup_needs(tables, ("SELECT",), ("SELECT",), create=False),
+    ]
+    refuse_without_grants(db, RESTORE_JOB, reads if dry_run else restore_needs(db, tables))
+    layout_or_refuse(db, RESTORE_JOB)

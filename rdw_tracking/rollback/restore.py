@@ -1,0 +1,230 @@
+"""Restore: put back the `execution_id` values a rollback cleared, from its backup.
+
+Only rows whose `execution_id` is still NULL get their value back: a value written since
+the rollback is never overwritten. `updated_at` goes back to its backed-up value where it
+still holds the value the rollback wrote (kept as `cleared_at` in the backup), so
+rollback + restore gives back the table exactly; a row written since keeps its newer
+`updated_at`. Batched like the rollback, in backup order, one short transaction each.
+"""
+
+import datetime as dt
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from psycopg.rows import namedtuple_row
+
+from rdw_tracking.assets import refuse
+from rdw_tracking.resources import TargetDatabase
+from rdw_tracking.rollback import RESTORE_APPLICATION_NAME, RESTORE_JOB
+from rdw_tracking.rollback.backup import BackupTables
+from rdw_tracking.rollback.batches import batch_connection, in_one_transaction, refuse_if_lost
+from rdw_tracking.rollback.preflight import check_restore
+from rdw_tracking.rollback.progress import Log, Progress
+from rdw_tracking.rollback.state import RollbackState, find_rollback, set_phase
+
+
+@dataclass(frozen=True)
+class RestoreRequest:
+    """What one restore run is asked to do (the asset's RestoreConfig, validated)."""
+
+    tables: BackupTables
+    rollback_id: str | None
+    batch_size: int
+    dry_run: bool = True
+
+
+# One batch of backup rows in backup order. A row is the one with the backed-up id in the
+# physical table (partition, child) it was cleared in: ids need not be unique across a
+# partitioned or inherited table. The counting subqueries see the table as it was before
+# this statement: rows already holding the backed-up value were restored by an earlier
+# (interrupted) restore; any other non-NULL value was written since.
+SAME_ROW = "w.id = b.id AND (b.relid IS NULL OR w.tableoid = b.relid)"
+RESTORE_BATCH = f"""
+WITH batch AS MATERIALIZED (
+    SELECT seq, id, relid, execution_id, updated_at, cleared_at FROM {{backup}}
+    WHERE rollback_id = %(rid)s AND seq > %(after)s
+    ORDER BY seq LIMIT %(limit)s
+), restored AS (
+    UPDATE {{weeks}} w
+    SET execution_id = b.execution_id,
+        updated_at = CASE WHEN w.updated_at IS NOT DISTINCT FROM b.cleared_at
+                          THEN b.updated_at ELSE w.updated_at END
+    FROM batch b
+    WHERE w.id = ANY(ARRAY(SELECT id FROM batch)) AND {SAME_ROW} AND w.execution_id IS NULL
+    RETURNING w.id
+)
+SELECT (SELECT count(*) FROM batch) AS size,
+       (SELECT count(*) FROM restored) AS restored,
+       (SELECT count(*) FROM {{weeks}} w JOIN batch b ON {SAME_ROW}
+        WHERE w.id = ANY(ARRAY(SELECT id FROM batch))) AS found,
+       (SELECT count(*) FROM {{weeks}} w JOIN batch b ON {SAME_ROW}
+        WHERE w.id = ANY(ARRAY(SELECT id FROM batch)) AND w.execution_id = b.execution_id)
+         AS already,
+       (SELECT max(seq) FROM batch) AS last_seq
+"""
+RESTORE_PREVIEW = f"""
+SELECT count(*), count(w.id), count(*) FILTER (WHERE w.id IS NOT NULL AND w.execution_id IS NULL),
+       count(*) FILTER (WHERE w.execution_id = b.execution_id)
+FROM {{backup}} b LEFT JOIN {{weeks}} w ON {SAME_ROW}
+WHERE b.rollback_id = %s
+"""
+RECORD_RESTORED = (
+    "UPDATE {state} SET restored_rows = restored_rows + %s, restored_at = now() "
+    "WHERE rollback_id = %s"
+)
+
+
+@dataclass
+class RestoreReport:
+    dry_run: bool
+    rollback_id: str
+    cutoff: dt.date
+    backed_up_rows: int = 0
+    restored_rows: int = 0
+    skipped_rows: int = 0
+    already_restored_rows: int = 0
+    missing_rows: int = 0
+    batches: int = 0
+    longest_batch_ms: float = 0.0
+    seconds: float = 0.0
+
+    def count(self, size: int, restored: int, found: int, already: int) -> None:
+        self.restored_rows += restored
+        self.already_restored_rows += already
+        self.missing_rows += size - found
+        self.skipped_rows += found - restored - already
+
+    def metadata(self) -> dict[str, Any]:
+        return {
+            "dry_run": self.dry_run,
+            "rollback_id": self.rollback_id,
+            "cutoff_date": self.cutoff.isoformat(),
+            "backed_up_rows": self.backed_up_rows,
+            "restored_rows": self.restored_rows,
+            "skipped_rows": self.skipped_rows,
+            "already_restored_rows": self.already_restored_rows,
+            "missing_rows": self.missing_rows,
+            "batches": self.batches,
+            "longest_batch_ms": round(self.longest_batch_ms, 1),
+            "seconds": round(self.seconds, 2),
+        }
+
+
+def restore(db: TargetDatabase, request: RestoreRequest, log: Log) -> RestoreReport:
+    """Dry run or real run of the restore; the asset's whole job, callable without Dagster."""
+    started = time.monotonic()
+    tables = request.tables
+    # Before the first change; a dry run needs only to read.
+    check_restore(db, tables, request.dry_run)
+    with batch_connection(db, RESTORE_APPLICATION_NAME, db.lock_timeout_ms, RESTORE_JOB) as conn:
+        state = rollback_to_restore(conn, db, tables, request.rollback_id)
+        report = RestoreReport(request.dry_run, state.rollback_id, state.cutoff)
+        if request.dry_run:
+            preview(conn, db, tables, report)
+            report.seconds = time.monotonic() - started
+            return report
+        report.backed_up_rows = begin(conn, tables, state, log)
+        lost = (
+            f"the connection to {db.describe()} was lost while restoring rollback "
+            f"{state.rollback_id} of {db.qualified(db.weeks_table)}; every finished batch "
+            f"is committed: run {RESTORE_JOB} again with rollback_id {state.rollback_id} to "
+            "continue"
+        )
+        with refuse_if_lost(conn, lost):
+            put_back(conn, db, request, state, report, log)
+    report.seconds = time.monotonic() - started
+    log.info(
+        f"restored execution_id on {report.restored_rows:,} of {report.backed_up_rows:,} rows "
+        f"of {db.qualified(db.weeks_table)} from rollback {state.rollback_id}; skipped "
+        f"{report.skipped_rows:,} written since, {report.already_restored_rows:,} already "
+        f"restored, {report.missing_rows:,} gone"
+    )
+    return report
+
+
+def rollback_to_restore(
+    conn: psycopg.Connection, db: TargetDatabase, tables: BackupTables, rollback_id: str | None
+) -> RollbackState:
+    """The rollback `rollback_id` (default: the latest); refuses when none is recorded."""
+    state = find_rollback(conn, db, tables, rollback_id)
+    if state is None:
+        which = f"rollback {rollback_id} is not" if rollback_id else "no rollback is"
+        raise refuse(
+            f"{which} recorded for {db.qualified(db.weeks_table)} in "
+            f"{tables.label(tables.state_name)}; check rollback_id (it is in the rollback's "
+            "metadata) and backup_schema, backup_table and state_table"
+        )
+    return state
+
+
+def preview(
+    conn: psycopg.Connection, db: TargetDatabase, tables: BackupTables, report: RestoreReport
+) -> None:
+    """The dry run: count what a real restore would do, changing nothing."""
+    total, found, nulls, already = conn.execute(
+        sql.SQL(RESTORE_PREVIEW).format(backup=tables.backup, weeks=db.weeks),
+        [report.rollback_id],
+    ).fetchone()
+    report.backed_up_rows = total
+    report.count(total, nulls, found, already)
+
+
+def begin(conn: psycopg.Connection, tables: BackupTables, state: RollbackState, log: Log) -> int:
+    """Take the rollback out of the resumable phases; the number of rows backed up."""
+    if state.phase in ("walking", "sweeping"):
+        log.warning(
+            f"rollback {state.rollback_id} stopped before finishing; restoring what it "
+            "cleared closes it, and the next rollback run starts afresh"
+        )
+    # Out of the resumable phases first, so no rollback run continues it meanwhile.
+    set_phase(conn, tables, state.rollback_id, "restoring")
+    return conn.execute(
+        sql.SQL("SELECT count(*) FROM {backup} WHERE rollback_id = %s").format(
+            backup=tables.backup
+        ),
+        [state.rollback_id],
+    ).fetchone()[0]
+
+
+def put_back(
+    conn: psycopg.Connection,
+    db: TargetDatabase,
+    request: RestoreRequest,
+    state: RollbackState,
+    report: RestoreReport,
+    log: Log,
+) -> None:
+    """The backup of rollback `state`, batch by batch in backup order, put back into the
+    table; counted in `report`, and the rollback marked restored."""
+    tables = request.tables
+    statement = sql.SQL(RESTORE_BATCH).format(backup=tables.backup, weeks=db.weeks)
+    record = sql.SQL(RECORD_RESTORED).format(state=tables.state)
+    progress = Progress(total=report.backed_up_rows)
+    after = 0
+    while True:
+
+        def work(c: psycopg.Connection, after: int = after) -> Any:
+            with c.cursor(row_factory=namedtuple_row) as cur:
+                batch = cur.execute(
+                    statement,
+                    {"rid": state.rollback_id, "after": after, "limit": request.batch_size},
+                ).fetchone()
+            c.execute(record, [batch.restored, state.rollback_id])
+            return batch
+
+        batch, ms = in_one_transaction(
+            conn, work, f"restore of rollback {state.rollback_id}", [db.weeks, tables.backup]
+        )
+        if batch.size == 0:
+            break
+        after = batch.last_seq
+        report.count(batch.size, batch.restored, batch.found, batch.already)
+        progress.add(batch.size, ms)
+        if progress.due():
+            log.info(progress.line("went through"))
+    set_phase(conn, tables, state.rollback_id, "restored")
+    report.batches = progress.batches
+    report.longest_batch_ms = progress.longest_ms
