@@ -140,6 +140,7 @@ RESOURCE_AT_LAUNCH = [
     ({"url": f"postgresql://rdw:{URL_PASSWORD}/x@127.0.0.1:5432/reporting"}, "unencoded"),
     ({"url": "postgresql://rdw@db.example:5432/reporting"}, "another server"),
     ({"schema": "public"}, "schema"),  # a field that does not exist
+    ({"fleet_name": 7}, "fleet_name"),
 ]
 # All of them against one job; every job's own launch mapping gets a few.
 CASES = [
@@ -260,6 +261,10 @@ POPULATION = [
     ({"min_recent_population_pct": "high"}, "min_recent_population_pct"),
     ({"trend_margin_pct": 100.5}, "trend_margin_pct"),
     ({"windowdays": 7}, "windowdays"),  # a typo
+    ({"execution_ids": ["not-a-uuid"]}, "execution_ids"),
+    ({"execution_ids": "6f1c2a9e-0000-0000-0000-000000000000"}, "execution_ids"),
+    ({"refresh_days": -1}, "refresh_days"),
+    ({"refresh_days": 400}, "refresh_days"),
 ]
 CASES += [op_config(VERIFY, "launch", (f,), **c) for c, f in POPULATION]
 # The same Config class behind another job's launch mapping: a few suffice.
@@ -270,6 +275,8 @@ CASES += [
         (7, "tracking_started_at"),
         (9, "min_recent_population_pct"),
         (12, "trend_margin_pct"),
+        (14, "execution_ids"),
+        (16, "refresh_days"),
     )
 ]
 CASES += [
@@ -302,6 +309,7 @@ CASES += [
         ({"indexes": [SQL_NAME]}, "indexes"),
         ({"indexes": []}, "indexes"),
         ({"workflow_executions_completed_at": "yes"}, "workflow_executions_completed_at"),
+        ({"report_data_weeks_created_at": "maybe"}, "report_data_weeks_created_at"),
         ({"lock_retries": -1}, "lock_retries"),
         ({"lock_retries": 10**12}, "lock_retries"),
         ({"retry_backoff_s": -0.5}, "retry_backoff_s"),
