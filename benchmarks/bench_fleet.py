@@ -1,14 +1,14 @@
 """Validate a fleet of databases: in process vs the celery executor with 1 and 2 workers.
 
 Builds `--databases` copies of a demo database on one server (the embedded one unless
-`--url`), then runs `verify_execution_tracking` once per database, one run after the
-other, through a Dagster instance whose runs and events live in PostgreSQL (as celery
-needs): first with the job's own in-process executor, then on celery (RabbitMQ at
-127.0.0.1:5672) with one worker, then with two. Each run picks its database by run
-config `resources.target_db.config.url` (same server as the workers'
-RDW_DATABASE_URL, no password); once the assets are partitioned by database, the same
-loop becomes one run per partition key. Workers are started (and answer a ping) before
-the clock starts; their start-up is reported apart.
+`--url`) and a fleet file naming them (each URL in an env var), then runs the fleet's
+`verify_execution_tracking` once per database partition, one run after the other,
+through a Dagster instance whose runs and events live in PostgreSQL (as celery needs):
+first with the job's own in-process executor, then on celery (RabbitMQ at
+127.0.0.1:5672) with one worker, then with two. Each run is launched as the UI launches
+a partition: with the partition's tags (`dagster/partition`, `rdw/database`,
+`rdw/reads`), and its `target_db` is that database's fleet entry. Workers are started
+(and answer a ping) before the clock starts; their start-up is reported apart.
 """
 
 from __future__ import annotations
@@ -28,10 +28,11 @@ from pathlib import Path
 TITLE = "Fleet validation: in process vs celery (1 and 2 workers)"
 NOTES = (
     "Target: the celery path adds under 2 s per run (`overhead_per_run_s` = its "
-    "`per_run_s` minus in process's). One verify_execution_tracking run per database, "
-    "runs one after another; steps of a run spread over the workers (concurrency 1 "
-    "each). `worker_start_s`: from starting the workers to both answering a ping, not "
-    "in the wall time. `load_avg`: the machine's 1-minute load before the row "
+    "`per_run_s` minus in process's). One run of the fleet's verify_execution_tracking "
+    "per database partition (definitions loaded from the fleet file, each run's "
+    "target_db its partition's entry), runs one after another; steps of a run spread "
+    "over the workers (concurrency 1 each). `worker_start_s`: from starting the workers "
+    "to both answering a ping, not in the wall time. `load_avg`: the machine's 1-minute load before the row "
     "(shared machine). With dagster-celery's own 1 s poll of step results (before "
     "engine.POLL_SECONDS = 0.1) the overhead was 4.2-5.4 s per run (2 databases x 5,000 "
     "rows, same machine)."
@@ -46,9 +47,10 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> list[dict]:
+    import yaml
+
     from rdw_tracking import demo, deploy
     from rdw_tracking.devserver import sqlalchemy_url
-    from rdw_tracking.resources import run_config_url_problem
 
     admin = with_database(args.url, "postgres")
     template = f"rdw_bench_fleet_template_{os.getpid()}"
@@ -59,18 +61,27 @@ def run(args) -> list[dict]:
     home = Path(tempfile.mkdtemp(prefix="rdw_bench_fleet_home_"))
     queue = f"rdw_bench_{os.getpid()}_{uuid.uuid4().hex[:6]}"
     (home / "dagster.yaml").write_text(deploy.DAGSTER_YAML.read_text())
+    fleet_file = home / "fleet.yaml"
+    partitions = [f"db_{i}" for i in range(args.databases)]
+    fleet_file.write_text(
+        yaml.safe_dump(
+            {"databases": [{"name": p, "url_env": url_env(p)} for p in partitions]},
+            sort_keys=False,
+        )
+    )
     os.environ.update(
         DAGSTER_HOME=str(home),
         RDW_DAGSTER_STORAGE_URL=sqlalchemy_url(create_database(admin, storage)),
-        RDW_DATABASE_URL=urls[0],
+        RDW_FLEET_FILE=str(fleet_file),
         RDW_CELERY_QUEUE=queue,
+        **{url_env(p): url for p, url in zip(partitions, urls, strict=True)},
     )
-    assert all(run_config_url_problem(url) is None for url in urls)
+    os.environ.pop("RDW_DATABASE_URL", None)  # a fleet reads only its entries' variables
     rows: list[dict] = []
     try:
-        rows.append(measure("in process", urls, workers=0, args=args))
+        rows.append(measure("in process", partitions, workers=0, args=args))
         for count in (1, 2):
-            rows.append(measure("celery", urls, workers=count, args=args))
+            rows.append(measure("celery", partitions, workers=count, args=args))
     finally:
         for name in [template, *names, storage]:
             drop_database(admin, name)
@@ -83,6 +94,10 @@ def run(args) -> list[dict]:
     for row in rows:
         row["overhead_per_run_s"] = round(row["per_run_s"] - base, 3)
     return rows
+
+
+def url_env(partition: str) -> str:
+    return f"RDW_BENCH_FLEET_URL_{partition.upper()}"
 
 
 def with_database(url: str, database: str) -> str:
@@ -116,7 +131,7 @@ def drop_database(admin: str, name: str) -> None:
         )
 
 
-def measure(engine_name: str, urls: list[str], workers: int, args) -> dict:
+def measure(engine_name: str, partitions: list[str], workers: int, args) -> dict:
     load = os.getloadavg()[0]
     if engine_name == "celery":
         os.environ["RDW_EXECUTOR"] = "celery"
@@ -130,45 +145,48 @@ def measure(engine_name: str, urls: list[str], workers: int, args) -> dict:
             worker_start_s = time.monotonic() - started
         # A fresh process per engine: Dagster keeps a job once loaded, executor and all.
         pool = multiprocessing.get_context("spawn").Pool(1)
-        wall, failures, worker_steps = pool.apply(orchestrate, (urls,))
+        wall, failures, worker_steps = pool.apply(orchestrate, (partitions,))
         pool.close()
         pool.join()
         if failures:
-            raise RuntimeError(f"{failures} of {len(urls)} runs on {engine_name} failed")
+            raise RuntimeError(f"{failures} of {len(partitions)} runs on {engine_name} failed")
     finally:
         stop_workers(procs)
     return {
         "engine": engine_name,
         "workers": workers,
-        "databases": len(urls),
+        "databases": len(partitions),
         "rows_each": args.rows,
         "failed_runs": failures,
         "steps_on_workers": worker_steps,
         "wall_s": round(wall, 3),
-        "per_run_s": round(wall / len(urls), 3),
+        "per_run_s": round(wall / len(partitions), 3),
         "worker_start_s": round(worker_start_s, 3),
         "load_avg": round(load, 2),
     }
 
 
-def orchestrate(urls: list[str]) -> tuple[float, int, int]:
-    """(wall seconds, failed runs, steps executed by celery workers) of one run per URL,
-    one after the other, in this process."""
+def orchestrate(partitions: list[str]) -> tuple[float, int, int]:
+    """(wall seconds, failed runs, steps executed by celery workers) of one run per
+    database partition, one after the other, in this process."""
     import dagster as dg
 
     sys.path.insert(0, str(BENCH_DIR))
     from fleet_job import verify_on_engine
 
     recon = dg.reconstructable(verify_on_engine)
+    job = verify_on_engine()
     quiet = {"console": {"config": {"log_level": "WARNING"}}}
     failures, run_ids = 0, []
     with dg.DagsterInstance.get() as instance:
         started = time.monotonic()
-        for url in urls:
+        for partition in partitions:
             result = dg.execute_job(
                 recon,
                 instance=instance,
-                run_config={"resources": {"target_db": {"config": {"url": url}}}, "loggers": quiet},
+                run_config={"loggers": quiet},
+                # What launching the partition from the UI gives the run.
+                tags=job.get_tags_for_partition_key(partition, None),
                 raise_on_error=False,
             )
             failures += not result.success

@@ -107,6 +107,7 @@ def dagster_home() -> Path:
 URL_ENV = "RDW_DATABASE_URL"  # resources.URL_ENV, without importing Dagster for `db`
 DEMO_URL_ENV = "RDW_DEMO_DATABASE_URL"
 # Variables that point the project at a real deployment: the demo and the UI never use them.
+MAX_FLEET = 20  # demo databases on one embedded server
 _DEPLOYMENT_ENV = (URL_ENV, "RDW_FLEET_FILE", "DAGSTER_HOME", "RDW_DAGSTER_STORAGE_URL")
 
 
@@ -178,6 +179,10 @@ def cmd_demo(args: argparse.Namespace, signals: StopSignals) -> int:
     try:
         with signals.held():
             started = use_embedded_environment()
+        if args.fleet:
+            from rdw_tracking import fleet_walkthrough
+
+            return fleet_walkthrough.run(args.fleet, rows=args.rows)
         return walkthrough.run(rows=args.rows)
     except demo.NotDemoTables as err:
         print(f"rdw-tracking demo: {err}", file=sys.stderr)
@@ -197,7 +202,14 @@ def cmd_ui(args: argparse.Namespace, signals: StopSignals) -> int:
     try:
         with signals.held():
             started = use_embedded_environment()
-        walkthrough.ensure_demo_data(rows=args.rows)
+        if args.fleet:
+            from rdw_tracking import fleet_walkthrough
+
+            # The databases of `demo --fleet`, kept if there; the UI's processes
+            # inherit RDW_FLEET_FILE and the URL variables.
+            fleet_walkthrough.prepare(args.fleet, rows=args.rows, rebuild=False)
+        else:
+            walkthrough.ensure_demo_data(rows=args.rows)
         print(f"Dagster UI on http://{args.host}:{args.port} (Ctrl-C stops it)", flush=True)
         with signals.held():
             proc = devserver.start(deploy.WORKSPACE_YAML, args.port, host=args.host)
@@ -248,12 +260,22 @@ def main(argv: list[str] | None = None) -> int:
     demo = sub.add_parser("demo", help="build demo data and run the pipeline on it")
     demo.add_argument("--rows", type=int, default=20_000, help="report_data_weeks rows")
     demo.add_argument("--keep-running", action="store_true", help="leave the server running")
+    demo.add_argument(
+        "--fleet",
+        type=int,
+        default=0,
+        metavar="N",
+        help="a fleet of N embedded databases (rdw_fleet_1..N), each walked through",
+    )
     demo.set_defaults(func=cmd_demo)
 
     ui = sub.add_parser("ui", help="dg dev (webserver + daemon) on the embedded database")
     ui.add_argument("--host", default="127.0.0.1")
     ui.add_argument("--port", type=int, default=3000)
     ui.add_argument("--rows", type=int, default=20_000, help="demo rows if none exist yet")
+    ui.add_argument(
+        "--fleet", type=int, default=0, metavar="N", help="the fleet of `demo --fleet N`"
+    )
     ui.set_defaults(func=cmd_ui)
 
     instance = sub.add_parser(
@@ -271,6 +293,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, "rows", 1) < 1:
         parser.error("--rows must be at least 1")
+    if not 0 <= getattr(args, "fleet", 0) <= MAX_FLEET:
+        parser.error(f"--fleet must be between 1 and {MAX_FLEET}")
     with StopSignals() as signals:
         try:
             return args.func(args, signals)

@@ -48,7 +48,7 @@ def target_db_resource(fleet: Fleet) -> dg.ResourceDefinition:
         )
     )
     def target_db(init_context: dg.InitResourceContext) -> TargetDatabase:
-        run = init_context.dagster_run
+        run = init_context.run
         name = database_of(run.tags) if run is not None else None
         if name is None:
             raise dg.Failure(

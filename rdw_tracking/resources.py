@@ -428,9 +428,15 @@ class TargetDatabase(dg.ConfigurableResource):
             # A refused login stays refused: fail once rather than after every retry
             # (a down or restarting server is worth retrying, and still is).
             error = NotRetryable if _REFUSED_LOGIN.search(str(err)) else TargetDatabaseError
+            # In a fleet the URL comes from the entry's own env var, not RDW_DATABASE_URL.
+            source = (
+                f"the env var named by url_env of {self.fleet_name!r} in the fleet file"
+                if self.fleet_name
+                else f"{URL_ENV} (or target_db.url)"
+            )
             raise error(
                 f"cannot connect to PostgreSQL at {where}: {reason}; "
-                f"check {URL_ENV} (or target_db.url) and that the server accepts connections"
+                f"check {source} and that the server accepts connections"
             ) from None
         try:
             if check_schema:

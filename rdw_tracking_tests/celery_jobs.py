@@ -51,3 +51,13 @@ def probe_job() -> dg.JobDefinition:
         probe_d(a=probe_a(), b=probe_b(), c=probe_c())
 
     return celery_probe
+
+
+def fleet_verify() -> dg.JobDefinition:
+    """The fleet's `verify_execution_tracking` (fleet file and URLs from the environment,
+    as a deployment's code location and workers read them), on the executor
+    `RDW_EXECUTOR` picks."""
+    from rdw_tracking import definitions, fleet
+
+    job = definitions.fleet_databases(fleet.load()).resolve_job_def("verify_execution_tracking")
+    return job.with_executor_def(engine.executor(job.executor_def))

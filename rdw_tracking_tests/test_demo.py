@@ -1,4 +1,12 @@
-"""The demo data builder: counts match what independent SQL says they should be."""
+"""The demo data builder: counts match what independent SQL says they should be; and
+`rdw-tracking demo --fleet` end to end."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
 
 from rdw_tracking import demo
 
@@ -80,3 +88,45 @@ def test_rebuild_is_repeatable(empty_database_url, sql_exec):
     assert (
         sql_exec("SELECT md5(string_agg(id::text, ',' ORDER BY id)) FROM report_data_weeks") == ids
     )
+
+
+@pytest.mark.timeout(900)
+def test_demo_fleet_walks_each_of_three_embedded_databases(tmp_path):
+    """`rdw-tracking demo --fleet 3` from a clean state dir: its own embedded server,
+    three databases (one in another schema, one range-partitioned), every run of each
+    succeeding, and a fleet file that holds no URL."""
+    home = tmp_path / "rdw"
+    # Nothing of this shell's deployment or test settings reaches the demo.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RDW_", "DAGSTER_"))}
+    env["RDW_HOME"] = str(home)
+    command = [sys.executable, "-m", "rdw_tracking.cli"]
+    try:
+        proc = subprocess.run(
+            [*command, "demo", "--fleet", "3", "--rows", "1040"],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=840,
+        )
+    finally:
+        subprocess.run([*command, "db", "stop"], env=env, cwd=tmp_path, capture_output=True)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    summary = proc.stdout.split("\nsummary\n")[1].splitlines()
+    for name, table, layout in [
+        ("rdw_fleet_1", "public.report_data_weeks", "ordinary"),
+        ("rdw_fleet_2", "reporting.report_weeks", "ordinary"),
+        ("rdw_fleet_3", "public.report_data_weeks", "range"),
+    ]:
+        [line] = [line for line in summary if line.split()[:1] == [name]]
+        assert line.split()[1:3] == [table, layout], line
+        # indexes, verify, collection, and a validation from each sensor
+        assert "runs 5/5 succeeded" in line and "sensor requests 2" in line, line
+    assert "3 run request(s), one per database" in proc.stdout
+    fleet_file = yaml.safe_load((home / "fleet.yaml").read_text())
+    assert [entry["name"] for entry in fleet_file["databases"]] == [
+        "rdw_fleet_1",
+        "rdw_fleet_2",
+        "rdw_fleet_3",
+    ]
+    assert "://" not in (home / "fleet.yaml").read_text()
