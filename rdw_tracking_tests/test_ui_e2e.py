@@ -167,10 +167,11 @@ def test_ui_shows_the_contract_and_runs_validation(dagster_dev):
         for e in events
         if e["__typename"] == "AssetCheckEvaluationEvent"
     }
-    # every check of every asset the validation materialized was evaluated
+    # every check of every asset the validation materialized was evaluated; the history's
+    # days it publishes are not its step (their reconcile runs in the weekly verification)
     expected = {
         c["name"]
-        for key in materialized
+        for key in materialized - {"execution_id_daily_population"}
         for c in (nodes[key]["assetChecksOrError"] or {}).get("checks", [])
     }
     assert materialized and expected and evaluated == expected
