@@ -140,6 +140,23 @@ def per_database_jobs(jobs: list, databases: dg.StaticPartitionsDefinition) -> l
 # -- sensors ------------------------------------------------------------------------------
 
 
+def for_the_run_database(
+    fleet: Fleet, context: dg.RunStatusSensorContext, outcome: dg.RunRequest | dg.SkipReason
+) -> dg.RunRequest | dg.SkipReason:
+    """A single-database sensor's request, for the database of the run it followed."""
+    name = database_of(context.dagster_run.tags)
+    if name not in fleet.names:
+        return dg.SkipReason("the run names no database")
+    if not isinstance(outcome, dg.RunRequest):
+        return outcome
+    return dg.RunRequest(
+        run_key=outcome.run_key,
+        run_config=outcome.run_config,
+        tags={**outcome.tags, DATABASE_TAG: name, READS_TAG: name},
+        partition_key=name,
+    )
+
+
 def collection_sensor(fleet: Fleet, weekly_collection, validation) -> dg.SensorDefinition:
     @dg.run_status_sensor(
         name="collection_run_sensor",
@@ -154,16 +171,7 @@ def collection_sensor(fleet: Fleet, weekly_collection, validation) -> dg.SensorD
         ),
     )
     def collection_run_sensor(context: dg.RunStatusSensorContext):
-        outcome = single.collection_request(context)
-        name = database_of(context.dagster_run.tags)
-        if not isinstance(outcome, dg.RunRequest) or name not in fleet.names:
-            return outcome if name in fleet.names else dg.SkipReason("the run names no database")
-        return dg.RunRequest(
-            run_key=outcome.run_key,
-            run_config=outcome.run_config,
-            tags={**outcome.tags, DATABASE_TAG: name, READS_TAG: name},
-            partition_key=name,
-        )
+        return for_the_run_database(fleet, context, single.collection_request(context))
 
     return collection_run_sensor
 
@@ -182,16 +190,7 @@ def rollback_sensor(fleet: Fleet, write_jobs: list, validation) -> dg.SensorDefi
         ),
     )
     def rollback_history_sensor(context: dg.RunStatusSensorContext):
-        outcome = single.history_request(context)
-        name = database_of(context.dagster_run.tags)
-        if not isinstance(outcome, dg.RunRequest) or name not in fleet.names:
-            return outcome if name in fleet.names else dg.SkipReason("the run names no database")
-        return dg.RunRequest(
-            run_key=outcome.run_key,
-            run_config=outcome.run_config,
-            tags={**outcome.tags, DATABASE_TAG: name, READS_TAG: name},
-            partition_key=name,
-        )
+        return for_the_run_database(fleet, context, single.history_request(context))
 
     return rollback_history_sensor
 
