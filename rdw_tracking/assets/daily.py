@@ -26,7 +26,7 @@ import psycopg
 from psycopg import sql
 
 from rdw_tracking import catalog
-from rdw_tracking.assets import DAILY_SNAPSHOT_FRESHNESS, GROUP, READ_RETRY, refuse
+from rdw_tracking.assets import DAILY_SNAPSHOT_FRESHNESS, GROUP, READ_RETRY
 from rdw_tracking.assets.tables import report_data_weeks, workflow_executions
 from rdw_tracking.resources import TargetDatabase
 from rdw_tracking.tally import DayTally, Tables, count_all, midnight, rate
@@ -239,14 +239,7 @@ def execution_id_daily_population(
     from rdw_tracking.assets import tallying
 
     with target_db.cursor() as cur:
-        cur.execute(tallying.SNAPSHOT)
-        if not catalog.table_exists(cur, target_db.schema_name, target_db.weeks_table):
-            raise refuse(
-                f"table {target_db.qualified(target_db.weeks_table)} does not exist; "
-                "check target_db.schema_name and weeks_table"
-            )
-        layout = tallying.weeks_layout(cur, target_db)
-        note = tallying.index_note(target_db, tallying.unindexed_leaves(cur, layout))
+        layout, note = tallying.begin(cur, target_db)
         if note:
             context.log.warning(note)
             days = count_days(cur, target_db, first, last)

@@ -888,14 +888,7 @@ def execution_id_population(
     ids = verdict.requested(context, config.execution_ids)
     with target_db.cursor() as cur:
         # One connection and one snapshot for everything this run reads.
-        cur.execute(tallying.SNAPSHOT)
-        if not catalog.table_exists(cur, target_db.schema_name, target_db.weeks_table):
-            raise refuse(
-                f"table {target_db.qualified(target_db.weeks_table)} does not exist; "
-                "check target_db.schema_name and weeks_table"
-            )
-        layout = tallying.weeks_layout(cur, target_db)
-        note = tallying.index_note(target_db, tallying.unindexed_leaves(cur, layout))
+        layout, note = tallying.begin(cur, target_db)
         judged = verdict.judge(cur, target_db, ids)
         if not note:
             current = tallying.bring_up_to_date(cur, target_db, context.instance, layout)

@@ -65,6 +65,19 @@ def unindexed_leaves(cur: psycopg.Cursor, layout: Layout) -> list[str]:
 SNAPSHOT = "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY"
 
 
+def begin(cur: psycopg.Cursor, db: TargetDatabase) -> tuple[Layout, str]:
+    """Open a validation's snapshot on `cur`, refuse a missing weeks table, and return
+    its layout and what a missing created_at index costs ('' when none is missing)."""
+    cur.execute(SNAPSHOT)
+    if not catalog.table_exists(cur, db.schema_name, db.weeks_table):
+        raise refuse(
+            f"table {db.qualified(db.weeks_table)} does not exist; "
+            "check target_db.schema_name and weeks_table"
+        )
+    layout = weeks_layout(cur, db)
+    return layout, index_note(db, unindexed_leaves(cur, layout))
+
+
 def bring_up_to_date(
     cur: psycopg.Cursor, db: TargetDatabase, instance: dg.DagsterInstance, layout: Layout
 ) -> Current:
