@@ -30,8 +30,9 @@ from psycopg import sql
 from pydantic import Field
 
 from rdw_tracking import catalog
-from rdw_tracking.assets import WRITE_POOL, refuse
-from rdw_tracking.resources import TargetDatabase, TargetDatabaseError
+from rdw_tracking.assets import WRITE_POOL
+from rdw_tracking.errors import TargetDatabaseError, refuse
+from rdw_tracking.resources import TargetDatabase
 from rdw_tracking.writes import Need, exclusive_write, refuse_without_grants, weeks_need
 
 RUNNING, COMPLETED, FAILED = "running", "completed", "failed"

@@ -30,6 +30,9 @@ from typing import Any
 import yaml
 
 FLEET_ENV = "RDW_FLEET_FILE"
+# The run tag naming a run's fleet database, and the partition dimension of the databases.
+DATABASE_TAG = "rdw/database"
+DIMENSION = "database"
 NAME_PATTERN = re.compile(r"[a-z0-9_]+")
 # `TargetDatabase`'s fields, less `url` (which never sits in the file) and `fleet_name`
 # (the entry's `name`), with their types.
@@ -281,3 +284,16 @@ _KINDS = {
 def _kind(value: Any) -> str:
     """What a YAML value is, in words: "a list", "an empty value"."""
     return _KINDS.get(type(value), f"a {type(value).__name__}")
+
+
+def database_of(tags: Mapping[str, str]) -> str | None:
+    """The fleet database a run is for, from its tags; None if it names none."""
+    if tags.get(DATABASE_TAG):
+        return tags[DATABASE_TAG]
+    if tags.get(f"dagster/partition/{DIMENSION}"):
+        return tags[f"dagster/partition/{DIMENSION}"]
+    key = tags.get("dagster/partition") or tags.get("dagster/asset_partition_range_start")
+    if not key:
+        return None
+    # A database x day key reads `<database>|<day>` (dimensions in name order).
+    return key.split("|")[0]

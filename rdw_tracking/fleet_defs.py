@@ -13,31 +13,16 @@ as before, also holds across deployments).
 """
 
 import json
-from collections.abc import Mapping
 
 import dagster as dg
 
 from rdw_tracking import sensors as single
-from rdw_tracking.fleet import Fleet, FleetFileError
+from rdw_tracking.errors import StatementTimeout, TargetDatabaseError
+from rdw_tracking.fleet import DATABASE_TAG, DIMENSION, Fleet, FleetFileError, database_of
 from rdw_tracking.jobs import DB_WRITES_TAG
-from rdw_tracking.resources import StatementTimeout, TargetDatabase, TargetDatabaseError
+from rdw_tracking.resources import TargetDatabase
 
-DATABASE_TAG = "rdw/database"
 READS_TAG = "rdw/reads"
-DIMENSION = "database"
-
-
-def database_of(tags: Mapping[str, str]) -> str | None:
-    """The fleet database a run is for, from its tags; None if it names none."""
-    if tags.get(DATABASE_TAG):
-        return tags[DATABASE_TAG]
-    if tags.get(f"dagster/partition/{DIMENSION}"):
-        return tags[f"dagster/partition/{DIMENSION}"]
-    key = tags.get("dagster/partition") or tags.get("dagster/asset_partition_range_start")
-    if not key:
-        return None
-    # A database x day key reads `<database>|<day>` (dimensions in name order).
-    return key.split("|")[0]
 
 
 def target_db_resource(fleet: Fleet) -> dg.ResourceDefinition:

@@ -21,6 +21,8 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 from pydantic import ConfigDict, Field, field_validator
 
+from rdw_tracking.errors import NotRetryable, StatementTimeout, TargetDatabaseError
+
 URL_ENV = "RDW_DATABASE_URL"
 APPLICATION_NAME = "rdw_tracking"
 # A worker whose host dies inside a transaction leaves its row locks held: the server
@@ -49,25 +51,6 @@ _REFUSED_LOGIN = re.compile(
 # The write lock of the job running in this context (writes.WriteLock), if any: every
 # connection opened under it first checks the lock is still held.
 WRITE_GUARD: ContextVar = ContextVar("rdw_tracking_write_lock", default=None)
-
-
-class TargetDatabaseError(Exception):
-    """A failure a user can act on; its message names the object and the fix."""
-
-
-class NotRetryable(TargetDatabaseError, dg.Failure):
-    """A setting that names nothing real (no such schema, a malformed URL): a retry
-    would only fail the same way, so it fails the step once, naming the field to fix."""
-
-    def __init__(self, message: str):
-        dg.Failure.__init__(self, description=message, allow_retries=False)
-
-
-class StatementTimeout(dg.Failure):
-    """A statement ran into `statement_timeout`: never retried, since it would again."""
-
-    def __init__(self, message: str):
-        super().__init__(description=message, allow_retries=False)
 
 
 def current_step() -> str | None:

@@ -25,13 +25,14 @@ from pydantic import Field
 
 from rdw_tracking import catalog
 from rdw_tracking.assets.verdict import MAX_EXECUTIONS
+from rdw_tracking.errors import StatementTimeout, TargetDatabaseError
 from rdw_tracking.jobs import (
     post_collection_validation,
     restore_execution_id,
     rollback_execution_id,
     weekly_collection,
 )
-from rdw_tracking.resources import StatementTimeout, TargetDatabase, TargetDatabaseError, redact
+from rdw_tracking.resources import TargetDatabase, redact
 
 INDEX_NAME = "idx_workflow_executions_completed_at"
 TICK_STATEMENT_TIMEOUT_MS = 20_000  # well inside Dagster's 60 s sensor evaluation limit

@@ -16,7 +16,7 @@ import psycopg
 from psycopg import sql
 
 from rdw_tracking import catalog
-from rdw_tracking.assets import refuse
+from rdw_tracking.errors import refuse
 from rdw_tracking.resources import WRITE_GUARD, TargetDatabase
 
 LOCK_CLASS = 0x52445754  # "RDWT"

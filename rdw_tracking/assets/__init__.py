@@ -5,6 +5,8 @@ import os
 
 import dagster as dg
 
+from rdw_tracking.errors import refuse  # noqa: F401  (re-exported: the old import path)
+
 GROUP = "execution_tracking"
 
 # Write assets and ops sit in this Dagster pool: one database write at a time, however
@@ -22,8 +24,3 @@ READ_RETRY = dg.RetryPolicy(max_retries=3, delay=1, backoff=dg.Backoff.EXPONENTI
 DAILY_SNAPSHOT_FRESHNESS = dg.FreshnessPolicy.cron(
     deadline_cron="0 7 * * *", lower_bound_delta=dt.timedelta(hours=24), timezone="UTC"
 )
-
-
-def refuse(message: str, **metadata) -> dg.Failure:
-    """A failure the user must act on: one sentence naming the object and the way out."""
-    return dg.Failure(description=message, metadata=metadata or None, allow_retries=False)

@@ -28,13 +28,13 @@ from psycopg import sql
 from rdw_tracking import catalog
 from rdw_tracking.assets import DAILY_SNAPSHOT_FRESHNESS, GROUP, READ_RETRY
 from rdw_tracking.assets.tables import report_data_weeks, workflow_executions
+from rdw_tracking.fleet import FLEET_ENV, database_of
 from rdw_tracking.resources import TargetDatabase
 from rdw_tracking.tally import DayTally, Tables, count_all, midnight, rate
 
 ASSET = "execution_id_daily_population"
 RECONCILE_CHECK = "execution_id_daily_history_matches"
 HISTORY_START_ENV = "RDW_HISTORY_START"
-FLEET_ENV = "RDW_FLEET_FILE"
 DEFAULT_HISTORY_START = "2025-01-01"
 MISMATCH_SAMPLE = 50
 
@@ -144,8 +144,6 @@ def run_database(context) -> str | None:
     """The fleet database this run is for; None outside a fleet (one database)."""
     if not os.environ.get(FLEET_ENV):
         return None
-    from rdw_tracking.fleet_defs import database_of
-
     return database_of(context.run.tags)
 
 

@@ -29,7 +29,7 @@ import psycopg
 from psycopg import sql
 from pydantic import Field, field_validator
 
-from rdw_tracking.assets import WRITE_POOL, refuse
+from rdw_tracking.assets import WRITE_POOL
 from rdw_tracking.assets.indexes import (
     EXECUTION_ID_INDEX,
     LockWait,
@@ -51,6 +51,7 @@ from rdw_tracking.assets.schema import (
     inspect_schema,
     validate_ddl,
 )
+from rdw_tracking.errors import refuse
 from rdw_tracking.layout import Layout
 from rdw_tracking.resources import TargetDatabase
 from rdw_tracking.writes import Need, exclusive_write, refuse_without_grants, weeks_need

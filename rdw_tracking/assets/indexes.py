@@ -23,8 +23,9 @@ from psycopg import sql
 from pydantic import Field, field_validator, model_validator
 
 from rdw_tracking import catalog
-from rdw_tracking.assets import GROUP, READ_RETRY, WRITE_POOL, refuse
+from rdw_tracking.assets import GROUP, READ_RETRY, WRITE_POOL
 from rdw_tracking.assets.tables import report_data_weeks, workflow_executions
+from rdw_tracking.errors import refuse
 from rdw_tracking.layout import Layout, Member, table_layout
 from rdw_tracking.resources import TargetDatabase
 from rdw_tracking.writes import Need, exclusive_write, refuse_without_grants

@@ -12,8 +12,9 @@ from psycopg import sql
 from pydantic import Field, field_validator
 
 from rdw_tracking import catalog
-from rdw_tracking.assets import GROUP, READ_RETRY, refuse
+from rdw_tracking.assets import GROUP, READ_RETRY
 from rdw_tracking.assets.tables import report_data_weeks, workflow_executions
+from rdw_tracking.errors import refuse
 from rdw_tracking.layout import KINDS, Layout, table_layout
 from rdw_tracking.resources import TargetDatabase
 

@@ -21,12 +21,12 @@ from rdw_tracking.assets import (
     GROUP,
     READ_RETRY,
     daily,
-    refuse,
     tallying,
     verdict,
 )
 from rdw_tracking.assets.tables import report_data_weeks, workflow_executions
 from rdw_tracking.assets.verdict import MAX_EXECUTIONS, valid_ids
+from rdw_tracking.errors import refuse
 from rdw_tracking.resources import TargetDatabase
 from rdw_tracking.tally import DayTally, Tally, rate
 

@@ -11,8 +11,9 @@ import psycopg
 from psycopg import sql
 
 from rdw_tracking import catalog
-from rdw_tracking.assets import GROUP, READ_RETRY, refuse
+from rdw_tracking.assets import GROUP, READ_RETRY
 from rdw_tracking.assets.tables import report_data_weeks, workflow_executions
+from rdw_tracking.errors import refuse
 from rdw_tracking.layout import KINDS, Layout, Member, table_layout
 from rdw_tracking.resources import TargetDatabase
 

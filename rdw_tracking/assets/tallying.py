@@ -11,7 +11,7 @@ import dagster as dg
 import psycopg
 
 from rdw_tracking import catalog
-from rdw_tracking.assets import refuse
+from rdw_tracking.errors import refuse
 from rdw_tracking.layout import Layout, table_layout
 from rdw_tracking.resources import TargetDatabase
 from rdw_tracking.tally import Tables, Tally, update

@@ -16,7 +16,7 @@ import psycopg
 from psycopg import errors, sql
 from psycopg.rows import class_row
 
-from rdw_tracking.assets import refuse
+from rdw_tracking.errors import refuse
 from rdw_tracking.resources import TargetDatabase
 
 DEFAULT_BACKUP_TABLE = "execution_id_rollback_backup"

@@ -9,7 +9,7 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import namedtuple_row
 
-from rdw_tracking.assets import refuse
+from rdw_tracking.errors import refuse
 from rdw_tracking.resources import TargetDatabase
 from rdw_tracking.rollback.backup import BackupTables
 from rdw_tracking.rollback.progress import Log

@@ -1,7 +1,7 @@
 """What a run checks before it changes anything: the table's layout, and the rights it
 needs on the table, its partitions and children, and the backup and state tables."""
 
-from rdw_tracking.assets import refuse
+from rdw_tracking.errors import refuse
 from rdw_tracking.layout import Layout, table_layout
 from rdw_tracking.resources import TargetDatabase
 from rdw_tracking.rollback import RESTORE_JOB, ROLLBACK_JOB

@@ -16,7 +16,7 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import namedtuple_row
 
-from rdw_tracking.assets import refuse
+from rdw_tracking.errors import refuse
 from rdw_tracking.resources import TargetDatabase
 from rdw_tracking.rollback import RESTORE_APPLICATION_NAME, RESTORE_JOB
 from rdw_tracking.rollback.backup import BackupTables

@@ -9,7 +9,7 @@ from typing import Any
 import psycopg
 
 from rdw_tracking import catalog
-from rdw_tracking.assets import refuse
+from rdw_tracking.errors import refuse
 from rdw_tracking.layout import Layout
 from rdw_tracking.resources import TargetDatabase
 from rdw_tracking.rollback import RESTORE_JOB, ROLLBACK_APPLICATION_NAME, ROLLBACK_JOB

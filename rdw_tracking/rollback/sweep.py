@@ -4,7 +4,7 @@ them."""
 
 from psycopg import sql
 
-from rdw_tracking.assets import refuse
+from rdw_tracking.errors import refuse
 from rdw_tracking.rollback import ROLLBACK_JOB
 from rdw_tracking.rollback.matched import MATCHED
 from rdw_tracking.rollback.walk import BY_CTID, Leaf, LeafGone, Walker
