@@ -387,7 +387,25 @@ class TargetDatabase(dg.ConfigurableResource):
         Connection failures become one `TargetDatabaseError` naming host, database and
         schema, never the password.
         """
+        conn = self._open(autocommit)
+        try:
+            if check_schema:
+                self._check_schema(conn, autocommit)
+            guard = WRITE_GUARD.get()
+            if guard is not None:
+                guard.check()  # a write job's lock session may have been terminated
+            yield conn
+        except psycopg.errors.QueryCanceled as err:
+            if "statement timeout" not in str(err):
+                raise
+            raise self._timed_out() from None
+        finally:
+            conn.close()
+
+    def _open(self, autocommit: bool) -> psycopg.Connection:
         url = self.resolved_url()
+        # Refuses a URL libpq would misread (an unencoded '@' in the password) before
+        # libpq sees it, and quotes it in no traceback.
         where = self.describe()
         options = (
             f"-c TimeZone=UTC -c statement_timeout={self.statement_timeout_ms} "
@@ -398,7 +416,7 @@ class TargetDatabase(dg.ConfigurableResource):
             f"-c tcp_keepalives_count={KEEPALIVES['keepalives_count']}"
         )
         try:
-            conn = psycopg.connect(
+            return psycopg.connect(
                 url,
                 autocommit=autocommit,
                 application_name=APPLICATION_NAME,
@@ -407,50 +425,49 @@ class TargetDatabase(dg.ConfigurableResource):
                 **KEEPALIVES,
             )
         except psycopg.OperationalError as err:
-            reason = redact(str(err).strip().splitlines()[-1] if str(err).strip() else "", url)
-            # A refused login stays refused: fail once rather than after every retry
-            # (a down or restarting server is worth retrying, and still is).
-            error = NotRetryable if _REFUSED_LOGIN.search(str(err)) else TargetDatabaseError
-            # In a fleet the URL comes from the entry's own env var, not RDW_DATABASE_URL.
-            source = (
-                f"the env var named by url_env of {self.fleet_name!r} in the fleet file"
-                if self.fleet_name
-                else f"{URL_ENV} (or target_db.url)"
+            raise self._cannot_connect(err, url, where) from None
+
+    def _cannot_connect(
+        self, err: psycopg.OperationalError, url: str, where: str
+    ) -> TargetDatabaseError:
+        reason = redact(str(err).strip().splitlines()[-1] if str(err).strip() else "", url)
+        # A refused login stays refused: fail once rather than after every retry
+        # (a down or restarting server is worth retrying, and still is).
+        error = NotRetryable if _REFUSED_LOGIN.search(str(err)) else TargetDatabaseError
+        # In a fleet the URL comes from the entry's own env var, not RDW_DATABASE_URL.
+        source = (
+            f"the env var named by url_env of {self.fleet_name!r} in the fleet file"
+            if self.fleet_name
+            else f"{URL_ENV} (or target_db.url)"
+        )
+        return error(
+            f"cannot connect to PostgreSQL at {where}: {reason}; "
+            f"check {source} and that the server accepts connections"
+        )
+
+    def _check_schema(self, conn: psycopg.Connection, autocommit: bool) -> None:
+        found = conn.execute(
+            "SELECT 1 FROM pg_namespace WHERE nspname = %s", [self.schema_name]
+        ).fetchone()
+        if not autocommit:
+            conn.rollback()
+        if not found:
+            where = self.endpoint()
+            raise NotRetryable(
+                f"schema {self.schema_name!r} does not exist in database "
+                f"{where.database} at {where.host}:{where.port}; "
+                "set target_db.schema_name to the schema holding report_data_weeks"
             )
-            raise error(
-                f"cannot connect to PostgreSQL at {where}: {reason}; "
-                f"check {source} and that the server accepts connections"
-            ) from None
-        try:
-            if check_schema:
-                found = conn.execute(
-                    "SELECT 1 FROM pg_namespace WHERE nspname = %s", [self.schema_name]
-                ).fetchone()
-                if not autocommit:
-                    conn.rollback()
-                if not found:
-                    raise NotRetryable(
-                        f"schema {self.schema_name!r} does not exist in database "
-                        f"{self.endpoint().database} at {self.endpoint().host}:{self.endpoint().port}; "
-                        "set target_db.schema_name to the schema holding report_data_weeks"
-                    )
-            guard = WRITE_GUARD.get()
-            if guard is not None:
-                guard.check()  # a write job's lock session may have been terminated
-            yield conn
-        except psycopg.errors.QueryCanceled as err:
-            if "statement timeout" not in str(err):
-                raise
-            step = current_step()
-            raise StatementTimeout(
-                f"{step + ': ' if step else ''}a query on {self.describe()} was cancelled by "
-                f"statement_timeout after {self.statement_timeout_ms} ms; raise "
-                "target_db.statement_timeout_ms (run config "
-                "resources.target_db.config.statement_timeout_ms, 0 = no limit) "
-                "or run it when the table is less busy"
-            ) from None
-        finally:
-            conn.close()
+
+    def _timed_out(self) -> StatementTimeout:
+        step = current_step()
+        return StatementTimeout(
+            f"{step + ': ' if step else ''}a query on {self.describe()} was cancelled by "
+            f"statement_timeout after {self.statement_timeout_ms} ms; raise "
+            "target_db.statement_timeout_ms (run config "
+            "resources.target_db.config.statement_timeout_ms, 0 = no limit) "
+            "or run it when the table is less busy"
+        )
 
     @contextmanager
     def cursor(self) -> Iterator[psycopg.Cursor]:
