@@ -41,6 +41,10 @@ def _bounds(conn: psycopg.Connection, flat: sql.Identifier) -> tuple[dt.date, dt
     return lo or today, max(hi or today, today)
 
 
+_KEY = {"range": "created_at", "list": "status", "hash": "id", "multilevel": "created_at"}
+_STRATEGY = {"range": "RANGE", "list": "LIST", "hash": "HASH", "multilevel": "RANGE"}
+
+
 def relayout(
     url: str,
     layout: str,
@@ -53,126 +57,152 @@ def relayout(
     names = names or DemoNames()
     if layout == "ordinary":
         return
-    weeks = sql.Identifier(names.schema, names.weeks)
-    flat_name = f"{names.weeks}_flat"[:63]
-    flat = sql.Identifier(names.schema, flat_name)
-    pkey = sql.Identifier(f"{names.weeks}_pkey")
-    collections = sql.Identifier(names.schema, names.collections)
-
-    def part(suffix: str) -> tuple[str, sql.Identifier]:
-        name = f"{names.weeks}_{suffix}"[:63]
-        return name, sql.Identifier(names.schema, name)
-
     with psycopg.connect(url, autocommit=False) as conn:
         conn.execute("SET TimeZone = 'UTC'")
+        build = _Relayout(conn, names)
+        build.move_aside()
+        build.create_parent(layout)
+        if layout in ("range", "multilevel"):
+            build.range_partitions(layout, months_per_partition)
+        elif layout == "list":
+            build.list_partitions()
+        elif layout == "hash":
+            build.hash_partitions()
+        build.add_collection_fk()
+        if layout == "inheritance":
+            build.fill_inheritance()
+        else:
+            conn.execute(sql.SQL("INSERT INTO {} SELECT * FROM {}").format(build.weeks, build.flat))
+        conn.execute(sql.SQL("DROP TABLE {}").format(build.flat))
+        mark_tables(conn, names)  # the new table and its partitions are the demo's too
+        conn.commit()
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(sql.SQL("ANALYZE {}").format(build.weeks))
+
+
+class _Relayout:
+    """The steps of one relayout, in one transaction: the old table moves aside as
+    `<weeks>_flat`, the new one takes its name, its rows are copied over."""
+
+    def __init__(self, conn: psycopg.Connection, names: DemoNames):
+        self.conn, self.names = conn, names
+        self.weeks = sql.Identifier(names.schema, names.weeks)
+        self.flat_name = f"{names.weeks}_flat"[:63]
+        self.flat = sql.Identifier(names.schema, self.flat_name)
+        self.pkey = sql.Identifier(f"{names.weeks}_pkey")
+
+    def part(self, suffix: str) -> sql.Identifier:
+        return sql.Identifier(self.names.schema, f"{self.names.weeks}_{suffix}"[:63])
+
+    def move_aside(self) -> None:
+        names, conn = self.names, self.conn
         conn.execute(
-            sql.SQL("ALTER TABLE {} RENAME TO {}").format(weeks, sql.Identifier(flat_name))
+            sql.SQL("ALTER TABLE {} RENAME TO {}").format(
+                self.weeks, sql.Identifier(self.flat_name)
+            )
         )
         conn.execute(
             sql.SQL("ALTER INDEX {} RENAME TO {}").format(
                 sql.Identifier(names.schema, f"{names.weeks}_pkey"),
-                sql.Identifier(f"{flat_name}_pkey"[:63]),
+                sql.Identifier(f"{self.flat_name}_pkey"[:63]),
             )
         )
-        first, last = _bounds(conn, flat)
-        like = sql.SQL("CREATE TABLE {} (LIKE {} INCLUDING DEFAULTS)").format(weeks, flat)
-        key = {"range": "created_at", "list": "status", "hash": "id", "multilevel": "created_at"}
+        self.first, self.last = _bounds(conn, self.flat)
+
+    def create_parent(self, layout: str) -> None:
+        like = sql.SQL("CREATE TABLE {} (LIKE {} INCLUDING DEFAULTS)").format(self.weeks, self.flat)
+        columns = "(id)"
         if layout == "inheritance":
-            conn.execute(like)
-            conn.execute(
-                sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} PRIMARY KEY (id)").format(weeks, pkey)
-            )
+            self.conn.execute(like)
         else:
-            strategy = {"range": "RANGE", "list": "LIST", "hash": "HASH", "multilevel": "RANGE"}
-            conn.execute(
-                like
-                + sql.SQL(" PARTITION BY {} ({})").format(
-                    sql.SQL(strategy[layout]), sql.Identifier(key[layout])
+            by = sql.SQL(" PARTITION BY {} ({})").format(
+                sql.SQL(_STRATEGY[layout]), sql.Identifier(_KEY[layout])
+            )
+            self.conn.execute(like + by)
+            # A partitioned table's primary key must hold its partition key.
+            columns = "(id)" if layout == "hash" else f"(id, {_KEY[layout]})"
+        self.conn.execute(
+            sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} PRIMARY KEY " + columns).format(
+                self.weeks, self.pkey
+            )
+        )
+
+    def range_partitions(self, layout: str, months_per_partition: int) -> None:
+        months = _months(self.first, self.last)
+        starts = months[:: 3 if layout == "multilevel" else months_per_partition]
+        # The latest period goes to the DEFAULT partition: rows land there until a
+        # team adds its partition.
+        for start, end in zip(starts[:-1], starts[1:], strict=False):
+            ident = self.part(f"p{start:%Y%m}")
+            sub = " PARTITION BY HASH (id)" if layout == "multilevel" else ""
+            self.conn.execute(
+                sql.SQL(
+                    "CREATE TABLE {} PARTITION OF {} FOR VALUES FROM ({}) TO ({})" + sub
+                ).format(
+                    ident,
+                    self.weeks,
+                    sql.Literal(f"{start}T00:00:00Z"),
+                    sql.Literal(f"{end}T00:00:00Z"),
                 )
             )
-            columns = "(id)" if layout == "hash" else f"(id, {key[layout]})"
-            conn.execute(
-                sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} PRIMARY KEY " + columns).format(
-                    weeks, pkey
+            if layout == "multilevel":
+                self.hash_partitions(2, parent=ident, prefix=f"p{start:%Y%m}_")
+        self.default_partition()
+
+    def list_partitions(self) -> None:
+        for status in ("completed", "failed"):
+            self.conn.execute(
+                sql.SQL("CREATE TABLE {} PARTITION OF {} FOR VALUES IN ({})").format(
+                    self.part(status), self.weeks, sql.Literal(status)
                 )
             )
-        if layout in ("range", "multilevel"):
-            months = _months(first, last)
-            step = 3 if layout == "multilevel" else months_per_partition
-            starts = months[::step]
-            # The latest period goes to the DEFAULT partition: rows land there until a
-            # team adds its partition.
-            for start, end in zip(starts[:-1], starts[1:], strict=False):
-                name, ident = part(f"p{start:%Y%m}")
-                sub = " PARTITION BY HASH (id)" if layout == "multilevel" else ""
-                conn.execute(
-                    sql.SQL(
-                        "CREATE TABLE {} PARTITION OF {} FOR VALUES FROM ({}) TO ({})" + sub
-                    ).format(
-                        ident,
-                        weeks,
-                        sql.Literal(f"{start}T00:00:00Z"),
-                        sql.Literal(f"{end}T00:00:00Z"),
-                    )
+        self.default_partition()
+
+    def hash_partitions(
+        self, modulus: int = 4, parent: sql.Identifier | None = None, prefix: str = ""
+    ) -> None:
+        for remainder in range(modulus):
+            self.conn.execute(
+                sql.SQL(
+                    "CREATE TABLE {} PARTITION OF {} FOR VALUES WITH (MODULUS {}, REMAINDER {})"
+                ).format(
+                    self.part(f"{prefix}h{remainder}"),
+                    parent or self.weeks,
+                    sql.Literal(modulus),
+                    sql.Literal(remainder),
                 )
-                if layout == "multilevel":
-                    for remainder in range(2):
-                        _, leaf = part(f"p{start:%Y%m}_h{remainder}")
-                        conn.execute(
-                            sql.SQL(
-                                "CREATE TABLE {} PARTITION OF {} FOR VALUES WITH (MODULUS 2, REMAINDER {})"
-                            ).format(leaf, ident, sql.Literal(remainder))
-                        )
-            _, default = part("default")
-            conn.execute(sql.SQL("CREATE TABLE {} PARTITION OF {} DEFAULT").format(default, weeks))
-        elif layout == "list":
-            for status in ("completed", "failed"):
-                _, ident = part(status)
-                conn.execute(
-                    sql.SQL("CREATE TABLE {} PARTITION OF {} FOR VALUES IN ({})").format(
-                        ident, weeks, sql.Literal(status)
-                    )
-                )
-            _, default = part("default")
-            conn.execute(sql.SQL("CREATE TABLE {} PARTITION OF {} DEFAULT").format(default, weeks))
-        elif layout == "hash":
-            for remainder in range(4):
-                _, ident = part(f"h{remainder}")
-                conn.execute(
-                    sql.SQL(
-                        "CREATE TABLE {} PARTITION OF {} FOR VALUES WITH (MODULUS 4, REMAINDER {})"
-                    ).format(ident, weeks, sql.Literal(remainder))
-                )
-        conn.execute(
+            )
+
+    def default_partition(self) -> None:
+        self.conn.execute(
+            sql.SQL("CREATE TABLE {} PARTITION OF {} DEFAULT").format(
+                self.part("default"), self.weeks
+            )
+        )
+
+    def add_collection_fk(self) -> None:
+        self.conn.execute(
             sql.SQL(
                 "ALTER TABLE {} ADD CONSTRAINT fk_collection_id FOREIGN KEY (collection_id) "
                 "REFERENCES {}(id) ON DELETE CASCADE"
-            ).format(weeks, collections)
+            ).format(self.weeks, sql.Identifier(self.names.schema, self.names.collections))
         )
-        if layout == "inheritance":
-            third = first + (last - first) / 3
-            two_thirds = first + 2 * (last - first) / 3
-            children = [("child_1", third, two_thirds), ("child_2", two_thirds, None)]
-            lower = sql.SQL("created_at IS NULL OR created_at < {}").format(
-                sql.Literal(f"{third}T00:00:00Z")
-            )
-            conn.execute(
-                sql.SQL("INSERT INTO {} SELECT * FROM {} WHERE ").format(weeks, flat) + lower
-            )
-            for suffix, lo, hi in children:
-                _, child = part(suffix)
-                conn.execute(sql.SQL("CREATE TABLE {} () INHERITS ({})").format(child, weeks))
-                conn.execute(sql.SQL("ALTER TABLE {} ADD PRIMARY KEY (id)").format(child))
-                where = sql.SQL("created_at >= {}").format(sql.Literal(f"{lo}T00:00:00Z"))
-                if hi:
-                    where += sql.SQL(" AND created_at < {}").format(sql.Literal(f"{hi}T00:00:00Z"))
-                conn.execute(
-                    sql.SQL("INSERT INTO {} SELECT * FROM {} WHERE ").format(child, flat) + where
-                )
-        else:
-            conn.execute(sql.SQL("INSERT INTO {} SELECT * FROM {}").format(weeks, flat))
-        conn.execute(sql.SQL("DROP TABLE {}").format(flat))
-        mark_tables(conn, names)  # the new table and its partitions are the demo's too
-        conn.commit()
-    with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute(sql.SQL("ANALYZE {}").format(weeks))
+
+    def fill_inheritance(self) -> None:
+        """The parent keeps the oldest third of the rows; two children take the rest."""
+        first, last = self.first, self.last
+        third = first + (last - first) / 3
+        two_thirds = first + 2 * (last - first) / 3
+        lower = sql.SQL("created_at IS NULL OR created_at < {}").format(
+            sql.Literal(f"{third}T00:00:00Z")
+        )
+        copy = sql.SQL("INSERT INTO {} SELECT * FROM {} WHERE ")
+        self.conn.execute(copy.format(self.weeks, self.flat) + lower)
+        for suffix, lo, hi in [("child_1", third, two_thirds), ("child_2", two_thirds, None)]:
+            child = self.part(suffix)
+            self.conn.execute(sql.SQL("CREATE TABLE {} () INHERITS ({})").format(child, self.weeks))
+            self.conn.execute(sql.SQL("ALTER TABLE {} ADD PRIMARY KEY (id)").format(child))
+            where = sql.SQL("created_at >= {}").format(sql.Literal(f"{lo}T00:00:00Z"))
+            if hi:
+                where += sql.SQL(" AND created_at < {}").format(sql.Literal(f"{hi}T00:00:00Z"))
+            self.conn.execute(copy.format(child, self.flat) + where)
