@@ -248,9 +248,10 @@ def cmd_celery_yaml(args: argparse.Namespace, signals: StopSignals) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="rdw-tracking", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+def command_line() -> argparse.ArgumentParser:
+    """The `rdw-tracking` command line: one sub-command per thing it runs."""
+    command = argparse.ArgumentParser(prog="rdw-tracking", description=__doc__)
+    sub = command.add_subparsers(dest="command", required=True)
 
     db = sub.add_parser("db", help="the embedded PostgreSQL")
     db.add_argument("action", choices=["start", "stop", "url", "status"])
@@ -289,7 +290,11 @@ def main(argv: list[str] | None = None) -> int:
         help="print the -y file of `dagster-celery worker start` (RDW_CELERY_BROKER, RDW_CELERY_QUEUE)",
     )
     celery.set_defaults(func=cmd_celery_yaml)
+    return command
 
+
+def main(argv: list[str] | None = None) -> int:
+    parser = command_line()
     args = parser.parse_args(argv)
     if getattr(args, "rows", 1) < 1:
         parser.error("--rows must be at least 1")
