@@ -233,6 +233,17 @@ def _entry(where: str, index: int, entry: Any, environ: Mapping[str, str]) -> Fl
             f"{where}: {label} has unknown field(s) {', '.join(unknown)}; the fields are "
             f"name, url_env and {', '.join(TARGET_DB_FIELDS)}"
         )
+    url_env = _url_env(where, label, entry)
+    target_db = _target_db_fields(where, label, entry)
+    if not environ.get(url_env, "").strip():
+        raise FleetFileError(
+            f"{where}: {label} names env {url_env}, which is not set (or empty); set it to "
+            "the database's libpq URI where the code runs, or remove the entry"
+        )
+    return FleetDatabase(name=name, url_env=url_env, target_db=MappingProxyType(target_db))
+
+
+def _url_env(where: str, label: str, entry: dict) -> str:
     url_env = entry.get("url_env")
     if url_env is None:
         raise FleetFileError(
@@ -244,6 +255,10 @@ def _entry(where: str, index: int, entry: Any, environ: Mapping[str, str]) -> Fl
             f"{where}: {label} has a `url_env` that is not an env var name (letters, "
             "digits, underscore); put the variable's name there, never the URL itself"
         )
+    return url_env
+
+
+def _target_db_fields(where: str, label: str, entry: dict) -> dict[str, Any]:
     target_db: dict[str, Any] = {}
     for key, expected in TARGET_DB_FIELDS.items():
         if key not in entry:
@@ -258,12 +273,7 @@ def _entry(where: str, index: int, entry: Any, environ: Mapping[str, str]) -> Fl
         if expected is str and not value.strip():
             raise FleetFileError(f"{where}: {label} field {key} is empty; name it or remove it")
         target_db[key] = value
-    if not environ.get(url_env, "").strip():
-        raise FleetFileError(
-            f"{where}: {label} names env {url_env}, which is not set (or empty); set it to "
-            "the database's libpq URI where the code runs, or remove the entry"
-        )
-    return FleetDatabase(name=name, url_env=url_env, target_db=MappingProxyType(target_db))
+    return target_db
 
 
 def _is_name(value: Any) -> bool:
