@@ -21,6 +21,7 @@ from typing import Any
 
 import psycopg
 from psycopg import sql
+from psycopg.rows import dict_row
 from psycopg.types.numeric import Int8
 
 WEEKS = 52
@@ -250,6 +251,14 @@ def build(
         "per_run": Int8(shape.collections_per_run),
         "collections": Int8(shape.collections),
     }
+    _create_without_keys(url, names, params)
+    _fill_weeks(url, shape, names, params, workers)
+    return _add_keys_back(url, names) | {"seconds": round(time.monotonic() - started, 2)}
+
+
+def _create_without_keys(url: str, names: DemoNames, params: dict[str, Int8]) -> None:
+    """Fresh tables with collections and executions filled, and report_data_weeks
+    without its primary key and foreign key for the bulk load."""
     ids = names.ids()
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("SET TimeZone = 'UTC'")
@@ -262,7 +271,11 @@ def build(
                 "ALTER TABLE {weeks} DROP CONSTRAINT fk_collection_id, DROP CONSTRAINT {weeks_pkey}"
             ).format(**ids)
         )
-    _fill_weeks(url, shape, names, params, workers)
+
+
+def _add_keys_back(url: str, names: DemoNames) -> dict[str, int]:
+    """The primary key and `fk_collection_id` back, statistics fresh; the tables' counts."""
+    ids = names.ids()
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("SET maintenance_work_mem = '512MB'")
         conn.execute(
@@ -274,20 +287,15 @@ def build(
         )
         for table in ("collections", "executions", "weeks"):
             conn.execute(sql.SQL("VACUUM ANALYZE {}").format(ids[table]))
-        counts = conn.execute(
-            sql.SQL(
-                "SELECT (SELECT count(*) FROM {weeks}), "
-                "(SELECT count(execution_id) FROM {weeks}), "
-                "(SELECT count(*) FROM {executions}), (SELECT count(*) FROM {collections})"
-            ).format(**ids)
-        ).fetchone()
-    return {
-        "rows": counts[0],
-        "with_execution_id": counts[1],
-        "workflow_executions": counts[2],
-        "collections": counts[3],
-        "seconds": round(time.monotonic() - started, 2),
-    }
+        with conn.cursor(row_factory=dict_row) as cur:
+            return cur.execute(
+                sql.SQL(
+                    "SELECT (SELECT count(*) FROM {weeks}) AS rows, "
+                    "(SELECT count(execution_id) FROM {weeks}) AS with_execution_id, "
+                    "(SELECT count(*) FROM {executions}) AS workflow_executions, "
+                    "(SELECT count(*) FROM {collections}) AS collections"
+                ).format(**ids)
+            ).fetchone()
 
 
 def _fill_weeks(url: str, shape: DemoShape, names: DemoNames, params: dict, workers: int) -> None:
