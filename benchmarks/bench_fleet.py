@@ -215,27 +215,7 @@ def start_workers(count: int) -> list[subprocess.Popen]:
     names = [f"rdw_bench_{i}_{os.getpid()}" for i in range(count)]
     procs = [
         subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "dagster_celery.cli",
-                "worker",
-                "start",
-                "-A",
-                "dagster_celery.app",
-                "-y",
-                str(config),
-                "-q",
-                env["RDW_CELERY_QUEUE"],
-                "-n",
-                name,
-                "-l",
-                "WARNING",
-                "--",
-                "--concurrency=1",
-                "--without-gossip",
-                "--without-mingle",
-            ],  # fmt: skip
+            engine.worker_command(str(config), env["RDW_CELERY_QUEUE"], name),
             env=env,
             cwd=REPO,
             stdout=subprocess.DEVNULL,

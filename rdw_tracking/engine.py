@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -112,6 +113,18 @@ def worker_config(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
             "broker_connection_retry_on_startup": True,
         },
     }
+
+
+def worker_command(config: str, queue: str, name: str) -> list[str]:
+    """`dagster-celery worker start` as this Python runs it: one worker `name` on
+    `queue`, reading the `-y` file `config`, one step at a time."""
+    return [
+        sys.executable, "-m", "dagster_celery.cli", "worker", "start",
+        "-A", "dagster_celery.app", "-y", config, "-q", queue, "-n", name,
+        "-l", "WARNING",
+        # Celery's own options: one step per worker, no chatter between workers.
+        "--", "--concurrency=1", "--without-gossip", "--without-mingle",
+    ]  # fmt: skip
 
 
 def broker_url(environ: Mapping[str, str] | None = None) -> str:

@@ -102,27 +102,7 @@ class Workers:
         for name in names:
             log = open(self.setup["logs"] / f"worker_{name}.log", "wb")
             self.procs[name] = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "dagster_celery.cli",
-                    "worker",
-                    "start",
-                    "-A",
-                    "dagster_celery.app",
-                    "-y",
-                    str(self.setup["config"]),
-                    "-q",
-                    self.setup["queue"],
-                    "-n",
-                    name,
-                    "-l",
-                    "WARNING",
-                    "--",
-                    "--concurrency=1",
-                    "--without-gossip",
-                    "--without-mingle",
-                ],  # fmt: skip
+                engine.worker_command(str(self.setup["config"]), self.setup["queue"], name),
                 env=self.setup["env"],
                 cwd=REPO,
                 stdout=log,
