@@ -60,7 +60,7 @@ class Added:
     done: list[Done] = field(default_factory=list)
 
     def seconds(self, phase: str) -> float:
-        return sum(d.seconds for d in self.done if d.phase == phase)
+        return sum((d.seconds for d in self.done if d.phase == phase), 0.0)  # 0.0: a float
 
     @property
     def partitions_validated(self) -> int:
@@ -81,6 +81,7 @@ def add(
     existed = report.foreign_key is not None or any(report.member_foreign_keys)
     added = Added()
     try:
+        # A few passes more than the tree has tables; a tree that keeps changing is refused.
         for _ in range(len(report.layout.members) + 3):
             steps = next_steps(report, db, request.on_delete, request.name, request.native)
             if not steps:
