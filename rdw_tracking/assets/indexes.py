@@ -15,13 +15,12 @@ from pydantic import Field, field_validator, model_validator
 from rdw_tracking import catalog
 from rdw_tracking.assets import GROUP, READ_RETRY, WRITE_POOL
 from rdw_tracking.assets.tables import report_data_weeks, workflow_executions
-from rdw_tracking.errors import refuse
 from rdw_tracking.indexes.existing import ExistingIndex, member_indexes, table_indexes
 from rdw_tracking.indexes.existing import equivalent_of as equivalent_of
 from rdw_tracking.indexes.existing import lookup as lookup
 from rdw_tracking.indexes.online import build_index
-from rdw_tracking.indexes.preflight import refuse_conflicts, refuse_unless_buildable
-from rdw_tracking.indexes.problems import index_problems, partition_problems
+from rdw_tracking.indexes.preflight import refuse_before_building, refuse_conflicts
+from rdw_tracking.indexes.problems import WeeksIndexes, weeks_table_problems
 from rdw_tracking.indexes.sessions import LockWait as LockWait
 from rdw_tracking.indexes.sessions import describe as describe
 from rdw_tracking.indexes.sessions import raise_if_stuck as raise_if_stuck
@@ -36,11 +35,12 @@ from rdw_tracking.indexes.specs import (
     created_at_index,
 )
 from rdw_tracking.indexes.table import IndexBuild
+from rdw_tracking.indexes.watch import Log
 from rdw_tracking.indexes.watch import run_watched as run_watched
 from rdw_tracking.indexes.watch import with_lock_retries as with_lock_retries
 from rdw_tracking.layout import Layout, table_layout
 from rdw_tracking.resources import TargetDatabase
-from rdw_tracking.writes import Need, exclusive_write, refuse_without_grants
+from rdw_tracking.writes import exclusive_write
 
 # No `from __future__ import annotations` here: Dagster reads the Config annotation at runtime.
 
@@ -277,39 +277,34 @@ def execution_id_indexes(
     """
     specs = chosen_indexes(target_db, config)
     layout = weeks_layout(target_db)
-    refusal = layout.refusal(context.run.job_name) if layout is not None else None
-    if refusal:
-        raise refuse(refusal)
-    refuse_unless_buildable(target_db, specs)
-    tables = dict.fromkeys(spec.table for spec in specs)
-    members = layout.partitions if layout is not None else []
-    refuse_without_grants(
-        target_db,
-        context.run.job_name,
-        [Need(target_db.schema_name, table, ("OWNER", "CREATE")) for table in tables]
-        + [Need(m.schema, m.name, ("OWNER", "CREATE")) for m in members],
-    )
+    refuse_before_building(target_db, context.run.job_name, specs, layout)
     if layout is not None and layout.is_tree:
         context.log.info(layout.describe())
     with exclusive_write(target_db, context.run.job_name):
-        for spec in specs:  # refuse before building any, so a conflict changes nothing
-            refuse_conflicts(target_db, spec)
-        lsn = wal_lsn(target_db)
-        builds = [
-            build_index(
-                target_db,
-                spec,
-                context.log,
-                retries=config.lock_retries,
-                backoff_s=config.retry_backoff_s,
-                progress_every_s=config.progress_every_s,
-            )
-            for spec in specs
-        ]
-        wal_bytes = catalog.wal_bytes(lsn, wal_lsn(target_db))
-    return dg.MaterializeResult(
-        metadata=build_metadata(target_db, specs, builds, wal_bytes, layout)
-    )
+        builds, wal_bytes = _build_all(target_db, specs, config, context.log)
+    metadata = build_metadata(target_db, specs, builds, wal_bytes, layout)
+    return dg.MaterializeResult(metadata=metadata)
+
+
+def _build_all(
+    db: TargetDatabase, specs: list[IndexSpec], config: IndexConfig, log: Log
+) -> tuple[list[IndexBuild], int | None]:
+    """(what was done for each of `specs`, the WAL bytes the builds wrote)."""
+    for spec in specs:  # refuse before building any, so a conflict changes nothing
+        refuse_conflicts(db, spec)
+    lsn = wal_lsn(db)
+    builds = [
+        build_index(
+            db,
+            spec,
+            log,
+            retries=config.lock_retries,
+            backoff_s=config.retry_backoff_s,
+            progress_every_s=config.progress_every_s,
+        )
+        for spec in specs
+    ]
+    return builds, catalog.wal_bytes(lsn, wal_lsn(db))
 
 
 @dg.asset_check(
@@ -324,52 +319,45 @@ def execution_id_indexes_valid(target_db: TargetDatabase) -> dg.AssetCheckResult
     parent's; on an inheritance parent, every child table has the index too: a failure
     names each partition or child that falls short.
     Read-only: runs in `verify_execution_tracking` without building anything."""
-    with target_db.cursor() as cur:
-        layout = table_layout(cur, target_db.schema_name, target_db.weeks_table)
-        indexes = table_indexes(
-            cur,
-            target_db.schema_name,
-            [target_db.weeks_table],
-            [EXECUTION_ID_INDEX, COLLECTION_EXECUTION_INDEX, COMPLETED_AT_INDEX, CREATED_AT_INDEX],
-        )
-        tree = member_indexes(cur, layout) if layout is not None and layout.is_tree else {}
-    if layout is not None and layout.kind not in ("ordinary", "partitioned", "inheritance"):
-        problems, equivalents = (
-            [
-                f"{layout.label} is a {layout.kind}, not a table, so it carries none of the "
-                "expected indexes; point target_db.weeks_table at the table that holds the rows"
-            ],
-            {},
-        )
-    else:
-        problems, equivalents = index_problems(target_db, indexes)
-        if tree:
-            problems += partition_problems(target_db, layout, tree, equivalents)
-    found = {i.name for i in indexes}
+    judged = weeks_table_problems(target_db)
+    return dg.AssetCheckResult(
+        passed=not judged.problems,
+        severity=dg.AssetCheckSeverity.ERROR,
+        description=_check_description(target_db, judged),
+        metadata=_check_metadata(target_db, judged),
+    )
+
+
+def _check_description(db: TargetDatabase, judged: WeeksIndexes) -> str:
+    """The first five problems, or which indexes passed and where."""
+    problems = judged.problems
+    found = {i.name for i in judged.indexes}
     opt_in = [name for name in (CREATED_AT_INDEX, COMPLETED_AT_INDEX) if name in found]
-    names = ", ".join([*contract_indexes(target_db), *opt_in])
+    names = ", ".join([*contract_indexes(db), *opt_in])
     shown = problems[:5] + ([f"and {len(problems) - 5} more"] if len(problems) > 5 else [])
     description = "; ".join(shown) or f"{names}: valid, ready, expected definition"
-    if tree and not problems:
-        description += f", on every one of the {len(layout.partitions)} partitions or children"
-    if equivalents and not problems:
-        description += " (" + ", ".join(f"{k} is {v}" for k, v in equivalents.items()) + ")"
-    on_weeks = [i for i in indexes if i.table == target_db.weeks_table]
+    if judged.tree and not problems:
+        partitions = len(judged.layout.partitions)
+        description += f", on every one of the {partitions} partitions or children"
+    if judged.equivalents and not problems:
+        equivalents = judged.equivalents.items()
+        description += " (" + ", ".join(f"{k} is {v}" for k, v in equivalents) + ")"
+    return description
+
+
+def _check_metadata(db: TargetDatabase, judged: WeeksIndexes) -> dict[str, Any]:
+    layout, tree = judged.layout, judged.tree
+    on_weeks = [i for i in judged.indexes if i.table == db.weeks_table]
     on_members = [i for oid, found in tree.items() if oid != layout.root.oid for i in found]
     metadata: dict[str, Any] = {
-        "problems": problems,
-        "problem_count": len(problems),
-        "equivalent": equivalents,
+        "problems": judged.problems,
+        "problem_count": len(judged.problems),
+        "equivalent": judged.equivalents,
         "index_bytes": sum(i.bytes for i in on_weeks + on_members),
     }
     if tree:
         metadata["partitions_checked"] = len(layout.partitions)
-    return dg.AssetCheckResult(
-        passed=not problems,
-        severity=dg.AssetCheckSeverity.ERROR,
-        description=description,
-        metadata=metadata,
-    )
+    return metadata
 
 
 index_assets = [execution_id_indexes]

@@ -3,8 +3,10 @@ and whether one matches an `IndexSpec`."""
 
 import re
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import psycopg
+from psycopg.rows import class_row
 
 from rdw_tracking.indexes.specs import IndexSpec
 from rdw_tracking.layout import Layout
@@ -13,6 +15,8 @@ from rdw_tracking.resources import TargetDatabase
 
 @dataclass(frozen=True)
 class ExistingIndex:
+    """One index as the catalog has it; a row of `_INDEXES`, read by column name."""
+
     name: str
     table: str
     definition: str
@@ -30,24 +34,30 @@ class ExistingIndex:
     attached_to: int | None = None  # the partitioned index this one is a partition of
     partitioned: bool = False  # a partitioned table's index (relkind 'I')
 
+    def __post_init__(self) -> None:
+        # a PostgreSQL array arrives as a list; a spec's columns are a tuple
+        object.__setattr__(self, "columns", tuple(self.columns))
+
 
 # The spec's `pg_indexes` query, with what `pg_indexes` leaves out: validity, readiness,
 # key columns, predicate, size, and which partitioned index an index is attached to.
 _INDEXES = """
-    SELECT i.relname, t.relname, pg_get_indexdef(i.oid), x.indisvalid, x.indisready,
-           x.indisunique, am.amname,
+    SELECT i.relname AS name, t.relname AS "table", pg_get_indexdef(i.oid) AS definition,
+           x.indisvalid AS valid, x.indisready AS ready, x.indisunique AS "unique",
+           am.amname AS method,
            ARRAY(SELECT CASE WHEN k.attnum = 0 THEN NULL
                              ELSE a.attname || CASE WHEN x.indoption[k.n - 1] & 1 = 1
                                                     THEN ' DESC' ELSE '' END END
                  FROM unnest(x.indkey[0:x.indnkeyatts - 1]) WITH ORDINALITY AS k(attnum, n)
                  LEFT JOIN pg_attribute a ON a.attrelid = x.indrelid AND a.attnum = k.attnum
-                 ORDER BY k.n),
-           x.indnatts - x.indnkeyatts,
-           pg_get_expr(x.indpred, x.indrelid),
-           pg_relation_size(i.oid),
-           i.oid::bigint, t.oid::bigint, n.nspname,
-           (SELECT h.inhparent::bigint FROM pg_inherits h WHERE h.inhrelid = i.oid),
-           i.relkind = 'I'
+                 ORDER BY k.n) AS columns,
+           x.indnatts - x.indnkeyatts AS include_columns,
+           pg_get_expr(x.indpred, x.indrelid) AS predicate,
+           pg_relation_size(i.oid) AS bytes,
+           i.oid::bigint AS oid, t.oid::bigint AS table_oid, n.nspname AS schema,
+           (SELECT h.inhparent::bigint FROM pg_inherits h WHERE h.inhrelid = i.oid)
+               AS attached_to,
+           i.relkind = 'I' AS partitioned
     FROM pg_index x
     JOIN pg_class i ON i.oid = x.indexrelid
     JOIN pg_class t ON t.oid = x.indrelid
@@ -56,71 +66,36 @@ _INDEXES = """
 """
 
 
-def _existing(rows) -> list[ExistingIndex]:
-    return [
-        ExistingIndex(
-            name,
-            table,
-            definition,
-            valid,
-            ready,
-            unique,
-            method,
-            tuple(cols),
-            include,
-            pred,
-            size,
-            int(oid),
-            int(table_oid),
-            schema,
-            None if parent is None else int(parent),
-            partitioned,
-        )
-        for (
-            name,
-            table,
-            definition,
-            valid,
-            ready,
-            unique,
-            method,
-            cols,
-            include,
-            pred,
-            size,
-            oid,
-            table_oid,
-            schema,
-            parent,
-            partitioned,
-        ) in rows
-    ]
+def _indexes(cur: psycopg.Cursor, where: str, params: list) -> list[ExistingIndex]:
+    """`_INDEXES` filtered by `where`, on `cur`'s connection and transaction."""
+    with cur.connection.cursor(row_factory=class_row(ExistingIndex)) as named:
+        return named.execute(_INDEXES + where, params).fetchall()
 
 
 def table_indexes(
     cur: psycopg.Cursor, schema: str, tables: list[str], names: list[str] = ()
 ) -> list[ExistingIndex]:
     """Every index on `schema.tables`, plus any index of `schema` named in `names`."""
-    cur.execute(
-        _INDEXES
-        + """
+    return _indexes(
+        cur,
+        """
         WHERE n.nspname = %s AND (t.relname = ANY(%s) OR i.relname = ANY(%s))
         ORDER BY t.relname, i.relname
         """,
         [schema, list(tables), list(names)],
     )
-    return _existing(cur.fetchall())
 
 
 def member_indexes(cur: psycopg.Cursor, layout: Layout) -> dict[int, list[ExistingIndex]]:
     """Every index on each member of `layout` (the table, its partitions or children),
     by the member's oid."""
-    cur.execute(
-        _INDEXES + " WHERE t.oid = ANY(%s::oid[]) ORDER BY t.relname, i.relname",
+    on_members = _indexes(
+        cur,
+        " WHERE t.oid = ANY(%s::oid[]) ORDER BY t.relname, i.relname",
         [[m.oid for m in layout.members]],
     )
     found: dict[int, list[ExistingIndex]] = {m.oid: [] for m in layout.members}
-    for index in _existing(cur.fetchall()):
+    for index in on_members:
         found.setdefault(index.table_oid, []).append(index)
     return found
 
@@ -152,14 +127,17 @@ def equivalent_of(spec: IndexSpec, indexes: list[ExistingIndex]) -> ExistingInde
     )
 
 
-def lookup(
-    db: TargetDatabase, spec: IndexSpec, conn: psycopg.Connection | None = None
-) -> tuple[ExistingIndex | None, list[ExistingIndex]]:
-    """(the index named `spec.name`, every index on `spec.table`)."""
+class Lookup(NamedTuple):
+    named: ExistingIndex | None  # the index named `spec.name`
+    on_table: list[ExistingIndex]  # every index on `spec.table`
+
+
+def lookup(db: TargetDatabase, spec: IndexSpec, conn: psycopg.Connection | None = None) -> Lookup:
+    """The index named `spec.name` and every index on `spec.table`."""
     if conn is not None:
         found = table_indexes(conn.cursor(), spec.schema_of(db), [spec.table], [spec.name])
     else:
         with db.cursor() as cur:
             found = table_indexes(cur, spec.schema_of(db), [spec.table], [spec.name])
     named = next((i for i in found if i.name == spec.name), None)
-    return named, [i for i in found if i.table == spec.table]
+    return Lookup(named, [i for i in found if i.table == spec.table])

@@ -2,8 +2,9 @@
 attached) or an inheritance tree (the parent's and each child's)."""
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
+# Only to catch the failures `refuse` raises below and add to their message.
 import dagster as dg
 import psycopg
 from psycopg import sql
@@ -11,7 +12,7 @@ from psycopg import sql
 from rdw_tracking.errors import refuse
 from rdw_tracking.indexes.connections import Connections, connections
 from rdw_tracking.indexes.existing import ExistingIndex, lookup, matches, member_indexes
-from rdw_tracking.indexes.sessions import HOLDERS, LockWait, Session, describe, raise_if_stuck
+from rdw_tracking.indexes.sessions import LockWait, describe, raise_if_stuck, table_lock_holders
 from rdw_tracking.indexes.specs import IndexSpec
 from rdw_tracking.indexes.table import (
     IndexBuild,
@@ -51,8 +52,7 @@ def run_short_ddl(
             try:
                 conns.work.execute(statement)
             except psycopg.errors.LockNotAvailable as err:
-                holders = conns.watch.execute(HOLDERS, {"oid": on.oid}).fetchall()
-                raise LockWait(what, [Session(*row) for row in holders]) from err
+                raise LockWait(what, table_lock_holders(conns.watch, on.oid)) from err
             return time.monotonic() - started
 
     try:
@@ -80,24 +80,74 @@ def _reusable(spec: IndexSpec, indexes: list[ExistingIndex]) -> ExistingIndex | 
     return next((i for i in free if i.name == spec.name), free[0] if free else None)
 
 
+def _continues_later(failure: dg.Failure, members: str) -> dg.Failure:
+    """`failure`, its metadata kept, adding that the `members` already indexed stay so."""
+    return refuse(
+        f"{failure.description}. {members} already indexed stay so: the next "
+        "run continues with the rest",
+        **{k: v.value for k, v in (failure.metadata or {}).items()},
+    )
+
+
 @dataclass
 class _Tree:
-    """One pass of `build_partitioned_index` over the partition tree."""
+    """One build of `spec` on a partitioned table: the passes over its partition tree,
+    and what each partition got (`done`, of the last pass)."""
 
     db: TargetDatabase
     spec: IndexSpec  # the contract index, on the parent
     layout: Layout
-    indexes: dict[int, list[ExistingIndex]]
     log: Log
     retries: int
     backoff_s: float
     progress_every_s: float
-    done: list[PartitionBuild]
     conns: Connections
+    indexes: dict[int, list[ExistingIndex]] = field(default_factory=dict)
+    done: list[PartitionBuild] = field(default_factory=list)
+
+    def create_on_only(self) -> None:
+        """The parent's index, catalog only: INVALID until every partition's is attached."""
+        db, spec, layout = self.db, self.spec, self.layout
+        self.log.info(
+            f"{spec.where(db)}: creating it ON ONLY {layout.label} (INVALID until every "
+            f"partition's index is attached), then on each of {len(layout.leaves)} "
+            "partitions concurrently"
+        )
+        self.short_ddl(
+            spec.create_on_only(db),
+            f"CREATE INDEX {spec.where(db)} ON ONLY {layout.label}",
+            spec,
+            layout.root,
+        )
+
+    def until_valid(self) -> None:
+        """Pass over the tree until the parent's index is valid: three passes at most."""
+        for _ in range(3):  # a partition attached meanwhile is taken in by the next pass
+            self.read_tree()
+            root = self.layout.root
+            root_index = next(i for i in self.indexes[root.oid] if i.name == self.spec.name)
+            self.done = []
+            self.complete(root, self.spec, root_index.oid)
+            now = lookup(self.db, self.spec, self.conns.watch).named
+            if now is not None and now.valid:
+                return
+        raise refuse(
+            f"{self.spec.where(self.db)} is still INVALID after three passes over the "
+            f"partitions of {self.layout.label} (partitions attached or detached all along?); "
+            "run the job again"
+        )
+
+    def read_tree(self) -> None:
+        """The partitions and their indexes as they are now, refused as at the start."""
+        with self.conns.watch.cursor() as cur:
+            self.layout = table_layout(cur, self.layout.schema, self.layout.table) or self.layout
+            self.indexes = member_indexes(cur, self.layout)
+        refusal = self.layout.refusal(f"building index {self.spec.where(self.db)}")
+        if refusal:
+            raise refuse(refusal)
 
     def complete(self, parent: Member, parent_spec: IndexSpec, parent_oid: int) -> None:
         """Give every partition under `parent` an index attached to `parent_oid`."""
-        db = self.db
         for child in _children(self.layout, parent):
             if child.relkind not in ("r", "p"):
                 continue  # a foreign partition: refused before anything was built
@@ -108,79 +158,103 @@ class _Tree:
                 self.record(child, attached.name, "unchanged", 0.0)
                 if child.relkind == "p":  # every partition below it is too: record them
                     self.complete(child, replace(child_spec, name=attached.name), attached.oid)
-                continue
-            started = time.monotonic()
-            if child.relkind == "p":  # a sub-partitioned partition: its own ON ONLY index
-                index, action = attached, "completed"
-                if index is None:
-                    index, action = _reusable(child_spec, on_child), "attached"
-                if index is None:  # ours from an interrupted run, or none yet
-                    named = next((i for i in on_child if i.name == child_spec.name), None)
-                    refuse_conflict(db, child_spec, named, self.conns.watch)
-                    index, action = named, "completed"
-                if index is None:
-                    run_short_ddl(
-                        db,
-                        child_spec.create_on_only(db),
-                        f"CREATE INDEX {child_spec.where(db)} ON ONLY {child.label}",
-                        child_spec,
-                        child,
-                        self.log,
-                        self.retries,
-                        self.backoff_s,
-                        self.conns,
-                    )
-                    index, action = lookup(db, child_spec, self.conns.watch)[0], "created"
-                own = replace(child_spec, name=index.name)
-                self.complete(child, own, index.oid)
-                if attached is None:
-                    self.attach(parent_spec, own, child)
-                self.record(child, index.name, action, time.monotonic() - started)
-                continue
-            if attached is not None:  # an INVALID index attached: only REINDEX mends it
-                raise refuse(
-                    f"index {child.schema}.{attached.name} of partition {child.label} is "
-                    f"attached to {self.spec.where(db)} but INVALID; nothing more was changed. "
-                    f"Run REINDEX INDEX CONCURRENTLY {child.schema}.{attached.name}, then the "
-                    "job again"
-                )
-            reuse = _reusable(child_spec, on_child)
-            if reuse is not None:
-                own, action = replace(child_spec, name=reuse.name), "attached"
+            elif child.relkind == "p":
+                self.complete_subpartitioned(child, parent_spec, child_spec, attached, on_child)
             else:
-                try:
-                    build = build_table_index(
-                        db,
-                        child_spec,
-                        self.log,
-                        self.retries,
-                        self.backoff_s,
-                        self.progress_every_s,
-                        self.conns,
-                        on_child,
-                    )
-                except dg.Failure as failure:
-                    raise refuse(
-                        f"{failure.description}. Partitions already indexed stay so: the next "
-                        "run continues with the rest",
-                        **{k: v.value for k, v in (failure.metadata or {}).items()},
-                    ) from None
-                own = replace(child_spec, name=build.equivalent or build.name)
-                action = build.action
+                self.complete_leaf(child, parent_spec, child_spec, attached, on_child)
+
+    def complete_subpartitioned(
+        self,
+        child: Member,
+        parent_spec: IndexSpec,
+        child_spec: IndexSpec,
+        attached: ExistingIndex | None,
+        on_child: list[ExistingIndex],
+    ) -> None:
+        """A sub-partitioned partition: its own `ON ONLY` index, completed below, attached."""
+        started = time.monotonic()
+        index, action = self.on_only_index(child, child_spec, attached, on_child)
+        own = replace(child_spec, name=index.name)
+        self.complete(child, own, index.oid)
+        if attached is None:
             self.attach(parent_spec, own, child)
-            self.record(child, own.name, action, time.monotonic() - started)
+        self.record(child, index.name, action, time.monotonic() - started)
+
+    def on_only_index(
+        self,
+        child: Member,
+        child_spec: IndexSpec,
+        attached: ExistingIndex | None,
+        on_child: list[ExistingIndex],
+    ) -> tuple[ExistingIndex, str]:
+        """(the index a sub-partitioned `child` completes, what this run does with it):
+        the one attached, else a reusable one, else ours from an interrupted run, else new."""
+        if attached is not None:
+            return attached, "completed"
+        reuse = _reusable(child_spec, on_child)
+        if reuse is not None:
+            return reuse, "attached"
+        named = next((i for i in on_child if i.name == child_spec.name), None)
+        refuse_conflict(self.db, child_spec, named, self.conns.watch)
+        if named is not None:
+            return named, "completed"
+        self.short_ddl(
+            child_spec.create_on_only(self.db),
+            f"CREATE INDEX {child_spec.where(self.db)} ON ONLY {child.label}",
+            child_spec,
+            child,
+        )
+        return lookup(self.db, child_spec, self.conns.watch).named, "created"
+
+    def complete_leaf(
+        self,
+        child: Member,
+        parent_spec: IndexSpec,
+        child_spec: IndexSpec,
+        attached: ExistingIndex | None,
+        on_child: list[ExistingIndex],
+    ) -> None:
+        """A partition holding rows: an equivalent index it has, or one built, attached."""
+        started = time.monotonic()
+        if attached is not None:  # an INVALID index attached: only REINDEX mends it
+            raise refuse(
+                f"index {child.schema}.{attached.name} of partition {child.label} is "
+                f"attached to {self.spec.where(self.db)} but INVALID; nothing more was "
+                f"changed. Run REINDEX INDEX CONCURRENTLY {child.schema}.{attached.name}, "
+                "then the job again"
+            )
+        reuse = _reusable(child_spec, on_child)
+        if reuse is not None:
+            own, action = replace(child_spec, name=reuse.name), "attached"
+        else:
+            try:
+                build = build_table_index(
+                    self.db,
+                    child_spec,
+                    self.log,
+                    self.retries,
+                    self.backoff_s,
+                    self.progress_every_s,
+                    self.conns,
+                    on_child,
+                )
+            except dg.Failure as failure:
+                raise _continues_later(failure, "Partitions") from None
+            own, action = replace(child_spec, name=build.equivalent or build.name), build.action
+        self.attach(parent_spec, own, child)
+        self.record(child, own.name, action, time.monotonic() - started)
 
     def attach(self, parent_spec: IndexSpec, index: IndexSpec, child: Member) -> None:
-        run_short_ddl(
-            self.db,
+        self.short_ddl(
             parent_spec.attach(self.db, index),
             f"ALTER INDEX {parent_spec.where(self.db)} ATTACH PARTITION {index.where(self.db)}",
             index,
             child,
-            self.log,
-            self.retries,
-            self.backoff_s,
-            self.conns,
+        )
+
+    def short_ddl(self, statement: sql.Composable, what: str, spec: IndexSpec, on: Member) -> None:
+        run_short_ddl(
+            self.db, statement, what, spec, on, self.log, self.retries, self.backoff_s, self.conns
         )
 
     def record(self, child: Member, index: str, action: str, seconds: float) -> None:
@@ -215,85 +289,38 @@ def build_partitioned_index(
     partitions not yet attached.
     """
     with connections(db) as conns:
-        return _build_partitioned(
-            db, spec, layout, log, retries, backoff_s, progress_every_s, conns
-        )
+        tree = _Tree(db, spec, layout, log, retries, backoff_s, progress_every_s, conns)
+        return _build_partitioned(tree)
 
 
-def _build_partitioned(
-    db: TargetDatabase,
-    spec: IndexSpec,
-    layout: Layout,
-    log: Log,
-    retries: int,
-    backoff_s: float,
-    progress_every_s: float,
-    conns: Connections,
-) -> IndexBuild:
+def _build_partitioned(tree: _Tree) -> IndexBuild:
+    db, spec, log, conns = tree.db, tree.spec, tree.log, tree.conns
     where = spec.where(db)
     named, on_root = lookup(db, spec, conns.watch)
     refuse_conflict(db, spec, named, conns.watch)
-    if named is None:
-        equivalent = next(
-            (i for i in on_root if i.partitioned and i.valid and matches(spec, i)), None
+    on_every_partition = [i for i in on_root if i.partitioned and i.valid and matches(spec, i)]
+    if named is None and on_every_partition:
+        equivalent = on_every_partition[0]
+        log.info(
+            f"{where} not built: {spec.schema_of(db)}.{equivalent.name} already is that "
+            f"index on every partition ({equivalent.definition})"
         )
-        if equivalent is not None:
-            log.info(
-                f"{where} not built: {spec.schema_of(db)}.{equivalent.name} already is that "
-                f"index on every partition ({equivalent.definition})"
-            )
-            return IndexBuild(spec.name, "equivalent", equivalent=equivalent.name)
+        return IndexBuild(spec.name, "equivalent", equivalent=equivalent.name)
     started = time.monotonic()
     if named is None:
-        log.info(
-            f"{where}: creating it ON ONLY {layout.label} (INVALID until every partition's "
-            f"index is attached), then on each of {len(layout.leaves)} partitions concurrently"
-        )
-        run_short_ddl(
-            db,
-            spec.create_on_only(db),
-            f"CREATE INDEX {where} ON ONLY {layout.label}",
-            spec,
-            layout.root,
-            log,
-            retries,
-            backoff_s,
-            conns,
-        )
+        tree.create_on_only()
     elif not named.valid:
         log.info(f"{where} is INVALID: continuing with the partitions not yet attached")
+    tree.until_valid()
     action = "created" if named is None else ("unchanged" if named.valid else "rebuilt")
-    done: list[PartitionBuild] = []
-    for _ in range(3):  # a partition attached meanwhile is taken in by the next pass
-        with conns.watch.cursor() as cur:
-            layout = table_layout(cur, layout.schema, layout.table) or layout
-            indexes = member_indexes(cur, layout)
-        refusal = layout.refusal(f"building index {where}")
-        if refusal:
-            raise refuse(refusal)
-        root_index = next(i for i in indexes[layout.root.oid] if i.name == spec.name)
-        done = []
-        tree = _Tree(
-            db, spec, layout, indexes, log, retries, backoff_s, progress_every_s, done, conns
-        )
-        tree.complete(layout.root, spec, root_index.oid)
-        now, _ = lookup(db, spec, conns.watch)
-        if now is not None and now.valid:
-            break
-    else:
-        raise refuse(
-            f"{where} is still INVALID after three passes over the partitions of "
-            f"{layout.label} (partitions attached or detached all along?); run the job again"
-        )
-    if action == "unchanged" and any(p.action != "unchanged" for p in done):
+    if action == "unchanged" and any(p.action != "unchanged" for p in tree.done):
         action = "completed"
-    build = IndexBuild(spec.name, action, partitions=done)
-    build.seconds = round(time.monotonic() - started, 3)
+    seconds = round(time.monotonic() - started, 3)
     log.info(
-        f"{where}: {action} on {layout.label} and its {len(done)} partitions in "
-        f"{build.seconds:.2f} s"
+        f"{where}: {action} on {tree.layout.label} and its {len(tree.done)} partitions in "
+        f"{seconds:.2f} s"
     )
-    return build
+    return IndexBuild(spec.name, action, seconds, partitions=tree.done)
 
 
 def build_inherited_index(
@@ -318,11 +345,7 @@ def build_inherited_index(
                     db, spec.on_member(child), log, retries, backoff_s, progress_every_s, conns
                 )
             except dg.Failure as failure:
-                raise refuse(
-                    f"{failure.description}. Child tables already indexed stay so: the next "
-                    "run continues with the rest",
-                    **{k: v.value for k, v in (failure.metadata or {}).items()},
-                ) from None
+                raise _continues_later(failure, "Child tables") from None
             index = done.equivalent or done.name
             build.partitions.append(
                 PartitionBuild(spec.name, child.label, index, done.action, done.seconds)

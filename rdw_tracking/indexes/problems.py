@@ -1,16 +1,26 @@
 """How the indexes on the weeks table fall short of the spec, as sentences naming each
 index, partition or child table and the fix; the check reports them."""
 
-from rdw_tracking.indexes.existing import ExistingIndex, equivalent_of, matches
+from dataclasses import dataclass
+
+from rdw_tracking.indexes.existing import (
+    ExistingIndex,
+    equivalent_of,
+    matches,
+    member_indexes,
+    table_indexes,
+)
 from rdw_tracking.indexes.specs import (
+    COLLECTION_EXECUTION_INDEX,
     COMPLETED_AT_INDEX,
     CREATED_AT_INDEX,
+    EXECUTION_ID_INDEX,
     IndexSpec,
     completed_at_index,
     contract_indexes,
     created_at_index,
 )
-from rdw_tracking.layout import Layout, Member
+from rdw_tracking.layout import Layout, Member, table_layout
 from rdw_tracking.resources import TargetDatabase
 
 FIX = "run create_execution_id_indexes"
@@ -127,3 +137,37 @@ def _child_problems(
             f"({spec.name} of the parent; expected {child.schema}.{own.name}); {FIX}"
         ]
     return _judge(db, own, named, f"child table {child.label}'s index {child.schema}.{own.name}")
+
+
+@dataclass(frozen=True)
+class WeeksIndexes:
+    """The weeks table's indexes, and how they fall short of the spec."""
+
+    layout: Layout | None
+    indexes: list[ExistingIndex]  # on the weeks table, and any of the spec's by name
+    tree: dict[int, list[ExistingIndex]]  # by partition or child oid; {} on a plain table
+    problems: list[str]
+    equivalents: dict[str, str]  # {expected index: the equivalent one serving for it}
+
+
+def weeks_table_problems(db: TargetDatabase) -> WeeksIndexes:
+    """Read the weeks table's indexes (and its partitions' or children's), and judge them."""
+    with db.cursor() as cur:
+        layout = table_layout(cur, db.schema_name, db.weeks_table)
+        indexes = table_indexes(
+            cur,
+            db.schema_name,
+            [db.weeks_table],
+            [EXECUTION_ID_INDEX, COLLECTION_EXECUTION_INDEX, COMPLETED_AT_INDEX, CREATED_AT_INDEX],
+        )
+        tree = member_indexes(cur, layout) if layout is not None and layout.is_tree else {}
+    if layout is not None and layout.kind not in ("ordinary", "partitioned", "inheritance"):
+        not_a_table = (
+            f"{layout.label} is a {layout.kind}, not a table, so it carries none of the "
+            "expected indexes; point target_db.weeks_table at the table that holds the rows"
+        )
+        return WeeksIndexes(layout, indexes, tree, [not_a_table], {})
+    problems, equivalents = index_problems(db, indexes)
+    if tree:
+        problems += partition_problems(db, layout, tree, equivalents)
+    return WeeksIndexes(layout, indexes, tree, problems, equivalents)

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 import psycopg
+from psycopg.rows import class_row
 
 from rdw_tracking.indexes.connections import autocommit
 from rdw_tracking.resources import TargetDatabase
@@ -42,17 +43,28 @@ def describe(blockers: list[Session]) -> str:
     return "; ".join(map(str, blockers)) or "a session that has since let go"
 
 
-SESSIONS = """
-    SELECT a.pid, a.application_name, a.query_start, a.state
+def _sessions(conn: psycopg.Connection, query: str, params: dict | list) -> list[Session]:
+    with conn.cursor(row_factory=class_row(Session)) as cur:
+        return cur.execute(query, params).fetchall()
+
+
+_SESSIONS = """
+    SELECT a.pid, a.application_name AS application, a.query_start, a.state
     FROM pg_stat_activity a WHERE a.pid = ANY(%s) ORDER BY a.pid
 """
+
+
+def sessions_of(conn: psycopg.Connection, pids: list[int]) -> list[Session]:
+    """The sessions of `pids` still connected."""
+    return _sessions(conn, _SESSIONS, [pids])
+
 
 # Sessions that would make a concurrent build (or its cleanup) wait until they end:
 # an open transaction idle at the client, or one older than our lock wait, holding a lock
 # on the table that conflicts with a build; with `snapshots`, also any idle transaction
 # holding a snapshot, which the build's last phase waits out.
 _STUCK_HOLDERS = """
-    SELECT a.pid, a.application_name, a.query_start, a.state
+    SELECT a.pid, a.application_name AS application, a.query_start, a.state
     FROM pg_stat_activity a
     WHERE a.datname = current_database() AND a.pid <> pg_backend_pid()
       AND a.backend_type = 'client backend' AND a.xact_start IS NOT NULL
@@ -88,8 +100,8 @@ def stuck_lock_holders(
                 "table": table,
                 "snapshots": snapshots,
             }
-            for row in conn.execute(_STUCK_HOLDERS, params):
-                found.setdefault(row[0], Session(*row))
+            for session in _sessions(conn, _STUCK_HOLDERS, params):
+                found.setdefault(session.pid, session)
     return list(found.values())
 
 
@@ -111,7 +123,7 @@ def raise_if_stuck(
 # until it finishes, and is not ours to drop. A role without pg_read_all_stats sees other
 # roles' builds with their index hidden (NULL): any such build might be this one.
 _BUILDING = """
-    SELECT a.pid, a.application_name, a.query_start, a.state
+    SELECT a.pid, a.application_name AS application, a.query_start, a.state
     FROM pg_stat_progress_create_index p
     JOIN pg_stat_activity a ON a.pid = p.pid
     WHERE p.pid <> pg_backend_pid() AND p.datname = current_database()
@@ -125,12 +137,12 @@ def building_sessions(
 ) -> list[Session]:
     """Sessions building index `index_oid` right now (or whose builds this role cannot see)."""
     with autocommit(db, conn) as conn:
-        return [Session(*row) for row in conn.execute(_BUILDING, {"oid": index_oid})]
+        return _sessions(conn, _BUILDING, {"oid": index_oid})
 
 
 # Sessions holding any lock on a table or one of its indexes.
-HOLDERS = """
-    SELECT a.pid, a.application_name, a.query_start, a.state
+_HOLDERS = """
+    SELECT a.pid, a.application_name AS application, a.query_start, a.state
     FROM pg_stat_activity a
     WHERE a.pid <> pg_backend_pid()
       AND a.pid IN (SELECT l.pid FROM pg_locks l
@@ -140,3 +152,8 @@ HOLDERS = """
                                              WHERE x.indrelid = %(oid)s::oid)))
     ORDER BY a.pid
 """
+
+
+def table_lock_holders(conn: psycopg.Connection, table_oid: int) -> list[Session]:
+    """Sessions holding any lock on table `table_oid` or one of its indexes."""
+    return _sessions(conn, _HOLDERS, {"oid": table_oid})

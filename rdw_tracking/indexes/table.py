@@ -5,6 +5,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+# Only to catch the failures `refuse` raises below and add to their message.
 import dagster as dg
 import psycopg
 
@@ -122,7 +123,7 @@ def drop_invalid(
     session is building."""
     watch = conns.watch if conns else None
     refuse_conflict(db, spec, leftover, watch)
-    now, _ = lookup(db, spec, watch)
+    now = lookup(db, spec, watch).named
     if now is None:
         return
     if now.oid != leftover.oid or now.valid:
@@ -166,27 +167,76 @@ def build_table_index(
         named, on_table = lookup(db, spec, watch)
     else:  # another relation of that name, if any, is refused by CREATE INDEX itself
         named = next((i for i in on_table if i.name == spec.name), None)
-    where = spec.where(db)
     refuse_conflict(db, spec, named, watch)
+    there = _already_there(db, spec, named, on_table, log)
+    if there is not None:
+        return there
+    attempt = _Attempt(db, spec, log, progress_every_s, conns, named)
+    where = spec.where(db)
+    try:
+        seconds = with_lock_retries(attempt, f"build of {where}", log, retries, backoff_s)
+    except LockWait as wait:
+        raise _gave_up(db, spec, log, conns, wait, attempt.build.attempts) from None
+    except dg.Failure as failure:
+        if not _drop_invalid_leftover(db, spec, log, conns):
+            raise
+        raise refuse(
+            f"{failure.description}. It left an INVALID {where} that could not be dropped "
+            "now; the next run drops and rebuilds it",
+            invalid_index_left=True,
+        ) from None
+    attempt.build.seconds = round(seconds, 3)
+    if conns is None:
+        log.info(f"{where}: {attempt.build.action} in {attempt.build.seconds:.2f} s")
+    return attempt.build
+
+
+def _already_there(
+    db: TargetDatabase,
+    spec: IndexSpec,
+    named: ExistingIndex | None,
+    on_table: list[ExistingIndex],
+    log: Log,
+) -> IndexBuild | None:
+    """`spec` valid under its name (unchanged) or under another (equivalent); else None."""
     if named is not None and named.valid:
         return IndexBuild(spec.name, "unchanged")
-    if named is None:
-        equivalent = equivalent_of(spec, on_table)
-        if equivalent is not None:
-            log.info(
-                f"{where} not built: {spec.schema_of(db)}.{equivalent.name} already is that "
-                f"index ({equivalent.definition})"
-            )
-            return IndexBuild(spec.name, "equivalent", equivalent=equivalent.name)
-    action = "created" if named is None else "rebuilt"
-    build = IndexBuild(spec.name, action)
+    equivalent = equivalent_of(spec, on_table) if named is None else None
+    if equivalent is None:
+        return None
+    log.info(
+        f"{spec.where(db)} not built: {spec.schema_of(db)}.{equivalent.name} already is that "
+        f"index ({equivalent.definition})"
+    )
+    return IndexBuild(spec.name, "equivalent", equivalent=equivalent.name)
 
-    def attempt() -> float:
-        build.attempts += 1
+
+class _Attempt:
+    """One attempt at `CREATE INDEX CONCURRENTLY` of `spec`, called once per retry;
+    `build` counts them."""
+
+    def __init__(
+        self,
+        db: TargetDatabase,
+        spec: IndexSpec,
+        log: Log,
+        progress_every_s: float,
+        conns: Connections | None,
+        named: ExistingIndex | None,
+    ):
+        self.db, self.spec, self.log, self.conns, self.named = db, spec, log, conns, named
+        self.progress_every_s = progress_every_s
+        self.build = IndexBuild(spec.name, "created" if named is None else "rebuilt")
+
+    def __call__(self) -> float:
+        db, spec, log, conns = self.db, self.spec, self.log, self.conns
+        watch = conns.watch if conns else None
+        self.build.attempts += 1
+        where = spec.where(db)
         raise_if_stuck(db, [spec.table], f"build of {where}", True, spec.schema_of(db), watch)
         with psycopg_errors(db, spec):
             # a retry may find what the last attempt left; `drop_invalid` re-checks anyway
-            leftover = named if build.attempts == 1 else lookup(db, spec, watch)[0]
+            leftover = self.named if self.build.attempts == 1 else lookup(db, spec, watch).named
             if leftover is not None and not leftover.valid:
                 drop_invalid(db, spec, leftover, log, conns)
             if conns is None:
@@ -196,42 +246,37 @@ def build_table_index(
                 spec.create(db),
                 spec.name,
                 log,
-                progress_every_s,
+                self.progress_every_s,
                 conns=conns,
                 log_phases=conns is None,
             )
 
-    try:
-        build.seconds = round(
-            with_lock_retries(attempt, f"build of {where}", log, retries, backoff_s), 3
+
+def _gave_up(
+    db: TargetDatabase,
+    spec: IndexSpec,
+    log: Log,
+    conns: Connections | None,
+    wait: LockWait,
+    attempts: int,
+) -> dg.Failure:
+    """The failure after the last lock wait, once any INVALID leftover has been dropped."""
+    left = _drop_invalid_leftover(db, spec, log, conns)
+    where = spec.where(db)
+    return refuse(
+        f"gave up building index {where} on {spec.table_label(db)} after "
+        f"{attempts} attempts: each waited {db.lock_timeout_ms} ms at most for a lock "
+        f"held by {describe(wait.blockers)}; "
+        + (
+            f"an INVALID {where} is left (drop it with DROP INDEX CONCURRENTLY {where} "
+            "once that session ends, or run the job again then). "
+            if left
+            else "no INVALID index was left behind. "
         )
-    except LockWait as wait:
-        left = _drop_invalid_leftover(db, spec, log, conns)
-        raise refuse(
-            f"gave up building index {where} on {spec.table_label(db)} after "
-            f"{build.attempts} attempts: each waited {db.lock_timeout_ms} ms at most for a lock "
-            f"held by {describe(wait.blockers)}; "
-            + (
-                f"an INVALID {where} is left (drop it with DROP INDEX CONCURRENTLY {where} "
-                "once that session ends, or run the job again then). "
-                if left
-                else "no INVALID index was left behind. "
-            )
-            + "Run the job again when that session has finished",
-            blocking_sessions=describe(wait.blockers),
-            invalid_index_left=left,
-        ) from None
-    except dg.Failure as failure:
-        if not _drop_invalid_leftover(db, spec, log, conns):
-            raise
-        raise refuse(
-            f"{failure.description}. It left an INVALID {where} that could not be dropped "
-            "now; the next run drops and rebuilds it",
-            invalid_index_left=True,
-        ) from None
-    if conns is None:
-        log.info(f"{where}: {action} in {build.seconds:.2f} s")
-    return build
+        + "Run the job again when that session has finished",
+        blocking_sessions=describe(wait.blockers),
+        invalid_index_left=left,
+    )
 
 
 def _drop_invalid_leftover(
@@ -241,7 +286,7 @@ def _drop_invalid_leftover(
     if conns is not None and (conns.work.broken or conns.watch.broken):
         conns = None  # the failure took a connection with it: use fresh ones
     watch = conns.watch if conns else None
-    leftover, _ = lookup(db, spec, watch)
+    leftover = lookup(db, spec, watch).named
     if leftover is None or leftover.valid:
         return False
     where = spec.where(db)
@@ -256,5 +301,5 @@ def _drop_invalid_leftover(
     except (LockWait, psycopg.Error, dg.Failure) as err:
         reason = err.description if isinstance(err, dg.Failure) else err
         log.warning(f"could not drop the INVALID {where}: {reason}")
-    now, _ = lookup(db, spec, watch)
+    now = lookup(db, spec, watch).named
     return now is not None and not now.valid

@@ -4,14 +4,15 @@ it, and the retries with back-off after a lock wait."""
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 import psycopg
 from psycopg import sql
+from psycopg.rows import class_row
 
 from rdw_tracking.indexes.connections import Connections, autocommit
-from rdw_tracking.indexes.sessions import SESSIONS, LockWait, Session, describe
+from rdw_tracking.indexes.sessions import LockWait, Session, describe, sessions_of
 from rdw_tracking.resources import TargetDatabase
 
 T = TypeVar("T")
@@ -60,17 +61,79 @@ def progress_line(name: str, progress: Progress, seconds: float) -> str:
     return " — ".join(parts)
 
 
+@dataclass(frozen=True)
+class _Glimpse(Progress):
+    """One look at a running statement: its progress, and who blocks it if it waits."""
+
+    blocking: list[int] | None
+
+
 # pg_blocking_pids() takes every lock-manager partition lock: asked several times a
 # second through a build, it slowed the build itself. Only a backend waiting on a lock
 # has blockers to name.
 _WATCH = """
     SELECT p.phase, p.blocks_done, p.blocks_total, p.tuples_done, p.tuples_total,
            p.lockers_done, p.lockers_total,
-           CASE WHEN a.wait_event_type = 'Lock' THEN pg_blocking_pids(%(pid)s) END
+           CASE WHEN a.wait_event_type = 'Lock' THEN pg_blocking_pids(%(pid)s) END AS blocking
     FROM (SELECT 1) AS one
     LEFT JOIN pg_stat_progress_create_index p ON p.pid = %(pid)s
     LEFT JOIN pg_stat_activity a ON a.pid = %(pid)s
 """
+
+
+class _Running:
+    """The statement, run in a thread of its own so that this one can watch it."""
+
+    def __init__(self, work: psycopg.Connection, statement: sql.Composable, what: str):
+        self.work = work
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(
+            target=self._execute, args=(statement,), name=f"rdw:{what}", daemon=True
+        )
+        self.thread.start()
+
+    def _execute(self, statement: sql.Composable) -> None:
+        try:
+            self.work.execute(statement)
+        except BaseException as err:  # handed to the watching thread
+            self.error = err
+
+    def still_running_after(self, seconds: float) -> bool:
+        self.thread.join(seconds)
+        return self.thread.is_alive()
+
+    def stop(self) -> None:
+        if self.thread.is_alive():  # the run is being stopped: don't leave the DDL behind
+            self.work.cancel_safe()
+            self.thread.join()
+
+
+@dataclass
+class _Watcher:
+    """What the watching connection has seen so far, and when it last logged progress."""
+
+    what: str
+    log: Log
+    progress_every_s: float
+    log_phases: bool
+    started: float
+    logged_at: float
+    logged_phase: str | None = None
+    blockers: list[Session] = field(default_factory=list)
+
+    def look(self, watch: psycopg.Connection, pid: int) -> None:
+        """Who blocks backend `pid`, and its progress when a phase starts or it is time."""
+        with watch.cursor(row_factory=class_row(_Glimpse)) as cur:
+            glimpse = cur.execute(_WATCH, {"pid": pid}).fetchone()
+        if glimpse.blocking:
+            self.blockers = sessions_of(watch, glimpse.blocking) or self.blockers
+        now = time.monotonic()
+        if glimpse.phase is not None and (
+            (self.log_phases and glimpse.phase != self.logged_phase)
+            or now - self.logged_at >= self.progress_every_s
+        ):
+            self.log.info(progress_line(self.what, glimpse, now - self.started))
+            self.logged_at, self.logged_phase = now, glimpse.phase
 
 
 def run_watched(
@@ -95,44 +158,18 @@ def run_watched(
         autocommit(db, conns and conns.watch) as watch,
     ):
         pid = work.info.backend_pid
-        outcome: dict[str, BaseException] = {}
-
-        def execute() -> None:
-            try:
-                work.execute(statement)
-            except BaseException as err:  # handed to the watching thread
-                outcome["error"] = err
-
         started = time.monotonic()
-        worker = threading.Thread(target=execute, name=f"rdw:{what}", daemon=True)
-        worker.start()
-        blockers: list[Session] = []
-        logged_at, logged_phase = started, None
+        running = _Running(work, statement, what)
+        watcher = _Watcher(what, log, progress_every_s, log_phases, started, logged_at=started)
         try:
-            while worker.is_alive():
-                worker.join(poll_s)
-                if not worker.is_alive():
-                    break
-                *numbers, blocking = watch.execute(_WATCH, {"pid": pid}).fetchone()
-                if blocking:
-                    sessions = watch.execute(SESSIONS, [blocking]).fetchall()
-                    blockers = [Session(*row) for row in sessions] or blockers
-                now = time.monotonic()
-                phase = numbers[0]
-                if phase is not None and (
-                    (log_phases and phase != logged_phase) or now - logged_at >= progress_every_s
-                ):
-                    log.info(progress_line(what, Progress(*numbers), now - started))
-                    logged_at, logged_phase = now, phase
+            while running.still_running_after(poll_s):
+                watcher.look(watch, pid)
         finally:
-            if worker.is_alive():  # the run is being stopped: don't leave the DDL behind
-                work.cancel_safe()
-                worker.join()
-        error = outcome.get("error")
-        if isinstance(error, psycopg.errors.LockNotAvailable):
-            raise LockWait(what, blockers) from error
-        if error is not None:
-            raise error
+            running.stop()
+        if isinstance(running.error, psycopg.errors.LockNotAvailable):
+            raise LockWait(what, watcher.blockers) from running.error
+        if running.error is not None:
+            raise running.error
         return time.monotonic() - started
 
 
