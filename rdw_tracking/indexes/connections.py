@@ -21,12 +21,14 @@ class Connections:
 
 @contextmanager
 def connections(db: TargetDatabase) -> Iterator[Connections]:
+    """Open the two `Connections` of one build."""
     with db.connect(autocommit=True) as work, db.connect(autocommit=True) as watch:
         yield Connections(work, watch)
 
 
 @contextmanager
 def autocommit(db: TargetDatabase, conn: psycopg.Connection | None) -> Iterator[psycopg.Connection]:
+    """`conn` when given (left open), else an autocommit connection of its own."""
     if conn is not None:
         yield conn
     else:
