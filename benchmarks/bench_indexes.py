@@ -30,8 +30,8 @@ import psycopg
 from psycopg import sql
 
 from rdw_tracking import demo
-from rdw_tracking.assets.indexes import contract_indexes
 from rdw_tracking.demo_layouts import relayout
+from rdw_tracking.indexes.specs import contract_indexes
 from rdw_tracking.layout import table_layout
 from rdw_tracking.resources import TargetDatabase
 

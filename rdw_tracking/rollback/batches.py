@@ -10,8 +10,8 @@ import psycopg
 from psycopg import errors, sql
 from psycopg.rows import class_row
 
-from rdw_tracking.assets.indexes import Session, describe
 from rdw_tracking.errors import refuse
+from rdw_tracking.indexes.sessions import Session, describe
 from rdw_tracking.resources import TargetDatabase
 from rdw_tracking.rollback import ROLLBACK_JOB
 from rdw_tracking.writes import check_write_lock

@@ -8,19 +8,16 @@ import dagster as dg
 import psycopg
 import pytest
 
-from rdw_tracking.assets.indexes import (
+from rdw_tracking.assets.indexes import IndexConfig
+from rdw_tracking.indexes.existing import ExistingIndex, matches
+from rdw_tracking.indexes.online import build_index
+from rdw_tracking.indexes.specs import (
     COLLECTION_EXECUTION_INDEX,
     COMPLETED_AT_INDEX,
     EXECUTION_ID_INDEX,
-    ExistingIndex,
-    IndexConfig,
-    Progress,
-    backoff_delays,
-    build_index,
     contract_indexes,
-    matches,
-    progress_line,
 )
+from rdw_tracking.indexes.watch import Progress, backoff_delays, progress_line
 from rdw_tracking.jobs import DB_WRITES_TAG
 from rdw_tracking.resources import TargetDatabase
 from rdw_tracking.writes import exclusive_write

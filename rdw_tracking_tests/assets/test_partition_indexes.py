@@ -10,7 +10,7 @@ import dagster as dg
 import psycopg
 import pytest
 
-from rdw_tracking.assets.indexes import (
+from rdw_tracking.indexes.specs import (
     COLLECTION_EXECUTION_INDEX,
     EXECUTION_ID_INDEX,
     contract_indexes,
