@@ -13,6 +13,7 @@ from pydantic import Field, field_validator
 
 from rdw_tracking import catalog
 from rdw_tracking.assets import GROUP, READ_RETRY
+from rdw_tracking.assets.metadata import metadata_table
 from rdw_tracking.assets.tables import report_data_weeks, workflow_executions
 from rdw_tracking.errors import refuse
 from rdw_tracking.layout import KINDS, Layout, table_layout
@@ -439,24 +440,22 @@ def members_table(members: list[MemberSize]) -> dg.TableMetadataValue:
         "row_estimate": "int", "heap_bytes": "int", "table_bytes": "int",
         "index_bytes": "int", "total_bytes": "int",
     }  # fmt: skip
-    return dg.MetadataValue.table(
-        records=[
-            dg.TableRecord(
-                {
-                    "table": m.label,
-                    "kind": m.kind,
-                    "level": m.level,
-                    "bound": m.bound or "",
-                    "row_estimate": m.row_estimate if m.row_estimate is not None else -1,
-                    "heap_bytes": m.heap_bytes,
-                    "table_bytes": m.table_bytes,
-                    "index_bytes": m.index_bytes,
-                    "total_bytes": m.total_bytes,
-                }
-            )
+    return metadata_table(
+        columns,
+        (
+            {
+                "table": m.label,
+                "kind": m.kind,
+                "level": m.level,
+                "bound": m.bound or "",
+                "row_estimate": m.row_estimate if m.row_estimate is not None else -1,
+                "heap_bytes": m.heap_bytes,
+                "table_bytes": m.table_bytes,
+                "index_bytes": m.index_bytes,
+                "total_bytes": m.total_bytes,
+            }
             for m in members
-        ],
-        schema=dg.TableSchema(columns=[dg.TableColumn(n, t) for n, t in columns.items()]),
+        ),
     )
 
 
@@ -488,25 +487,16 @@ def storage_metadata(storage: Storage) -> dict:
             else None
         ),
         "row_estimate": storage.row_estimate,
-        "indexes": dg.MetadataValue.table(
-            records=[
-                dg.TableRecord(
-                    {
-                        "index": name,
-                        "bytes": size,
-                        "partitions": storage.index_partitions.get(name, 0),
-                        "definition": definition,
-                    }
-                )
+        "indexes": metadata_table(
+            {"index": "string", "bytes": "int", "partitions": "int", "definition": "string"},
+            (
+                {
+                    "index": name,
+                    "bytes": size,
+                    "partitions": storage.index_partitions.get(name, 0),
+                    "definition": definition,
+                }
                 for name, size, definition in storage.indexes
-            ],
-            schema=dg.TableSchema(
-                columns=[
-                    dg.TableColumn("index", "string"),
-                    dg.TableColumn("bytes", "int"),
-                    dg.TableColumn("partitions", "int"),
-                    dg.TableColumn("definition", "string"),
-                ]
             ),
         ),
     }

@@ -12,6 +12,7 @@ from psycopg import sql
 
 from rdw_tracking import catalog
 from rdw_tracking.assets import GROUP, READ_RETRY
+from rdw_tracking.assets.metadata import metadata_table
 from rdw_tracking.assets.tables import report_data_weeks, workflow_executions
 from rdw_tracking.errors import refuse
 from rdw_tracking.layout import KINDS, Layout, Member, table_layout
@@ -245,29 +246,25 @@ def layout_metadata(layout: Layout) -> dict:
         metadata["children"] = ", ".join(m.label for m in layout.partitions)
     if layout.partitions:
         labels = {m.oid: m.label for m in layout.members}
-        metadata["layout_members"] = dg.MetadataValue.table(
-            records=[
-                dg.TableRecord(
-                    {
-                        "table": m.label,
-                        "kind": KINDS.get(m.relkind, m.relkind),
-                        "level": m.level,
-                        "parent": labels.get(m.parent_oid, ""),
-                        "bound": m.bound or "",
-                        "holds_rows": m.holds_rows,
-                    }
-                )
+        metadata["layout_members"] = metadata_table(
+            {
+                "table": "string",
+                "kind": "string",
+                "level": "int",
+                "parent": "string",
+                "bound": "string",
+                "holds_rows": "bool",
+            },  # fmt: skip
+            (
+                {
+                    "table": m.label,
+                    "kind": KINDS.get(m.relkind, m.relkind),
+                    "level": m.level,
+                    "parent": labels.get(m.parent_oid, ""),
+                    "bound": m.bound or "",
+                    "holds_rows": m.holds_rows,
+                }
                 for m in layout.members
-            ],
-            schema=dg.TableSchema(
-                columns=[
-                    dg.TableColumn("table", "string"),
-                    dg.TableColumn("kind", "string"),
-                    dg.TableColumn("level", "int"),
-                    dg.TableColumn("parent", "string"),
-                    dg.TableColumn("bound", "string"),
-                    dg.TableColumn("holds_rows", "bool"),
-                ]
             ),
         )
     return metadata
