@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import dagster as dg
 import psycopg
 from psycopg import sql
+from psycopg.rows import class_row
 
 from rdw_tracking import catalog
 from rdw_tracking.assets import GROUP, READ_RETRY
@@ -68,9 +69,11 @@ class SchemaReport:
 # Every FK from execution_id alone to the executions table, on any table of the layout
 # (partitions may live in other schemas, so by oid).
 MEMBER_FOREIGN_KEYS_SQL = """
-SELECT con.conrelid::bigint, con.conname, con.convalidated, con.conparentid <> 0,
+SELECT con.conrelid::bigint AS table_oid, con.conname AS name, con.convalidated AS validated,
+       con.conparentid <> 0 AS inherited,
        CASE con.confdeltype WHEN 'a' THEN 'NO ACTION' WHEN 'r' THEN 'RESTRICT'
             WHEN 'c' THEN 'CASCADE' WHEN 'n' THEN 'SET NULL' WHEN 'd' THEN 'SET DEFAULT' END
+         AS on_delete
 FROM pg_constraint con
 JOIN pg_attribute sa ON sa.attrelid = con.conrelid AND sa.attnum = con.conkey[1]
 JOIN pg_attribute da ON da.attrelid = con.confrelid AND da.attnum = con.confkey[1]
@@ -84,11 +87,12 @@ ORDER BY con.conrelid, con.convalidated DESC, con.conname
 def member_foreign_keys(
     cur: psycopg.Cursor, layout: Layout, db: TargetDatabase
 ) -> tuple[MemberForeignKey, ...]:
-    cur.execute(
-        MEMBER_FOREIGN_KEYS_SQL,
-        {"members": [m.oid for m in layout.members], "executions": db.executions.as_string(cur)},
-    )
-    return tuple(MemberForeignKey(*row) for row in cur.fetchall())
+    params = {
+        "members": [m.oid for m in layout.members],
+        "executions": db.executions.as_string(cur),
+    }
+    with cur.connection.cursor(row_factory=class_row(MemberForeignKey)) as by_name:
+        return tuple(by_name.execute(MEMBER_FOREIGN_KEYS_SQL, params).fetchall())
 
 
 def inspect_schema(db: TargetDatabase) -> SchemaReport:
