@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import psycopg
+from psycopg.rows import class_row
 
 
 @dataclass(frozen=True)
@@ -44,10 +45,9 @@ def columns(
     """Every live column of `schema.table` in order; empty when the table is missing.
 
     `kinds`: the relkinds that count (a view's columns, say, with `("v",)`)."""
-    cur.execute(
-        """
-        SELECT a.attname, format_type(a.atttypid, a.atttypmod), NOT a.attnotnull,
-               pg_get_expr(d.adbin, d.adrelid)
+    statement = """
+        SELECT a.attname AS name, format_type(a.atttypid, a.atttypmod) AS data_type,
+               NOT a.attnotnull AS is_nullable, pg_get_expr(d.adbin, d.adrelid) AS column_default
         FROM pg_attribute a
         JOIN pg_class c ON c.oid = a.attrelid
         JOIN pg_namespace n ON n.oid = c.relnamespace
@@ -55,22 +55,21 @@ def columns(
         WHERE n.nspname = %s AND c.relname = %s AND c.relkind::text = ANY(%s)
           AND a.attnum > 0 AND NOT a.attisdropped
         ORDER BY a.attnum
-        """,
-        [schema, table, list(kinds)],
-    )
-    return [Column(*row) for row in cur.fetchall()]
+        """
+    with cur.connection.cursor(row_factory=class_row(Column)) as by_name:
+        return by_name.execute(statement, [schema, table, list(kinds)]).fetchall()
 
 
 def execution_id_foreign_keys(
     cur: psycopg.Cursor, schema: str, weeks_table: str, executions_table: str
 ) -> list[ForeignKey]:
     """FKs from `weeks_table(execution_id)` alone to `executions_table(id)`, same schema."""
-    cur.execute(
-        """
-        SELECT con.conname, con.convalidated, pg_get_constraintdef(con.oid),
+    statement = """
+        SELECT con.conname AS name, con.convalidated AS validated,
+               pg_get_constraintdef(con.oid) AS definition,
                CASE con.confdeltype WHEN 'a' THEN 'NO ACTION' WHEN 'r' THEN 'RESTRICT'
                     WHEN 'c' THEN 'CASCADE' WHEN 'n' THEN 'SET NULL'
-                    WHEN 'd' THEN 'SET DEFAULT' END
+                    WHEN 'd' THEN 'SET DEFAULT' END AS on_delete
         FROM pg_constraint con
         JOIN pg_class src ON src.oid = con.conrelid
         JOIN pg_namespace sn ON sn.oid = src.relnamespace
@@ -82,10 +81,11 @@ def execution_id_foreign_keys(
           AND dn.nspname = %s AND dst.relname = %s
           AND cardinality(con.conkey) = 1 AND sa.attname = 'execution_id' AND da.attname = 'id'
         ORDER BY con.convalidated DESC, con.conname
-        """,
-        [schema, weeks_table, schema, executions_table],
-    )
-    return [ForeignKey(*row) for row in cur.fetchall()]
+        """
+    with cur.connection.cursor(row_factory=class_row(ForeignKey)) as by_name:
+        return by_name.execute(
+            statement, [schema, weeks_table, schema, executions_table]
+        ).fetchall()
 
 
 @dataclass(frozen=True)
@@ -110,24 +110,26 @@ def table_access(
 
     With `update_columns`, UPDATE granted on just those columns counts as UPDATE.
     """
-    cur.execute(
-        """
-        SELECT current_user, pg_get_userbyid(c.relowner), has_schema_privilege(n.oid, 'USAGE'),
-               pg_has_role(c.relowner, 'USAGE'), has_table_privilege(c.oid, 'SELECT'), has_table_privilege(c.oid, 'INSERT'),
+    statement = """
+        SELECT current_user AS role, pg_get_userbyid(c.relowner) AS owner,
+               has_schema_privilege(n.oid, 'USAGE') AS usage,
+               pg_has_role(c.relowner, 'USAGE') AS owns,
+               has_table_privilege(c.oid, 'SELECT') AS "select",
+               has_table_privilege(c.oid, 'INSERT') AS "insert",
                CASE WHEN cardinality(%(columns)s::text[]) = 0
                     THEN has_table_privilege(c.oid, 'UPDATE')
                     ELSE coalesce((SELECT bool_and(has_column_privilege(c.oid, a.attnum, 'UPDATE'))
                                    FROM pg_attribute a
                                    WHERE a.attrelid = c.oid AND a.attname = ANY(%(columns)s::text[])
-                                     AND NOT a.attisdropped), false) END,
-               has_table_privilege(c.oid, 'REFERENCES'), has_schema_privilege(n.oid, 'CREATE')
+                                     AND NOT a.attisdropped), false) END AS "update",
+               has_table_privilege(c.oid, 'REFERENCES') AS "references",
+               has_schema_privilege(n.oid, 'CREATE') AS schema_create
         FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
         WHERE n.nspname = %(schema)s AND c.relname = %(table)s AND c.relkind IN ('r', 'p')
-        """,
-        {"schema": schema, "table": table, "columns": list(update_columns)},
-    )
-    row = cur.fetchone()
-    return TableAccess(*row) if row else None
+        """
+    params = {"schema": schema, "table": table, "columns": list(update_columns)}
+    with cur.connection.cursor(row_factory=class_row(TableAccess)) as by_name:
+        return by_name.execute(statement, params).fetchone()
 
 
 def schema_access(cur: psycopg.Cursor, schema: str) -> tuple[str, bool] | None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import psycopg
 from psycopg import sql
+from psycopg.rows import namedtuple_row
 
 # The relkinds a name can have, in words for messages.
 KINDS = {
@@ -139,7 +140,7 @@ WITH RECURSIVE tree AS (
     WHERE NOT i.inhdetachpending
 )
 SELECT t.oid::bigint AS oid, n.nspname AS schema, c.relname AS name, c.relkind::text AS relkind,
-       t.level, t.parent_oid::bigint AS parent_oid,
+       t.level AS level, t.parent_oid::bigint AS parent_oid,
        pg_get_expr(c.relpartbound, c.oid) AS bound,
        CASE WHEN c.relkind = 'p' THEN pg_get_partkeydef(c.oid) END AS partkey,
        coalesce((SELECT array_agg(r.rulename::text ORDER BY r.rulename) FROM pg_rewrite r
@@ -156,23 +157,26 @@ def table_layout(
     conn: psycopg.Connection | psycopg.Cursor, schema: str, table: str
 ) -> Layout | None:
     """The layout of `schema.table`; None when no relation has that name."""
-    rows = conn.execute(_TREE, {"schema": schema, "table": table}).fetchall()
+    connection = conn.connection if isinstance(conn, psycopg.Cursor) else conn
+    with connection.cursor(row_factory=namedtuple_row) as by_name:
+        rows = by_name.execute(_TREE, {"schema": schema, "table": table}).fetchall()
     if not rows:
         return None
     members = tuple(
         Member(
-            oid=int(oid),
-            schema=nsp,
-            name=name,
-            relkind=relkind,
-            level=level,
-            parent_oid=int(parent) if parent is not None else None,
-            bound=bound,
-            rules=tuple(rules or ()),
+            oid=int(row.oid),
+            schema=row.schema,
+            name=row.name,
+            relkind=row.relkind,
+            level=row.level,
+            parent_oid=int(row.parent_oid) if row.parent_oid is not None else None,
+            bound=row.bound,
+            rules=tuple(row.rules or ()),
         )
-        for oid, nsp, name, relkind, level, parent, bound, _, rules, _ in rows
+        for row in rows
     )
-    root_kind, partkey, has_children = rows[0][3], rows[0][7], rows[0][9]
+    root = rows[0]
+    root_kind, partkey, has_children = root.relkind, root.partkey, root.has_children
     if root_kind == "p":
         kind = "partitioned"
     elif root_kind == "r":

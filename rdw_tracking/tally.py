@@ -32,6 +32,7 @@ from decimal import ROUND_HALF_UP, Decimal
 
 import psycopg
 from psycopg import sql
+from psycopg.rows import class_row, namedtuple_row
 
 from rdw_tracking.layout import Layout
 
@@ -208,22 +209,23 @@ def midnight(day: dt.date) -> dt.datetime:
 # -- what the server says happened ---------------------------------------------------------
 
 COUNTERS_SQL = """
-SELECT coalesce(sum(s.n_tup_ins), 0)::bigint,
-       coalesce(sum(s.n_tup_upd - s.n_tup_hot_upd), 0)::bigint,
-       coalesce(sum(s.n_tup_del), 0)::bigint,
+SELECT coalesce(sum(s.n_tup_ins), 0)::bigint AS inserted,
+       coalesce(sum(s.n_tup_upd - s.n_tup_hot_upd), 0)::bigint AS moved,
+       coalesce(sum(s.n_tup_del), 0)::bigint AS deleted,
        (SELECT coalesce(sum(x.n_tup_del), 0)::bigint FROM pg_stat_all_tables x
-        WHERE x.relid = ANY(%(executions)s::oid[])),
+        WHERE x.relid = ANY(%(executions)s::oid[])) AS executions_deleted,
        (SELECT coalesce(sum(x.n_tup_ins), 0)::bigint FROM pg_stat_all_tables x
-        WHERE x.relid = ANY(%(executions)s::oid[]))
+        WHERE x.relid = ANY(%(executions)s::oid[])) AS executions_inserted
 FROM pg_stat_all_tables s WHERE s.relid = ANY(%(leaves)s::oid[])
 """
 # What must stay the same for counters to be compared: the server run, the statistics,
 # and each physical table (a TRUNCATE or rewrite gives it a new file).
 EPOCH_SQL = """
-SELECT pg_postmaster_start_time()::text,
-       (SELECT stats_reset::text FROM pg_stat_database WHERE datname = current_database()),
+SELECT pg_postmaster_start_time()::text AS started,
+       (SELECT stats_reset::text FROM pg_stat_database WHERE datname = current_database())
+         AS stats_reset,
        ARRAY(SELECT oid::text || ':' || pg_relation_filenode(oid)::text
-             FROM unnest(%(relations)s::oid[]) AS oid ORDER BY 1)
+             FROM unnest(%(relations)s::oid[]) AS oid ORDER BY 1) AS filenodes
 """
 # The physical tables of workflow_executions: itself, its partitions or its children.
 EXECUTION_LEAVES_SQL = """
@@ -237,8 +239,10 @@ WHERE c.relkind = 'r'
 
 def read_counters(cur: psycopg.Cursor, leaves: list[int], executions: list[int]) -> Counters:
     cur.execute("SELECT pg_stat_clear_snapshot()")  # fresh figures, not the transaction's cache
-    row = cur.execute(COUNTERS_SQL, {"leaves": leaves, "executions": executions}).fetchone()
-    return Counters(*row)
+    with cur.connection.cursor(row_factory=class_row(Counters)) as by_name:
+        return by_name.execute(
+            COUNTERS_SQL, {"leaves": leaves, "executions": executions}
+        ).fetchone()
 
 
 def execution_leaves(cur: psycopg.Cursor, table: sql.Identifier) -> list[int]:
@@ -313,6 +317,12 @@ class Tables:
     @property
     def leaves(self) -> list[int]:
         return [m.oid for m in self.layout.leaves]
+
+
+def by_name(cur: psycopg.Cursor, statement: sql.Composable | str, params: dict) -> list:
+    """The rows of `statement`, each a named tuple of its columns' labels."""
+    with cur.connection.cursor(row_factory=namedtuple_row) as named:
+        return named.execute(statement, params).fetchall()
 
 
 def _days(cur: psycopg.Cursor, t: Tables, where: str, params: dict) -> dict[Day, DayTally]:
@@ -406,20 +416,19 @@ def count_tail(
     tail_orphans: OrphanIds = {}
     for where in (SINCE, NO_CREATED_AT):
         statement = sql.SQL(TAIL_DAYS_SQL).format(where=sql.SQL(where), **parts)
-        for row in cur.execute(statement, params).fetchall():
-            day, rows, stamped, tail_rows, tail_stamped = row
-            seen[day] = DayTally(rows, stamped)
-            if tail_rows:
-                tail[day] = DayTally(tail_rows, tail_stamped)
+        for row in by_name(cur, statement, params):
+            seen[row.day] = DayTally(row.rows, row.stamped)
+            if row.tail_rows:
+                tail[row.day] = DayTally(row.tail_rows, row.tail_stamped)
         if t.executions is None:
             continue
         statement = sql.SQL(TAIL_ORPHANS_SQL).format(
             where=sql.SQL(where), executions=t.executions, **parts
         )
-        for day, execution_id, n, tail_n in cur.execute(statement, params).fetchall():
-            seen_orphans.setdefault(execution_id, {})[day] = n
-            if tail_n:
-                tail_orphans.setdefault(execution_id, {})[day] = tail_n
+        for row in by_name(cur, statement, params):
+            seen_orphans.setdefault(row.execution_id, {})[row.day] = row.n
+            if row.tail_n:
+                tail_orphans.setdefault(row.execution_id, {})[row.day] = row.tail_n
     return (
         Part(_with_orphans(seen, seen_orphans), seen_orphans),
         Part(_with_orphans(tail, tail_orphans), tail_orphans),
@@ -430,8 +439,8 @@ def _moment(cur: psycopg.Cursor, t: Tables) -> tuple[list, dt.datetime, Counters
     """(the epoch, the snapshot's now(), the counters) at the start of a tally."""
     if t.executions is not None and not t.execution_leaves:
         t.execution_leaves = execution_leaves(cur, t.executions)
-    epoch = list(cur.execute(EPOCH_SQL, {"relations": t.leaves + t.execution_leaves}).fetchone())
-    epoch[2] = list(epoch[2])
+    (row,) = by_name(cur, EPOCH_SQL, {"relations": t.leaves + t.execution_leaves})
+    epoch = [row.started, row.stats_reset, list(row.filenodes)]  # as a tally stores it
     now = cur.execute("SELECT now()").fetchone()[0]
     return epoch, now, read_counters(cur, t.leaves, t.execution_leaves)
 

@@ -27,6 +27,7 @@ from psycopg import sql
 
 from rdw_tracking import catalog
 from rdw_tracking.assets import DAILY_SNAPSHOT_FRESHNESS, GROUP, READ_RETRY
+from rdw_tracking.assets.metadata import metadata_table
 from rdw_tracking.assets.tables import report_data_weeks, workflow_executions
 from rdw_tracking.fleet import FLEET_ENV, database_of
 from rdw_tracking.resources import TargetDatabase
@@ -310,27 +311,22 @@ def drift_table(drift: dict) -> dg.TableMetadataValue:
     for day, (kept, now) in sorted(drift.items())[:MISMATCH_SAMPLE]:
         stored, table = figures(kept), figures(now)
         records.append(
-            dg.TableRecord(
-                {
-                    "day": day.isoformat(),
-                    "stored_rows": stored["rows"],
-                    "table_rows": table["rows"],
-                    "stored_with_execution_id": stored["stamped"],
-                    "table_with_execution_id": table["stamped"],
-                    "stored_orphans": stored["orphans"],
-                    "table_orphans": table["orphans"],
-                }
-            )
+            {
+                "day": day.isoformat(),
+                "stored_rows": stored["rows"],
+                "table_rows": table["rows"],
+                "stored_with_execution_id": stored["stamped"],
+                "table_with_execution_id": table["stamped"],
+                "stored_orphans": stored["orphans"],
+                "table_orphans": table["orphans"],
+            }
         )
-    columns = [
-        dg.TableColumn("day", "date"),
-        *(
-            dg.TableColumn(f"{side}_{what}", "int")
-            for what in ("rows", "with_execution_id", "orphans")
-            for side in ("stored", "table")
-        ),
-    ]
-    return dg.MetadataValue.table(records=records, schema=dg.TableSchema(columns=columns))
+    columns = {"day": "date"} | {
+        f"{side}_{what}": "int"
+        for what in ("rows", "with_execution_id", "orphans")
+        for side in ("stored", "table")
+    }
+    return metadata_table(columns, records)
 
 
 def reconcile_result(drift: dict, checked: int, how: str) -> dg.AssetCheckResult:

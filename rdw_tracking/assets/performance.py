@@ -5,14 +5,17 @@ on disk."""
 import uuid
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import dagster as dg
 import psycopg
 from psycopg import sql
+from psycopg.rows import namedtuple_row
 from pydantic import Field, field_validator
 
 from rdw_tracking import catalog
 from rdw_tracking.assets import GROUP, READ_RETRY
+from rdw_tracking.assets.metadata import metadata_table
 from rdw_tracking.assets.tables import report_data_weeks, workflow_executions
 from rdw_tracking.errors import refuse
 from rdw_tracking.layout import KINDS, Layout, table_layout
@@ -57,7 +60,7 @@ ORDER BY rdw.week_start_date
 
 # The planner's statistics know the most common collection without a scan.
 MOST_COMMON_SQL = """
-SELECT (most_common_vals::text::uuid[])[1], most_common_freqs[1]
+SELECT (most_common_vals::text::uuid[])[1] AS collection_id, most_common_freqs[1] AS share
 FROM pg_stats
 WHERE schemaname = %s AND tablename = %s AND attname = 'collection_id'
   AND most_common_vals IS NOT NULL
@@ -65,12 +68,12 @@ WHERE schemaname = %s AND tablename = %s AND attname = 'collection_id'
 
 # No statistics to go by: count over a sample of pages (whole table when it is small).
 SAMPLED_MOST_WEEKS_SQL = """
-SELECT collection_id, count(*) FROM {weeks} TABLESAMPLE SYSTEM (%(pct)s) REPEATABLE (7)
+SELECT collection_id, count(*) AS weeks FROM {weeks} TABLESAMPLE SYSTEM (%(pct)s) REPEATABLE (7)
 GROUP BY collection_id ORDER BY count(*) DESC, collection_id LIMIT 1
 """
 # A view or foreign table takes no TABLESAMPLE: count over its first rows instead.
 FIRST_ROWS_MOST_WEEKS_SQL = """
-SELECT collection_id, count(*) FROM (SELECT collection_id FROM {weeks} LIMIT %(rows)s) AS w
+SELECT collection_id, count(*) AS weeks FROM (SELECT collection_id FROM {weeks} LIMIT %(rows)s) AS w
 GROUP BY collection_id ORDER BY count(*) DESC, collection_id LIMIT 1
 """
 # TABLESAMPLE applies to tables (with their partitions or children) and materialized views.
@@ -151,28 +154,27 @@ def busiest_collection(
     cur: psycopg.Cursor, db: TargetDatabase, kind: str = "ordinary"
 ) -> tuple[str, str] | None:
     """(collection_id, how it was chosen) of the collection with the most weeks."""
-    cur.execute(MOST_COMMON_SQL, [db.schema_name, db.weeks_table])
-    row = cur.fetchone()
-    if row and row[0]:
-        return str(row[0]), f"most common collection_id in pg_stats ({row[1]:.4%} of rows)"
-    if kind not in SAMPLEABLE:
-        query = sql.SQL(FIRST_ROWS_MOST_WEEKS_SQL).format(weeks=db.weeks)
-        row = cur.execute(query, {"rows": FALLBACK_SAMPLE_ROWS}).fetchone()
-        if row is None:
-            return None
-        return str(row[0]), f"most weeks ({row[1]}) among the {kind}'s first rows"
-    cur.execute(
-        "SELECT reltuples FROM pg_class WHERE oid = %s::regclass",
-        [db.weeks.as_string(cur)],
-    )
-    estimate = cur.fetchone()[0]
-    pct = 100.0 if estimate <= FALLBACK_SAMPLE_ROWS else 100.0 * FALLBACK_SAMPLE_ROWS / estimate
-    cur.execute(sql.SQL(SAMPLED_MOST_WEEKS_SQL).format(weeks=db.weeks), {"pct": pct})
-    row = cur.fetchone()
+    with cur.connection.cursor(row_factory=namedtuple_row) as by_name:
+        row = by_name.execute(MOST_COMMON_SQL, [db.schema_name, db.weeks_table]).fetchone()
+        if row and row.collection_id:
+            share = f"{row.share:.4%} of rows"
+            return str(row.collection_id), f"most common collection_id in pg_stats ({share})"
+        if kind not in SAMPLEABLE:
+            query = sql.SQL(FIRST_ROWS_MOST_WEEKS_SQL).format(weeks=db.weeks)
+            row = by_name.execute(query, {"rows": FALLBACK_SAMPLE_ROWS}).fetchone()
+            if row is None:
+                return None
+            return str(row.collection_id), f"most weeks ({row.weeks}) among the {kind}'s first rows"
+        estimate = cur.execute(
+            "SELECT reltuples FROM pg_class WHERE oid = %s::regclass", [db.weeks.as_string(cur)]
+        ).fetchone()[0]
+        pct = 100.0 if estimate <= FALLBACK_SAMPLE_ROWS else 100.0 * FALLBACK_SAMPLE_ROWS / estimate
+        query = sql.SQL(SAMPLED_MOST_WEEKS_SQL).format(weeks=db.weeks)
+        row = by_name.execute(query, {"pct": pct}).fetchone()
     if row is None:
         return None
     how = "whole table" if pct >= 100 else f"TABLESAMPLE SYSTEM ({pct:.3g}%)"
-    return str(row[0]), f"most weeks ({row[1]}) in a count over the {how}"
+    return str(row.collection_id), f"most weeks ({row.weeks}) in a count over the {how}"
 
 
 def explain_join(db: TargetDatabase, collection_id: str | None) -> Plan:
@@ -316,13 +318,21 @@ class MemberSize:
     row_estimate: int | None  # None: never analyzed
 
 
+class IndexSize(NamedTuple):
+    """An index of the table, its bytes summed over the partitions attached to it."""
+
+    name: str
+    size: int
+    definition: str
+
+
 @dataclass(frozen=True)
 class Storage:
     heap_bytes: int
     table_bytes: int
     total_bytes: int
     index_bytes: int
-    indexes: list[tuple[str, int, str]]  # (name, bytes, definition)
+    indexes: list[IndexSize]
     row_estimate: int | None
     execution_id_bytes: int | None  # None: not measurable here (a view, a foreign table)
     sample_pct: float | None  # None: every row was measured
@@ -335,16 +345,17 @@ class Storage:
 # Each table of the layout on its own: a partitioned parent has no storage of its own
 # (its sizes are 0), so the table's size is the sum over the tree.
 SIZES_SQL = """
-SELECT c.oid::bigint, pg_relation_size(c.oid), pg_table_size(c.oid),
-       pg_indexes_size(c.oid), pg_total_relation_size(c.oid), c.reltuples::bigint
+SELECT c.oid::bigint AS oid, pg_relation_size(c.oid) AS heap_bytes,
+       pg_table_size(c.oid) AS table_bytes, pg_indexes_size(c.oid) AS index_bytes,
+       pg_total_relation_size(c.oid) AS total_bytes, c.reltuples::bigint AS reltuples
 FROM pg_class c WHERE c.oid = ANY(%s::oid[])
 """
 
 # Every index on the tree; a partition's index counts toward the partitioned index it
 # is attached to (pg_partition_root), an index of its own stands alone.
 INDEXES_SQL = """
-SELECT i.oid::bigint, coalesce(pg_partition_root(i.oid), i.oid)::bigint, i.relname,
-       pg_relation_size(i.oid), pg_get_indexdef(i.oid)
+SELECT i.oid::bigint AS oid, coalesce(pg_partition_root(i.oid), i.oid)::bigint AS root,
+       i.relname AS name, pg_relation_size(i.oid) AS size, pg_get_indexdef(i.oid) AS definition
 FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid
 WHERE x.indrelid = ANY(%s::oid[])
 """
@@ -354,44 +365,46 @@ SAMPLED_COLUMN_SQL = COLUMN_SQL + " TABLESAMPLE SYSTEM (%(pct)s) REPEATABLE (7)"
 
 
 def member_sizes(cur: psycopg.Cursor, layout: Layout) -> list[MemberSize]:
-    rows = {oid: rest for oid, *rest in cur.execute(SIZES_SQL, [[m.oid for m in layout.members]])}
+    with cur.connection.cursor(row_factory=namedtuple_row) as by_name:
+        rows = by_name.execute(SIZES_SQL, [[m.oid for m in layout.members]]).fetchall()
+    by_oid = {row.oid: row for row in rows}
     sizes = []
     for m in layout.members:
-        heap, table, index, total, reltuples = rows.get(m.oid, (0, 0, 0, 0, -1))
+        row = by_oid.get(m.oid)
         sizes.append(
             MemberSize(
-                m.label,
-                KINDS.get(m.relkind, m.relkind),
-                m.level,
-                m.bound,
-                m.holds_rows,
-                heap,
-                table,
-                index,
-                total,
-                reltuples if reltuples >= 0 else None,
-            )  # fmt: skip
+                label=m.label,
+                kind=KINDS.get(m.relkind, m.relkind),
+                level=m.level,
+                bound=m.bound,
+                holds_rows=m.holds_rows,
+                heap_bytes=row.heap_bytes if row else 0,
+                table_bytes=row.table_bytes if row else 0,
+                index_bytes=row.index_bytes if row else 0,
+                total_bytes=row.total_bytes if row else 0,
+                row_estimate=row.reltuples if row and row.reltuples >= 0 else None,
+            )
         )
     return sizes
 
 
-def tree_indexes(
-    cur: psycopg.Cursor, layout: Layout
-) -> tuple[list[tuple[str, int, str]], dict[str, int]]:
-    """([(index, bytes over all its partitions, definition)], {index: partitions})."""
-    rows = cur.execute(INDEXES_SQL, [[m.oid for m in layout.members]]).fetchall()
-    named = {oid: (name, definition) for oid, _, name, _, definition in rows}
+def tree_indexes(cur: psycopg.Cursor, layout: Layout) -> tuple[list[IndexSize], dict[str, int]]:
+    """(each index with its bytes over all its partitions, {index: partitions})."""
+    with cur.connection.cursor(row_factory=namedtuple_row) as by_name:
+        rows = by_name.execute(INDEXES_SQL, [[m.oid for m in layout.members]]).fetchall()
+    named = {row.oid: row for row in rows}
     total: dict[int, int] = {}
     pieces: dict[int, int] = {}
-    for oid, root, _, size, _ in rows:
-        top = root if root in named else oid  # attached to an index above our table: alone
-        total[top] = total.get(top, 0) + size
-        pieces[top] = pieces.get(top, 0) + (oid != top)
+    for row in rows:
+        # attached to an index above our table: it stands alone
+        top = row.root if row.root in named else row.oid
+        total[top] = total.get(top, 0) + row.size
+        pieces[top] = pieces.get(top, 0) + (row.oid != top)
     indexes = sorted(
-        ((named[top][0], size, named[top][1]) for top, size in total.items()),
-        key=lambda index: (-index[1], index[0]),
+        (IndexSize(named[top].name, size, named[top].definition) for top, size in total.items()),
+        key=lambda index: (-index.size, index.name),
     )
-    return indexes, {named[top][0]: count for top, count in pieces.items() if count}
+    return indexes, {named[top].name: count for top, count in pieces.items() if count}
 
 
 def measure_storage(db: TargetDatabase, config: StorageConfig) -> Storage:
@@ -439,24 +452,22 @@ def members_table(members: list[MemberSize]) -> dg.TableMetadataValue:
         "row_estimate": "int", "heap_bytes": "int", "table_bytes": "int",
         "index_bytes": "int", "total_bytes": "int",
     }  # fmt: skip
-    return dg.MetadataValue.table(
-        records=[
-            dg.TableRecord(
-                {
-                    "table": m.label,
-                    "kind": m.kind,
-                    "level": m.level,
-                    "bound": m.bound or "",
-                    "row_estimate": m.row_estimate if m.row_estimate is not None else -1,
-                    "heap_bytes": m.heap_bytes,
-                    "table_bytes": m.table_bytes,
-                    "index_bytes": m.index_bytes,
-                    "total_bytes": m.total_bytes,
-                }
-            )
+    return metadata_table(
+        columns,
+        (
+            {
+                "table": m.label,
+                "kind": m.kind,
+                "level": m.level,
+                "bound": m.bound or "",
+                "row_estimate": m.row_estimate if m.row_estimate is not None else -1,
+                "heap_bytes": m.heap_bytes,
+                "table_bytes": m.table_bytes,
+                "index_bytes": m.index_bytes,
+                "total_bytes": m.total_bytes,
+            }
             for m in members
-        ],
-        schema=dg.TableSchema(columns=[dg.TableColumn(n, t) for n, t in columns.items()]),
+        ),
     )
 
 
@@ -488,25 +499,16 @@ def storage_metadata(storage: Storage) -> dict:
             else None
         ),
         "row_estimate": storage.row_estimate,
-        "indexes": dg.MetadataValue.table(
-            records=[
-                dg.TableRecord(
-                    {
-                        "index": name,
-                        "bytes": size,
-                        "partitions": storage.index_partitions.get(name, 0),
-                        "definition": definition,
-                    }
-                )
-                for name, size, definition in storage.indexes
-            ],
-            schema=dg.TableSchema(
-                columns=[
-                    dg.TableColumn("index", "string"),
-                    dg.TableColumn("bytes", "int"),
-                    dg.TableColumn("partitions", "int"),
-                    dg.TableColumn("definition", "string"),
-                ]
+        "indexes": metadata_table(
+            {"index": "string", "bytes": "int", "partitions": "int", "definition": "string"},
+            (
+                {
+                    "index": index.name,
+                    "bytes": index.size,
+                    "partitions": storage.index_partitions.get(index.name, 0),
+                    "definition": index.definition,
+                }
+                for index in storage.indexes
             ),
         ),
     }
@@ -515,8 +517,8 @@ def storage_metadata(storage: Storage) -> dict:
         if layout.partitions:
             metadata["partitions"] = len(layout.partitions)
             metadata["partition_sizes"] = members_table(storage.members)
-    for name, size, _ in storage.indexes:
-        metadata[f"index_bytes.{name}"] = size
+    for index in storage.indexes:
+        metadata[f"index_bytes.{index.name}"] = index.size
     return metadata
 
 

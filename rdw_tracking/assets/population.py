@@ -7,12 +7,14 @@ same snapshot instead of scanning again.
 """
 
 import datetime as dt
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import NamedTuple
 
 import dagster as dg
 import pandas as pd
 import psycopg
 from psycopg import sql
+from psycopg.rows import class_row, dict_row
 from pydantic import Field, field_validator
 
 from rdw_tracking import catalog
@@ -24,6 +26,7 @@ from rdw_tracking.assets import (
     tallying,
     verdict,
 )
+from rdw_tracking.assets.metadata import metadata_table
 from rdw_tracking.assets.tables import report_data_weeks, workflow_executions
 from rdw_tracking.assets.verdict import MAX_EXECUTIONS, valid_ids
 from rdw_tracking.errors import refuse
@@ -180,11 +183,18 @@ class Day:
         return rate(self.with_execution_id, self.total_records)
 
 
+class Orphan(NamedTuple):
+    """A report_data_weeks row whose execution_id has no workflow_executions row."""
+
+    id: str
+    execution_id: str
+
+
 @dataclass(frozen=True)
 class Orphans:
     count: int
     recent_count: int
-    sample: list[tuple[str, str]]  # (report_data_weeks.id, execution_id), newest first
+    sample: list[Orphan]  # newest first
 
 
 @dataclass(frozen=True)
@@ -200,11 +210,28 @@ class Snapshot:
     sample: list[dict] = field(default_factory=list)
 
 
-# The window's bounds, fixed once so that every statement of a snapshot agrees on them.
+@dataclass(frozen=True)
+class Bounds:
+    """The window's bounds, fixed once so that every statement of a snapshot agrees on them."""
+
+    today: dt.date
+    window_start: dt.date
+    recent_since: dt.datetime  # the later of window_start and tracking_started_at
+
+
 BOUNDS_SQL = """
-SELECT CURRENT_DATE, CURRENT_DATE - %(window_days)s::int,
+SELECT CURRENT_DATE AS today, CURRENT_DATE - %(window_days)s::int AS window_start,
        GREATEST((CURRENT_DATE - %(window_days)s::int)::timestamptz, %(started_at)s::timestamptz)
+         AS recent_since
 """
+
+
+def window_bounds(cur: psycopg.Cursor, window_days: int, started_at: dt.datetime | None) -> Bounds:
+    with cur.connection.cursor(row_factory=class_row(Bounds)) as by_name:
+        return by_name.execute(
+            BOUNDS_SQL, {"window_days": window_days, "started_at": started_at}
+        ).fetchone()
+
 
 # The one pass. Every bound is a timestamptz parameter: an expression such as
 # `CURRENT_DATE - 7` is re-evaluated (and cast) for every row, which made the pass
@@ -217,24 +244,44 @@ SELECT CURRENT_DATE, CURRENT_DATE - %(window_days)s::int,
 # day list through a hash join on the date instead (one group per day; rows older than
 # the window share one group), which stays cheap however many days there are.
 FILTER_DAYS_MAX = 31
-HEAD = 11  # figures before the per-day pairs
+
+
+@dataclass(frozen=True)
+class PassHead:
+    """The pass's figures over the whole table, each named as HEAD_SQL labels it."""
+
+    rows: int
+    stamped: int
+    recent_rows: int
+    recent_stamped: int
+    tracking_rows: int
+    tracking_stamped: int
+    orphans: int | None  # None: no workflow_executions to join
+    recent_orphans: int | None
+    future_rows: int  # created after today
+    floor_rows: int  # created at or after the sample floor
+    sample_ctids: str | None  # their `tableoid@ctid`s, when the pass gathered them
+
+
+HEAD_COLUMNS = [f.name for f in fields(PassHead)]
+SUMMED_COLUMNS = [name for name in HEAD_COLUMNS if name != "sample_ctids"]
 
 HEAD_SQL = """
-       count(*),
-       count(w.execution_id),
-       count(*) FILTER (WHERE w.created_at >= %(recent_since)s),
-       count(w.execution_id) FILTER (WHERE w.created_at >= %(recent_since)s),
-       count(*) FILTER (WHERE w.created_at >= %(started_at)s),
-       count(w.execution_id) FILTER (WHERE w.created_at >= %(started_at)s),
-       {orphans},
-       {recent_orphans},
-       count(*) FILTER (WHERE w.created_at >= %(tomorrow)s),
-       count(*) FILTER (WHERE w.created_at >= %(sample_floor)s),
-       {sample_ctids}"""
+       count(*) AS rows,
+       count(w.execution_id) AS stamped,
+       count(*) FILTER (WHERE w.created_at >= %(recent_since)s) AS recent_rows,
+       count(w.execution_id) FILTER (WHERE w.created_at >= %(recent_since)s) AS recent_stamped,
+       count(*) FILTER (WHERE w.created_at >= %(started_at)s) AS tracking_rows,
+       count(w.execution_id) FILTER (WHERE w.created_at >= %(started_at)s) AS tracking_stamped,
+       {orphans} AS orphans,
+       {recent_orphans} AS recent_orphans,
+       count(*) FILTER (WHERE w.created_at >= %(tomorrow)s) AS future_rows,
+       count(*) FILTER (WHERE w.created_at >= %(sample_floor)s) AS floor_rows,
+       {sample_ctids} AS sample_ctids"""
 
 GROUPED_PASS_SQL = (
     """
-SELECT d.day,"""
+SELECT d.day AS day,"""
     + HEAD_SQL
     + """
 FROM {weeks} AS w
@@ -247,8 +294,21 @@ GROUP BY d.day
 )
 
 DAY_SQL = """
-       count(*) FILTER (WHERE w.created_at >= %(day{k})s AND w.created_at < %(day{n})s),
-       count(w.execution_id) FILTER (WHERE w.created_at >= %(day{k})s AND w.created_at < %(day{n})s)"""
+       count(*) FILTER (WHERE w.created_at >= %(day{k})s AND w.created_at < %(day{n})s)
+         AS {rows},
+       count(w.execution_id) FILTER (WHERE w.created_at >= %(day{k})s AND w.created_at < %(day{n})s)
+         AS {stamped}"""
+
+
+def day_columns(k: int) -> tuple[str, str]:
+    """The labels of window day `k`'s (rows, stamped) in the FILTER pass."""
+    return f"day{k}_rows", f"day{k}_stamped"
+
+
+def day_sql(k: int) -> str:
+    rows, stamped = day_columns(k)
+    return DAY_SQL.format(k=k, n=k + 1, rows=rows, stamped=stamped)
+
 
 # Rows dated after today count under their own date; only asked when the pass saw some.
 FUTURE_DAYS_SQL = """
@@ -283,7 +343,7 @@ def pass_query(
         parts |= {"join": sql.SQL(""), "orphans": null, "recent_orphans": null}
     if days is None:
         return sql.SQL(GROUPED_PASS_SQL).format(weeks=db.weeks, **parts)
-    columns = "".join("," + DAY_SQL.format(k=k, n=k + 1) for k in range(days))
+    columns = "".join("," + day_sql(k) for k in range(days))
     statement = "SELECT" + HEAD_SQL + columns + "\nFROM {weeks} AS w\n{join}"
     return sql.SQL(statement).format(weeks=db.weeks, **parts)
 
@@ -294,29 +354,53 @@ def run_pass(
     with_executions: bool,
     params: dict,
     collect_ctids: bool = False,
-) -> tuple[tuple, dict]:
-    """(the head figures, {day: (total, with_execution_id)} of the window)."""
-    today, window_start = params["today"], params["window_start"]
-    days = (today - window_start).days + 1
-    if days <= FILTER_DAYS_MAX:
-        bounds = {f"day{k}": midnight(window_start + dt.timedelta(days=k)) for k in range(days + 1)}
-        row = cur.execute(
-            pass_query(db, with_executions, days, collect_ctids), params | bounds
-        ).fetchone()
-        per_day = row[HEAD:]
-        groups = {
-            window_start + dt.timedelta(days=k): (per_day[2 * k], per_day[2 * k + 1])
-            for k in range(days)
-        }
-        return tuple(row[:HEAD]), groups
-    cur.execute(pass_query(db, with_executions, None, collect_ctids), params)
-    rows = cur.fetchall()
-    head = tuple(sum(row[i] or 0 for row in rows) for i in range(1, HEAD))
+) -> tuple[PassHead, dict[dt.date, Counts]]:
+    """(the head figures, the counts of each day of the window)."""
+    days = (params["today"] - params["window_start"]).days + 1
+    with cur.connection.cursor(row_factory=dict_row) as by_name:
+        if days <= FILTER_DAYS_MAX:
+            return filter_pass(by_name, db, with_executions, params, days, collect_ctids)
+        return grouped_pass(by_name, db, with_executions, params, collect_ctids)
+
+
+def filter_pass(
+    cur: psycopg.Cursor,
+    db: TargetDatabase,
+    with_executions: bool,
+    params: dict,
+    days: int,
+    collect_ctids: bool,
+) -> tuple[PassHead, dict[dt.date, Counts]]:
+    """The pass of a short window: one row, each day's pair labelled by `day_columns`."""
+    window_start = params["window_start"]
+    bounds = {f"day{k}": midnight(window_start + dt.timedelta(days=k)) for k in range(days + 1)}
+    statement = pass_query(db, with_executions, days, collect_ctids)
+    row = cur.execute(statement, params | bounds).fetchone()
+    groups = {}
+    for k in range(days):
+        rows, stamped = day_columns(k)
+        groups[window_start + dt.timedelta(days=k)] = Counts(row[rows], row[stamped])
+    return PassHead(**{name: row[name] for name in HEAD_COLUMNS}), groups
+
+
+def grouped_pass(
+    cur: psycopg.Cursor,
+    db: TargetDatabase,
+    with_executions: bool,
+    params: dict,
+    collect_ctids: bool,
+) -> tuple[PassHead, dict[dt.date, Counts]]:
+    """The pass of a long window: a row per day (and one for older rows), summed here."""
+    rows = cur.execute(pass_query(db, with_executions, None, collect_ctids), params).fetchall()
+    head = {name: sum(row[name] or 0 for row in rows) for name in SUMMED_COLUMNS}
     if not with_executions:
-        head = head[:6] + (None, None) + head[8:]
-    ctids = [row[HEAD] for row in rows if row[HEAD]]
-    head += ("{" + ",".join(c.strip("{}") for c in ctids) + "}" if ctids else None,)
-    return head, {row[0]: (row[1], row[2]) for row in rows if row[0] is not None}
+        head |= {"orphans": None, "recent_orphans": None}
+    ctids = [row["sample_ctids"] for row in rows if row["sample_ctids"]]
+    head["sample_ctids"] = "{" + ",".join(c.strip("{}") for c in ctids) + "}" if ctids else None
+    groups = {
+        row["day"]: Counts(row["rows"], row["stamped"]) for row in rows if row["day"] is not None
+    }
+    return PassHead(**head), groups
 
 
 # The spec's "sample current data state": the latest rows as they are now. `since` is
@@ -392,9 +476,8 @@ def few_rows_since(cur: psycopg.Cursor, db: TargetDatabase, floor: dt.datetime) 
 
 
 def fetch_rows(cur: psycopg.Cursor, statement: sql.Composable, params: dict) -> list[dict]:
-    cur.execute(statement, params)
-    columns = [c.name for c in cur.description]
-    return [dict(zip(columns, row, strict=True)) for row in cur.fetchall()]
+    with cur.connection.cursor(row_factory=dict_row) as by_name:
+        return by_name.execute(statement, params).fetchall()
 
 
 # Orphans asked on their own (the pass counts them with everything else). The sample
@@ -402,23 +485,24 @@ def fetch_rows(cur: psycopg.Cursor, statement: sql.Composable, params: dict) -> 
 ORPHAN_WHERE = """w.execution_id IS NOT NULL
   AND NOT EXISTS (SELECT 1 FROM {executions} AS e WHERE e.id = w.execution_id)"""
 ORPHAN_SAMPLE_SQL = (
-    "SELECT w.id::text, w.execution_id::text FROM {weeks} AS w WHERE "
+    "SELECT w.id::text AS id, w.execution_id::text AS execution_id FROM {weeks} AS w WHERE "
     + ORPHAN_WHERE
     + " LIMIT %(limit)s"
 )
 ORPHAN_COUNT_SQL = "SELECT count(*) FROM {weeks} AS w WHERE " + ORPHAN_WHERE
 
 
-def orphan_sample(cur: psycopg.Cursor, db: TargetDatabase) -> list[tuple[str, str]]:
-    """Up to ORPHAN_SAMPLE_SIZE (row id, execution_id) pairs of orphaned ids."""
-    cur.execute(
-        sql.SQL(ORPHAN_SAMPLE_SQL).format(weeks=db.weeks, executions=db.executions),
-        {"limit": ORPHAN_SAMPLE_SIZE},
-    )
-    return [tuple(row) for row in cur.fetchall()]
+def orphan_sample(cur: psycopg.Cursor, db: TargetDatabase) -> list[Orphan]:
+    """Up to ORPHAN_SAMPLE_SIZE rows with an orphaned execution_id."""
+    with cur.connection.cursor(row_factory=class_row(Orphan)) as by_name:
+        by_name.execute(
+            sql.SQL(ORPHAN_SAMPLE_SQL).format(weeks=db.weeks, executions=db.executions),
+            {"limit": ORPHAN_SAMPLE_SIZE},
+        )
+        return by_name.fetchall()
 
 
-def find_orphans(db: TargetDatabase) -> tuple[int, list[tuple[str, str]]]:
+def find_orphans(db: TargetDatabase) -> tuple[int, list[Orphan]]:
     """(how many rows carry an execution_id with no workflow_executions row, a sample)."""
     with db.cursor() as cur:
         cur.execute(sql.SQL(ORPHAN_COUNT_SQL).format(weeks=db.weeks, executions=db.executions))
@@ -426,91 +510,128 @@ def find_orphans(db: TargetDatabase) -> tuple[int, list[tuple[str, str]]]:
         return count, orphan_sample(cur, db) if count else []
 
 
-def tail_sample(
-    cur: psycopg.Cursor, db: TargetDatabase
-) -> tuple[list[dict], dt.datetime | None, int]:
-    """(latest rows of the table's tail, the oldest created_at among them, rows at/after it there)."""
+@dataclass(frozen=True)
+class Tail:
+    """The latest rows of the table's tail, and whether they can be trusted."""
+
+    rows: list[dict]
+    floor: dt.datetime | None  # the oldest created_at among them; None: fewer than asked
+    count: int  # rows of the tail at or after the floor
+
+
+def tail_sample(cur: psycopg.Cursor, db: TargetDatabase) -> Tail:
     cur.execute(TAIL_START_SQL, {"table": db.weeks.as_string(cur), "blocks": TAIL_BLOCKS})
     tail = {"start": cur.fetchone()[0]}  # a constant, so PostgreSQL scans just that range
-    cur.execute(sql.SQL(TAIL_SAMPLE_SQL).format(weeks=db.weeks), tail | {"limit": ROW_SAMPLE_SIZE})
-    columns = [c.name for c in cur.description]
-    rows = [dict(zip(columns, row, strict=True)) for row in cur.fetchall()]
+    with cur.connection.cursor(row_factory=dict_row) as by_name:
+        statement = sql.SQL(TAIL_SAMPLE_SQL).format(weeks=db.weeks)
+        rows = by_name.execute(statement, tail | {"limit": ROW_SAMPLE_SIZE}).fetchall()
     if len(rows) < ROW_SAMPLE_SIZE:
-        return rows, None, 0
+        return Tail(rows, None, 0)
     floor = rows[-1]["created_at"]
     cur.execute(sql.SQL(TAIL_COUNT_SQL).format(weeks=db.weeks), tail | {"floor": floor})
-    return rows, floor, cur.fetchone()[0]
+    return Tail(rows, floor, cur.fetchone()[0])
 
 
-def window_days_of(today: dt.date, window_start: dt.date, groups: dict) -> list[Day]:
+def window_days_of(
+    today: dt.date, window_start: dt.date, groups: dict[dt.date, Counts]
+) -> list[Day]:
     """Every day from window_start to today, plus later days that have rows."""
     dates = {window_start + dt.timedelta(days=k) for k in range((today - window_start).days + 1)}
     dates |= {day for day in groups if day is not None}
-    return [Day(d, *(groups[d][:2] if d in groups else (0, 0))) for d in sorted(dates)]
+    empty = Counts(0, 0)
+    return [
+        Day(d, groups.get(d, empty).rows, groups.get(d, empty).with_execution_id)
+        for d in sorted(dates)
+    ]
 
 
 def take_snapshot(db: TargetDatabase, window_days: int, started_at: dt.datetime | None) -> Snapshot:
-    params = {"window_days": window_days, "started_at": started_at}
+    """The snapshot from one pass over the table (no index led by created_at to keep a
+    tally with): the tail's latest rows first, so the pass can tell if they are exact."""
     with db.cursor() as cur:
-        if not catalog.table_exists(cur, db.schema_name, db.weeks_table):
-            raise refuse(
-                f"table {db.qualified(db.weeks_table)} does not exist; "
-                "check target_db.schema_name and weeks_table"
-            )
-        with_executions = catalog.table_exists(cur, db.schema_name, db.executions_table)
-        today, window_start, recent_since = cur.execute(BOUNDS_SQL, params).fetchone()
-        tomorrow = today + dt.timedelta(days=1)
-        params |= {
-            "today": today,
-            "window_start": window_start,
-            "recent_since": recent_since,
-            "tomorrow": midnight(tomorrow),
-            "orphan_since": midnight(today - dt.timedelta(days=1)),
-        }
-        candidates, floor, in_tail = tail_sample(cur, db)
+        with_executions = tables_present(cur, db)
+        bounds = window_bounds(cur, window_days, started_at)
+        params = pass_params(bounds, window_days, started_at)
+        tail = tail_sample(cur, db)
         collect = (
-            floor is not None
+            tail.floor is not None
             and cur.connection.info.server_version >= PARALLEL_ARRAY_AGG
-            and few_rows_since(cur, db, floor)
+            and few_rows_since(cur, db, tail.floor)
         )
-        head, groups = run_pass(cur, db, with_executions, params | {"sample_floor": floor}, collect)
-        if head[8]:
-            cur.execute(sql.SQL(FUTURE_DAYS_SQL).format(weeks=db.weeks), params)
-            groups |= {day: (total, with_id) for day, total, with_id in cur.fetchall()}
-        daily = window_days_of(today, window_start, groups)
-        sample = None
-        if floor is not None and head[9] == in_tail:
-            sample = candidates
-        elif head[10]:
-            sample = fetch_rows(
-                cur,
-                sql.SQL(BY_CTID_SQL).format(weeks=db.weeks),
-                {"ctids": head[10], "limit": ROW_SAMPLE_SIZE},
-            )
-            if len(sample) < min(ROW_SAMPLE_SIZE, head[9]):  # moved since the pass
-                sample = None
-        if sample is None:
-            sample = fetch_rows(
-                cur,
-                sql.SQL(SAMPLE_SQL).format(weeks=db.weeks),
-                {"since": sample_since(daily, ROW_SAMPLE_SIZE), "limit": ROW_SAMPLE_SIZE},
-            )
-        totals = [value or 0 for value in head[:8]]
-        orphans = None
-        if with_executions:
-            sample_pairs = orphan_sample(cur, db) if totals[6] else []
-            orphans = Orphans(totals[6], totals[7], sample_pairs)
+        head, groups = run_pass(
+            cur, db, with_executions, params | {"sample_floor": tail.floor}, collect
+        )
+        if head.future_rows:
+            groups |= future_days(cur, db, params)
+        daily = window_days_of(bounds.today, bounds.window_start, groups)
+        sample = latest_rows(cur, db, head, tail, daily)
+        orphans = pass_orphans(cur, db, head) if with_executions else None
     return Snapshot(
-        today=today,
-        window_start=window_start,
-        recent_since=recent_since,
-        overall=Counts(totals[0], totals[1]),
-        recent=Counts(totals[2], totals[3]),
-        since_tracking=Counts(totals[4], totals[5]) if started_at else None,
+        today=bounds.today,
+        window_start=bounds.window_start,
+        recent_since=bounds.recent_since,
+        overall=Counts(head.rows, head.stamped),
+        recent=Counts(head.recent_rows, head.recent_stamped),
+        since_tracking=Counts(head.tracking_rows, head.tracking_stamped) if started_at else None,
         daily=daily,
         orphans=orphans,
         sample=sample,
     )
+
+
+def tables_present(cur: psycopg.Cursor, db: TargetDatabase) -> bool:
+    """Whether workflow_executions exists; refused when report_data_weeks does not."""
+    if not catalog.table_exists(cur, db.schema_name, db.weeks_table):
+        raise refuse(
+            f"table {db.qualified(db.weeks_table)} does not exist; "
+            "check target_db.schema_name and weeks_table"
+        )
+    return catalog.table_exists(cur, db.schema_name, db.executions_table)
+
+
+def pass_params(bounds: Bounds, window_days: int, started_at: dt.datetime | None) -> dict:
+    """The pass's parameters: every bound a timestamptz (see HEAD_SQL)."""
+    return {
+        "window_days": window_days,
+        "started_at": started_at,
+        "today": bounds.today,
+        "window_start": bounds.window_start,
+        "recent_since": bounds.recent_since,
+        "tomorrow": midnight(bounds.today + dt.timedelta(days=1)),
+        "orphan_since": midnight(bounds.today - dt.timedelta(days=1)),
+    }
+
+
+def future_days(cur: psycopg.Cursor, db: TargetDatabase, params: dict) -> dict[dt.date, Counts]:
+    cur.execute(sql.SQL(FUTURE_DAYS_SQL).format(weeks=db.weeks), params)
+    return {day: Counts(total, with_id) for day, total, with_id in cur.fetchall()}
+
+
+def latest_rows(
+    cur: psycopg.Cursor, db: TargetDatabase, head: PassHead, tail: Tail, daily: list[Day]
+) -> list[dict]:
+    """The latest rows: the tail's, when it holds every row at or after their floor; else
+    those the pass found at or after it; else (or if they moved since) the whole table's."""
+    if tail.floor is not None and head.floor_rows == tail.count:
+        return tail.rows
+    if head.sample_ctids:
+        found = fetch_rows(
+            cur,
+            sql.SQL(BY_CTID_SQL).format(weeks=db.weeks),
+            {"ctids": head.sample_ctids, "limit": ROW_SAMPLE_SIZE},
+        )
+        if len(found) >= min(ROW_SAMPLE_SIZE, head.floor_rows):
+            return found
+    return fetch_rows(
+        cur,
+        sql.SQL(SAMPLE_SQL).format(weeks=db.weeks),
+        {"since": sample_since(daily, ROW_SAMPLE_SIZE), "limit": ROW_SAMPLE_SIZE},
+    )
+
+
+def pass_orphans(cur: psycopg.Cursor, db: TargetDatabase, head: PassHead) -> Orphans:
+    count = head.orphans or 0
+    return Orphans(count, head.recent_orphans or 0, orphan_sample(cur, db) if count else [])
 
 
 # -- the snapshot from a tally (when every leaf has an index led by created_at) ----------
@@ -524,7 +645,7 @@ SELECT count(*), count(execution_id) FROM {weeks}
 WHERE created_at >= %(since)s AND created_at < %(until)s
 """
 ORPHAN_ROWS_SQL = """
-SELECT id::text, execution_id::text FROM {weeks}
+SELECT id::text AS id, execution_id::text AS execution_id FROM {weeks}
 WHERE execution_id = ANY(%(ids)s::uuid[]) LIMIT %(limit)s
 """
 
@@ -546,9 +667,7 @@ def counts_since(
     return Counts(after.rows + rows, after.stamped + stamped)
 
 
-def tally_orphan_sample(
-    cur: psycopg.Cursor, db: TargetDatabase, tally: Tally
-) -> list[tuple[str, str]]:
+def tally_orphan_sample(cur: psycopg.Cursor, db: TargetDatabase, tally: Tally) -> list[Orphan]:
     if tally.orphan_ids is None:
         return orphan_sample(cur, db)
     newest = sorted(
@@ -558,11 +677,12 @@ def tally_orphan_sample(
     )[:ORPHAN_SAMPLE_SIZE]
     if not newest:
         return []
-    cur.execute(
-        sql.SQL(ORPHAN_ROWS_SQL).format(weeks=db.weeks),
-        {"ids": newest, "limit": ORPHAN_SAMPLE_SIZE},
-    )
-    return [tuple(row) for row in cur.fetchall()]
+    with cur.connection.cursor(row_factory=class_row(Orphan)) as by_name:
+        by_name.execute(
+            sql.SQL(ORPHAN_ROWS_SQL).format(weeks=db.weeks),
+            {"ids": newest, "limit": ORPHAN_SAMPLE_SIZE},
+        )
+        return by_name.fetchall()
 
 
 def snapshot_from_tally(
@@ -574,15 +694,17 @@ def snapshot_from_tally(
 ) -> Snapshot:
     """The snapshot `take_snapshot` would take, from an up-to-date tally: only the rows
     of part of a day and the five latest rows are read from the table."""
-    params = {"window_days": window_days, "started_at": started_at}
-    today, window_start, recent_since = cur.execute(BOUNDS_SQL, params).fetchone()
+    bounds = window_bounds(cur, window_days, started_at)
+    today, window_start = bounds.today, bounds.window_start
     overall = tally.total()
-    recent = counts_since(cur, db, tally, recent_since)
+    recent = counts_since(cur, db, tally, bounds.recent_since)
     since_tracking = counts_since(cur, db, tally, started_at) if started_at else None
-    groups = {d: (c.rows, c.stamped) for d, c in tally.days.items() if d is not None}
-    daily = window_days_of(
-        today, window_start, {d: g for d, g in groups.items() if d >= window_start}
-    )
+    groups = {
+        d: Counts(c.rows, c.stamped)
+        for d, c in tally.days.items()
+        if d is not None and d >= window_start
+    }
+    daily = window_days_of(today, window_start, groups)
     orphans = None
     if tally.with_executions:
         total = tally.total().orphans
@@ -594,7 +716,7 @@ def snapshot_from_tally(
     return Snapshot(
         today=today,
         window_start=window_start,
-        recent_since=recent_since,
+        recent_since=bounds.recent_since,
         overall=Counts(overall.rows, overall.stamped),
         recent=recent,
         since_tracking=since_tracking,
@@ -615,37 +737,33 @@ def daily_frame(daily: list[Day]) -> pd.DataFrame:
 
 
 def daily_table(daily: list[Day]) -> dg.TableMetadataValue:
-    return dg.MetadataValue.table(
-        records=[
-            dg.TableRecord(
-                {
-                    "creation_date": d.creation_date.isoformat(),
-                    "total_records": d.total_records,
-                    "with_execution_id": d.with_execution_id,
-                    "population_rate": d.population_rate,
-                }
-            )
+    return metadata_table(
+        {
+            "creation_date": "date",
+            "total_records": "int",
+            "with_execution_id": "int",
+            "population_rate": "float",
+        },
+        (
+            {
+                "creation_date": d.creation_date.isoformat(),
+                "total_records": d.total_records,
+                "with_execution_id": d.with_execution_id,
+                "population_rate": d.population_rate,
+            }
             for d in daily
-        ],
-        schema=dg.TableSchema(
-            columns=[
-                dg.TableColumn("creation_date", "date"),
-                dg.TableColumn("total_records", "int"),
-                dg.TableColumn("with_execution_id", "int"),
-                dg.TableColumn("population_rate", "float", description="percent, 2 decimals"),
-            ]
         ),
+        descriptions={"population_rate": "percent, 2 decimals"},
     )
 
 
+SAMPLE_COLUMNS = ["id", "collection_id", "week_start_date", "status", "execution_id", "created_at"]
+
+
 def sample_table(rows: list[dict]) -> dg.TableMetadataValue:
-    columns = ["id", "collection_id", "week_start_date", "status", "execution_id", "created_at"]
-    return dg.MetadataValue.table(
-        records=[
-            dg.TableRecord({c: None if row[c] is None else str(row[c]) for c in columns})
-            for row in rows
-        ],
-        schema=dg.TableSchema(columns=[dg.TableColumn(c, "string") for c in columns]),
+    return metadata_table(
+        dict.fromkeys(SAMPLE_COLUMNS, "string"),
+        ({c: None if row[c] is None else str(row[c]) for c in SAMPLE_COLUMNS} for row in rows),
     )
 
 
@@ -800,11 +918,9 @@ def orphan_check(orphans: Orphans | None, db: TargetDatabase) -> dg.AssetCheckRe
             ),
             metadata={"workflow_executions_exists": False},
         )
-    sample = dg.MetadataValue.table(
-        records=[dg.TableRecord({"id": i, "execution_id": e}) for i, e in orphans.sample],
-        schema=dg.TableSchema(
-            columns=[dg.TableColumn("id", "uuid"), dg.TableColumn("execution_id", "uuid")]
-        ),
+    sample = metadata_table(
+        {"id": "uuid", "execution_id": "uuid"},
+        ({"id": row.id, "execution_id": row.execution_id} for row in orphans.sample),
     )
     if orphans.count:
         description = (
@@ -899,29 +1015,51 @@ def execution_id_population(
     if note:
         context.log.warning(note)
         snapshot = take_snapshot(target_db, config.window_days, started_at)
-        metadata = {"created_at_index": "missing", "counted": "whole table (one pass)"}
-        first = snapshot.today - dt.timedelta(days=config.refresh_days)
-        days = publishable(target_db, snapshot.today, first, touched)
+        counted = {"created_at_index": "missing", "counted": "whole table (one pass)"}
+        days = publishable(target_db, snapshot.today, refresh_from(snapshot, config), touched)
     else:
         tally = current.tally
         context.log.info(("counted the whole table: " if tally.full else "") + tally.reason)
-        metadata = tally_metadata(tally)
-        first = snapshot.today - dt.timedelta(days=config.refresh_days)
+        counted = tally_metadata(tally)
+        first = refresh_from(snapshot, config)
         days = changed_days(current.previous, tally, first, snapshot.today, touched)
-    history = daily.in_history(days, snapshot.today)
-    for event in daily.materializations(history, daily.run_database(context)):
-        context.log_event(event)
-    where = target_db.qualified(target_db.weeks_table)
+    publish_days(context, days, snapshot.today)
     return dg.MaterializeResult(
         value=daily_frame(snapshot.daily),
-        metadata=snapshot_metadata(snapshot, config.window_days) | metadata,
-        check_results=[
-            rate_check(snapshot, config.min_recent_population_pct, where),
-            orphan_check(snapshot.orphans, target_db),
-            trend_check(snapshot, config.trend_margin_pct, started_at),
-            verdict.verdict_check(target_db, judged, note),
-        ],
+        metadata=snapshot_metadata(snapshot, config.window_days) | counted,
+        check_results=population_checks(snapshot, config, target_db, judged, note),
     )
+
+
+def population_checks(
+    snapshot: Snapshot,
+    config: PopulationConfig,
+    db: TargetDatabase,
+    judged: list[verdict.Judged],
+    note: str,
+) -> list[dg.AssetCheckResult]:
+    """The four checks, each judging this same snapshot."""
+    where = db.qualified(db.weeks_table)
+    return [
+        rate_check(snapshot, config.min_recent_population_pct, where),
+        orphan_check(snapshot.orphans, db),
+        trend_check(snapshot, config.trend_margin_pct, config.started_at()),
+        verdict.verdict_check(db, judged, note),
+    ]
+
+
+def refresh_from(snapshot: Snapshot, config: PopulationConfig) -> dt.date:
+    """The first day of the refresh window this run re-materializes."""
+    return snapshot.today - dt.timedelta(days=config.refresh_days)
+
+
+def publish_days(
+    context: dg.AssetExecutionContext, days: dict[dt.date, DayTally], today: dt.date
+) -> None:
+    """Report `days` as materializations of execution_id_daily_population partitions."""
+    history = daily.in_history(days, today)
+    for event in daily.materializations(history, daily.run_database(context)):
+        context.log_event(event)
 
 
 def tally_metadata(tally: Tally) -> dict:

@@ -9,9 +9,11 @@ from dataclasses import dataclass
 import dagster as dg
 import psycopg
 from psycopg import sql
+from psycopg.rows import class_row
 
 from rdw_tracking import catalog
 from rdw_tracking.assets import GROUP, READ_RETRY
+from rdw_tracking.assets.metadata import metadata_table
 from rdw_tracking.assets.tables import report_data_weeks, workflow_executions
 from rdw_tracking.errors import refuse
 from rdw_tracking.layout import KINDS, Layout, Member, table_layout
@@ -67,9 +69,11 @@ class SchemaReport:
 # Every FK from execution_id alone to the executions table, on any table of the layout
 # (partitions may live in other schemas, so by oid).
 MEMBER_FOREIGN_KEYS_SQL = """
-SELECT con.conrelid::bigint, con.conname, con.convalidated, con.conparentid <> 0,
+SELECT con.conrelid::bigint AS table_oid, con.conname AS name, con.convalidated AS validated,
+       con.conparentid <> 0 AS inherited,
        CASE con.confdeltype WHEN 'a' THEN 'NO ACTION' WHEN 'r' THEN 'RESTRICT'
             WHEN 'c' THEN 'CASCADE' WHEN 'n' THEN 'SET NULL' WHEN 'd' THEN 'SET DEFAULT' END
+         AS on_delete
 FROM pg_constraint con
 JOIN pg_attribute sa ON sa.attrelid = con.conrelid AND sa.attnum = con.conkey[1]
 JOIN pg_attribute da ON da.attrelid = con.confrelid AND da.attnum = con.confkey[1]
@@ -83,11 +87,12 @@ ORDER BY con.conrelid, con.convalidated DESC, con.conname
 def member_foreign_keys(
     cur: psycopg.Cursor, layout: Layout, db: TargetDatabase
 ) -> tuple[MemberForeignKey, ...]:
-    cur.execute(
-        MEMBER_FOREIGN_KEYS_SQL,
-        {"members": [m.oid for m in layout.members], "executions": db.executions.as_string(cur)},
-    )
-    return tuple(MemberForeignKey(*row) for row in cur.fetchall())
+    params = {
+        "members": [m.oid for m in layout.members],
+        "executions": db.executions.as_string(cur),
+    }
+    with cur.connection.cursor(row_factory=class_row(MemberForeignKey)) as by_name:
+        return tuple(by_name.execute(MEMBER_FOREIGN_KEYS_SQL, params).fetchall())
 
 
 def inspect_schema(db: TargetDatabase) -> SchemaReport:
@@ -245,29 +250,25 @@ def layout_metadata(layout: Layout) -> dict:
         metadata["children"] = ", ".join(m.label for m in layout.partitions)
     if layout.partitions:
         labels = {m.oid: m.label for m in layout.members}
-        metadata["layout_members"] = dg.MetadataValue.table(
-            records=[
-                dg.TableRecord(
-                    {
-                        "table": m.label,
-                        "kind": KINDS.get(m.relkind, m.relkind),
-                        "level": m.level,
-                        "parent": labels.get(m.parent_oid, ""),
-                        "bound": m.bound or "",
-                        "holds_rows": m.holds_rows,
-                    }
-                )
+        metadata["layout_members"] = metadata_table(
+            {
+                "table": "string",
+                "kind": "string",
+                "level": "int",
+                "parent": "string",
+                "bound": "string",
+                "holds_rows": "bool",
+            },  # fmt: skip
+            (
+                {
+                    "table": m.label,
+                    "kind": KINDS.get(m.relkind, m.relkind),
+                    "level": m.level,
+                    "parent": labels.get(m.parent_oid, ""),
+                    "bound": m.bound or "",
+                    "holds_rows": m.holds_rows,
+                }
                 for m in layout.members
-            ],
-            schema=dg.TableSchema(
-                columns=[
-                    dg.TableColumn("table", "string"),
-                    dg.TableColumn("kind", "string"),
-                    dg.TableColumn("level", "int"),
-                    dg.TableColumn("parent", "string"),
-                    dg.TableColumn("bound", "string"),
-                    dg.TableColumn("holds_rows", "bool"),
-                ]
             ),
         )
     return metadata

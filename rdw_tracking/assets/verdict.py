@@ -13,12 +13,15 @@ so).
 import datetime as dt
 import uuid
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import dagster as dg
 import psycopg
 from psycopg import sql
+from psycopg.rows import class_row
 
 from rdw_tracking import catalog
+from rdw_tracking.assets.metadata import metadata_table
 from rdw_tracking.resources import TargetDatabase
 
 CHECK = "execution_id_run_stamped"
@@ -27,7 +30,7 @@ SAMPLE_SIZE = 10
 MAX_EXECUTIONS = 1000  # one run judges at most this many (the polling sensor's tick limit)
 
 EXECUTIONS_SQL = """
-SELECT id::text, status, created_at, completed_at, now() FROM {executions}
+SELECT id::text AS id, status, created_at, completed_at, now() AS now FROM {executions}
 WHERE id = ANY(%(ids)s::uuid[])
 """
 STAMPED_SQL = """
@@ -39,10 +42,28 @@ SELECT count(*) FROM {weeks}
 WHERE created_at >= %(start)s AND created_at <= %(end)s AND execution_id IS NULL
 """
 UNSTAMPED_SAMPLE_SQL = """
-SELECT id::text, created_at FROM {weeks}
+SELECT id::text AS id, created_at FROM {weeks}
 WHERE created_at >= %(start)s AND created_at <= %(end)s AND execution_id IS NULL
 ORDER BY created_at LIMIT %(limit)s
 """
+
+
+@dataclass(frozen=True)
+class Execution:
+    """An execution's workflow_executions row, as EXECUTIONS_SQL reads it."""
+
+    id: str
+    status: str | None
+    created_at: dt.datetime | None
+    completed_at: dt.datetime | None
+    now: dt.datetime
+
+
+class Unstamped(NamedTuple):
+    """A row created while the execution ran that carries no execution_id."""
+
+    id: str
+    created_at: dt.datetime
 
 
 @dataclass(frozen=True)
@@ -54,7 +75,7 @@ class Judged:
     completed_at: dt.datetime | None = None
     stamped: int = 0
     unstamped: int = 0
-    sample: tuple[tuple[str, dt.datetime], ...] = ()
+    sample: tuple[Unstamped, ...] = ()
 
     @property
     def passed(self) -> bool:
@@ -99,10 +120,9 @@ def judge(cur: psycopg.Cursor, db: TargetDatabase, ids: list[str]) -> list[Judge
         return []
     if not catalog.table_exists(cur, db.schema_name, db.executions_table):
         return [Judged(i, found=False) for i in ids]
-    rows = {
-        r[0]: r
-        for r in cur.execute(sql.SQL(EXECUTIONS_SQL).format(executions=db.executions), {"ids": ids})
-    }
+    with cur.connection.cursor(row_factory=class_row(Execution)) as by_name:
+        by_name.execute(sql.SQL(EXECUTIONS_SQL).format(executions=db.executions), {"ids": ids})
+        rows = {row.id: row for row in by_name}
     stamped = dict(
         cur.execute(sql.SQL(STAMPED_SQL).format(weeks=db.weeks), {"ids": ids}).fetchall()
     )
@@ -110,70 +130,59 @@ def judge(cur: psycopg.Cursor, db: TargetDatabase, ids: list[str]) -> list[Judge
 
 
 def _judge_one(
-    cur: psycopg.Cursor, db: TargetDatabase, execution_id: str, row: tuple | None, stamped: int
+    cur: psycopg.Cursor, db: TargetDatabase, execution_id: str, row: Execution | None, stamped: int
 ) -> Judged:
     if row is None:
         return Judged(execution_id, found=False, stamped=stamped)
-    _, status, created_at, completed_at, now = row
+    status, created_at, completed_at = row.status, row.created_at, row.completed_at
     if created_at is None:
         return Judged(execution_id, True, status, None, completed_at, stamped)
-    span = {"start": created_at, "end": completed_at or now}
+    span = {"start": created_at, "end": completed_at or row.now}
     unstamped = cur.execute(sql.SQL(UNSTAMPED_SQL).format(weeks=db.weeks), span).fetchone()[0]
     sample = ()
     if unstamped:
-        cur.execute(
-            sql.SQL(UNSTAMPED_SAMPLE_SQL).format(weeks=db.weeks), span | {"limit": SAMPLE_SIZE}
-        )
-        sample = tuple(cur.fetchall())
+        with cur.connection.cursor(row_factory=class_row(Unstamped)) as by_name:
+            by_name.execute(
+                sql.SQL(UNSTAMPED_SAMPLE_SQL).format(weeks=db.weeks), span | {"limit": SAMPLE_SIZE}
+            )
+            sample = tuple(by_name.fetchall())
     return Judged(execution_id, True, status, created_at, completed_at, stamped, unstamped, sample)
 
 
+PER_EXECUTION_COLUMNS = {
+    "execution_id": "uuid", "status": "string", "created_at": "timestamptz",
+    "completed_at": "timestamptz", "stamped_rows": "int", "unstamped_rows": "int",
+    "passed": "bool",
+}  # fmt: skip
+
+
 def per_execution_table(judged: list[Judged]) -> dg.TableMetadataValue:
-    return dg.MetadataValue.table(
-        records=[
-            dg.TableRecord(
-                {
-                    "execution_id": j.execution_id,
-                    "status": j.status if j.found else "(no workflow_executions row)",
-                    "created_at": j.created_at.isoformat() if j.created_at else None,
-                    "completed_at": j.completed_at.isoformat() if j.completed_at else None,
-                    "stamped_rows": j.stamped,
-                    "unstamped_rows": j.unstamped,
-                    "passed": j.passed,
-                }
-            )
+    return metadata_table(
+        PER_EXECUTION_COLUMNS,
+        (
+            {
+                "execution_id": j.execution_id,
+                "status": j.status if j.found else "(no workflow_executions row)",
+                "created_at": j.created_at.isoformat() if j.created_at else None,
+                "completed_at": j.completed_at.isoformat() if j.completed_at else None,
+                "stamped_rows": j.stamped,
+                "unstamped_rows": j.unstamped,
+                "passed": j.passed,
+            }
             for j in judged
-        ],
-        schema=dg.TableSchema(
-            columns=[
-                dg.TableColumn("execution_id", "uuid"),
-                dg.TableColumn("status", "string"),
-                dg.TableColumn("created_at", "timestamptz"),
-                dg.TableColumn("completed_at", "timestamptz"),
-                dg.TableColumn("stamped_rows", "int"),
-                dg.TableColumn("unstamped_rows", "int"),
-                dg.TableColumn("passed", "bool"),
-            ]
         ),
     )
 
 
 def sample_table(judged: list[Judged]) -> dg.TableMetadataValue:
-    return dg.MetadataValue.table(
-        records=[
-            dg.TableRecord(
-                {"execution_id": j.execution_id, "id": row_id, "created_at": created.isoformat()}
-            )
-            for j in judged
-            for row_id, created in j.sample
-        ][: SAMPLE_SIZE * 3],
-        schema=dg.TableSchema(
-            columns=[
-                dg.TableColumn("execution_id", "uuid"),
-                dg.TableColumn("id", "uuid"),
-                dg.TableColumn("created_at", "timestamptz"),
-            ]
-        ),
+    records = [
+        {"execution_id": j.execution_id, "id": row.id, "created_at": row.created_at.isoformat()}
+        for j in judged
+        for row in j.sample
+    ]
+    return metadata_table(
+        {"execution_id": "uuid", "id": "uuid", "created_at": "timestamptz"},
+        records[: SAMPLE_SIZE * 3],
     )
 
 
@@ -200,7 +209,7 @@ def verdict_check(db: TargetDatabase, judged: list[Judged], index_note: str) -> 
     problems = []
     if leaky:
         first = leaky[0]
-        ids = ", ".join(r for r, _ in first.sample[:3])
+        ids = ", ".join(row.id for row in first.sample[:3])
         problems.append(
             f"{len(leaky)} execution(s) left rows without an execution_id in {weeks}: "
             f"{first.execution_id} ({first.status}) has {first.unstamped} rows created while it "
