@@ -25,9 +25,9 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
 from rdw_tracking import demo
-from rdw_tracking.assets.indexes import EXECUTION_ID_INDEX
-from rdw_tracking.assets.schema import FK_NAME
+from rdw_tracking.contract import FK_NAME
 from rdw_tracking.demo_layouts import relayout
+from rdw_tracking.indexes.specs import EXECUTION_ID_INDEX
 
 TITLE = "Foreign key on a partitioned table: a concurrent writer's longest wait"
 NOTES = (

@@ -2,42 +2,26 @@
 
 Adding `report_data_weeks.execution_id` → `workflow_executions(id)` online (NOT VALID,
 then VALIDATE; routed per layout; resumable) is the package `rdw_tracking.foreign_key`,
-callable without Dagster. This module checks what the user asked for, gathers what the
-engine may not import itself (the schema report, the orphans, the index, the lock-aware
-statement runner, all from the asset layer), and turns what was done into the op's
-metadata. Manual, never scheduled.
+callable without Dagster. This module checks what the user asked for, runs the engine's
+refusals and steps in order (the orphan count is the population's own query), and turns
+what was done into the op's metadata. Manual, never scheduled.
 """
 
 from typing import Any
 
 import dagster as dg
-from psycopg import sql
 from pydantic import Field, field_validator
 
 from rdw_tracking.assets import WRITE_POOL
-from rdw_tracking.assets.indexes import (
-    EXECUTION_ID_INDEX,
-    LockWait,
-    build_index,
-    contract_indexes,
-    describe,
-    equivalent_of,
-    lookup,
-    raise_if_stuck,
-    run_watched,
-    with_lock_retries,
-)
+from rdw_tracking.assets.metadata import metadata_table
 from rdw_tracking.assets.population import find_orphans
-from rdw_tracking.assets.schema import (
-    FK_NAME,
-    ON_DELETE_ACTIONS,
-    add_constraint_ddl,
-    inspect_schema,
-    validate_ddl,
-)
+from rdw_tracking.contract import FK_NAME, ON_DELETE_ACTIONS, inspect_schema
 from rdw_tracking.foreign_key import apply, preflight
-from rdw_tracking.foreign_key.apply import Added, GaveUp, Log, Request, RunStep
-from rdw_tracking.foreign_key.plan import Step, native_not_valid, route
+from rdw_tracking.foreign_key.apply import Added, Request
+from rdw_tracking.foreign_key.plan import native_not_valid, route
+from rdw_tracking.foreign_key.steps import index_to_build, step_runner
+from rdw_tracking.indexes.online import build_index
+from rdw_tracking.indexes.specs import EXECUTION_ID_INDEX, contract_indexes
 from rdw_tracking.resources import TargetDatabase
 from rdw_tracking.writes import exclusive_write
 
@@ -69,47 +53,6 @@ def orphans(db: TargetDatabase) -> tuple[int, list[str]]:
     return count, [execution_id for _, execution_id in pairs]
 
 
-def index_to_build(db: TargetDatabase, spec) -> bool:
-    """Whether `build_index(spec)` would create or rebuild an index (as it decides it)."""
-    named, on_table = lookup(db, spec)
-    if named is not None:
-        return not named.valid
-    return equivalent_of(spec, on_table) is None
-
-
-def statement(db: TargetDatabase, step: Step, on_delete: str) -> sql.Composed:
-    """The step's DDL, as the schema check lists it."""
-    if step.phase == "validate":
-        return validate_ddl(step.table, step.constraint)
-    not_valid = step.phase == "add"  # "attach": the parent's plain ADD
-    return add_constraint_ddl(db, step.table, on_delete, step.constraint, not_valid=not_valid)
-
-
-def step_runner(db: TargetDatabase, config: ForeignKeyConfig, log: Log) -> RunStep:
-    """Each step run as the index builds run their DDL: not started behind an idle
-    session, watched for blockers, retried after a lock wait (that machinery lives in
-    `rdw_tracking.assets.indexes`, above the engine)."""
-
-    def attempt(step: Step) -> float:
-        if step.blocks_writers:  # its lock conflicts with writers; VALIDATE's does not
-            raise_if_stuck(db, list(step.tables), step.what, snapshots=False)
-        return run_watched(db, statement(db, step, config.on_delete), step.what, log)
-
-    def run(step: Step) -> float:
-        try:
-            return with_lock_retries(
-                lambda: attempt(step),
-                step.what,
-                log,
-                config.lock_retries,
-                config.retry_backoff_s,
-            )
-        except LockWait as wait:
-            raise GaveUp(wait.what, describe(wait.blockers)) from None
-
-    return run
-
-
 def added_metadata(added: Added) -> dict[str, Any]:
     """Seconds per phase, and every statement run as a table."""
     return {
@@ -117,25 +60,16 @@ def added_metadata(added: Added) -> dict[str, Any]:
         "validate_seconds": round(added.seconds("validate"), 3),
         "attach_seconds": round(added.seconds("attach"), 3),
         "partitions_validated": added.partitions_validated,
-        "statements": dg.MetadataValue.table(
-            records=[
-                dg.TableRecord(
-                    {
-                        "statement": d.statement,
-                        "phase": d.phase,
-                        "table": d.table,
-                        "seconds": round(d.seconds, 3),
-                    }
-                )
+        "statements": metadata_table(
+            {"statement": "string", "phase": "string", "table": "string", "seconds": "float"},
+            (
+                {
+                    "statement": d.statement,
+                    "phase": d.phase,
+                    "table": d.table,
+                    "seconds": round(d.seconds, 3),
+                }
                 for d in added.done
-            ],
-            schema=dg.TableSchema(
-                columns=[
-                    dg.TableColumn("statement", "string"),
-                    dg.TableColumn("phase", "string"),
-                    dg.TableColumn("table", "string"),
-                    dg.TableColumn("seconds", "float"),
-                ]
             ),
         ),
     }
@@ -174,8 +108,8 @@ def add_foreign_key(
         index = build_index(db, spec, log, retries=retries, backoff_s=backoff_s)
         metadata["index_action"] = index.action
         request = Request(config.on_delete, name, native, config.lock_retries)
-        run = step_runner(db, config, log)
-        added = apply.add(db, report, request, run, inspect_schema, log)
+        run = step_runner(db, config.on_delete, retries, backoff_s, log)
+        added = apply.add(db, report, request, run, log)
     action = "validated" if fk is not None else "added"
     log.info(f"{name} {action} and validated")
     metadata |= added_metadata(added)

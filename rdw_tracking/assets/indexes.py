@@ -3,8 +3,7 @@
 
 Building the indexes online (specs, catalog lookup, lock waits, partition trees) is the
 package `rdw_tracking.indexes`, callable without Dagster; this module picks the indexes
-the run asked for and turns what was built into the asset's metadata. The engine names
-`rdw_tracking.assets.foreign_key` still imports from here are re-exported (`x as x`).
+the run asked for and turns what was built into the asset's metadata.
 """
 
 from typing import Any
@@ -16,14 +15,9 @@ from rdw_tracking import catalog
 from rdw_tracking.assets import GROUP, READ_RETRY, WRITE_POOL
 from rdw_tracking.assets.tables import report_data_weeks, workflow_executions
 from rdw_tracking.indexes.existing import ExistingIndex, member_indexes, table_indexes
-from rdw_tracking.indexes.existing import equivalent_of as equivalent_of
-from rdw_tracking.indexes.existing import lookup as lookup
 from rdw_tracking.indexes.online import build_index
 from rdw_tracking.indexes.preflight import refuse_before_building, refuse_conflicts
 from rdw_tracking.indexes.problems import WeeksIndexes, weeks_table_problems
-from rdw_tracking.indexes.sessions import LockWait as LockWait
-from rdw_tracking.indexes.sessions import describe as describe
-from rdw_tracking.indexes.sessions import raise_if_stuck as raise_if_stuck
 from rdw_tracking.indexes.specs import (
     COLLECTION_EXECUTION_INDEX,
     COMPLETED_AT_INDEX,
@@ -36,8 +30,6 @@ from rdw_tracking.indexes.specs import (
 )
 from rdw_tracking.indexes.table import IndexBuild
 from rdw_tracking.indexes.watch import Log
-from rdw_tracking.indexes.watch import run_watched as run_watched
-from rdw_tracking.indexes.watch import with_lock_retries as with_lock_retries
 from rdw_tracking.layout import Layout, table_layout
 from rdw_tracking.resources import TargetDatabase
 from rdw_tracking.writes import exclusive_write

@@ -35,10 +35,11 @@ skips what is already validated.
 
 The modules, in the order a run meets them:
 
-- `reading`: what the engine reads of the schema check's report.
+- `rdw_tracking.contract` (below this package): the schema report the plan is read from.
 - `preflight`: what is refused before anything changes.
 - `plan`: the route for the layout and the steps left on it.
 - `apply`: running the steps to the end, failures told as refusals.
+- `steps`: each step's statement, run with the index builds' lock waits and retries.
 
 The Dagster face (run config, the `add_foreign_key` op) is `rdw_tracking.assets.foreign_key`.
 """

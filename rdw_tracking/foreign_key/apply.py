@@ -6,10 +6,10 @@ from typing import Protocol
 
 import psycopg
 
+from rdw_tracking.contract import SchemaReport, inspect_schema
 from rdw_tracking.errors import refuse
 from rdw_tracking.foreign_key import FOREIGN_KEY_JOB
 from rdw_tracking.foreign_key.plan import Step, next_steps
-from rdw_tracking.foreign_key.reading import Inspect, SchemaReading
 from rdw_tracking.resources import TargetDatabase
 
 
@@ -31,7 +31,7 @@ class GaveUp(Exception):
 
 
 # Runs one step in its own transaction, retrying lock waits, and returns its seconds;
-# raises `GaveUp` once the retries are spent. The op builds it from the index machinery.
+# raises `GaveUp` once the retries are spent (`steps.step_runner`).
 RunStep = Callable[[Step], float]
 
 
@@ -69,10 +69,9 @@ class Added:
 
 def add(
     db: TargetDatabase,
-    report: SchemaReading,
+    report: SchemaReport,
     request: Request,
     run: RunStep,
-    inspect: Inspect,
     log: Log,
 ) -> Added:
     """Runs `next_steps` until none is left, reading the catalog again after each pass: a
@@ -88,7 +87,7 @@ def add(
                 return added
             for step in steps:
                 added.done.append(_run(step, run, log))
-            report = inspect(db)
+            report = inspect_schema(db)
         raise refuse(
             f"the partitions of {db.qualified(db.weeks_table)} kept changing while the "
             "foreign key was added; the constraints added so far stay in place: run the job "

@@ -4,7 +4,7 @@ from dataclasses import dataclass
 
 from psycopg import sql
 
-from rdw_tracking.foreign_key.reading import MemberForeignKey, SchemaReading
+from rdw_tracking.contract import MemberForeignKey, SchemaReport
 from rdw_tracking.layout import Layout
 from rdw_tracking.resources import TargetDatabase
 
@@ -39,13 +39,13 @@ def route(layout: Layout, native: bool) -> str:
     )
 
 
-def leaf_constraint(report: SchemaReading, oid: int, on_delete: str) -> MemberForeignKey | None:
+def leaf_constraint(report: SchemaReport, oid: int, on_delete: str) -> MemberForeignKey | None:
     """The leaf's foreign key that the parent's would take over, if it has one."""
     return next((fk for fk in report.foreign_keys_of(oid) if fk.on_delete == on_delete), None)
 
 
 def next_steps(
-    report: SchemaReading, db: TargetDatabase, on_delete: str, name: str, native: bool
+    report: SchemaReport, db: TargetDatabase, on_delete: str, name: str, native: bool
 ) -> list[Step]:
     """What is left to do, read from the catalog: a rerun, or a run resuming an
     interrupted one, skips every constraint already validated."""
@@ -59,7 +59,7 @@ def next_steps(
     ]
 
 
-def _from_the_table(report: SchemaReading, db: TargetDatabase, name: str) -> list[Step]:
+def _from_the_table(report: SchemaReport, db: TargetDatabase, name: str) -> list[Step]:
     """The table's own constraint: added NOT VALID; then validated, on a partitioned
     table (18+) one partition per transaction first, the parent (catalog only) last."""
     layout, fk = report.layout, report.foreign_key
@@ -75,7 +75,7 @@ def _from_the_table(report: SchemaReading, db: TargetDatabase, name: str) -> lis
 
 
 def _partition_by_partition(
-    report: SchemaReading, db: TargetDatabase, on_delete: str, name: str
+    report: SchemaReport, db: TargetDatabase, on_delete: str, name: str
 ) -> list[Step]:
     """Before 18: each partition first, as a plain table; empty once all are validated."""
     steps = []

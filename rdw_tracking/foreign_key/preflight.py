@@ -1,14 +1,14 @@
 """What the foreign key job refuses before it changes anything, each refusal naming the fix."""
 
+from rdw_tracking.contract import SchemaReport
 from rdw_tracking.errors import refuse
 from rdw_tracking.foreign_key.plan import leaf_constraint
-from rdw_tracking.foreign_key.reading import SchemaReading
 from rdw_tracking.layout import Layout
 from rdw_tracking.resources import TargetDatabase
 from rdw_tracking.writes import Need, refuse_without_grants, weeks_need
 
 
-def refuse_unless_possible(report: SchemaReading, db: TargetDatabase, job: str) -> None:
+def refuse_unless_possible(report: SchemaReport, db: TargetDatabase, job: str) -> None:
     """Both tables exist, the layout is one a constraint can cover, execution_id is uuid."""
     weeks, executions = db.qualified(db.weeks_table), db.qualified(db.executions_table)
     if not report.weeks_exists:
@@ -55,7 +55,7 @@ def refuse_without_rights(db: TargetDatabase, job: str, layout: Layout, builds_i
     )
 
 
-def refuse_other_on_delete(report: SchemaReading, db: TargetDatabase, on_delete: str) -> None:
+def refuse_other_on_delete(report: SchemaReport, db: TargetDatabase, on_delete: str) -> None:
     """The constraint exists with another ON DELETE than asked: it is the user's to drop."""
     fk = report.foreign_key
     if fk is not None and fk.on_delete != on_delete:
@@ -66,7 +66,7 @@ def refuse_other_on_delete(report: SchemaReading, db: TargetDatabase, on_delete:
         )
 
 
-def refuse_conflicting_leaves(report: SchemaReading, db: TargetDatabase, on_delete: str) -> None:
+def refuse_conflicting_leaves(report: SchemaReport, db: TargetDatabase, on_delete: str) -> None:
     """Before 18: a partition's constraint with another ON DELETE would not be taken over,
     and the parent's ADD would then validate a new one under a lock that blocks writers."""
     clashing = [

@@ -6,8 +6,8 @@ import psycopg
 import pytest
 
 from rdw_tracking.assets.foreign_key import ForeignKeyConfig, orphans
-from rdw_tracking.assets.indexes import EXECUTION_ID_INDEX
-from rdw_tracking.assets.schema import FK_NAME
+from rdw_tracking.contract import FK_NAME
+from rdw_tracking.indexes.specs import EXECUTION_ID_INDEX
 from rdw_tracking.jobs import DB_WRITES_TAG
 from rdw_tracking.writes import exclusive_write
 from rdw_tracking_tests.conftest import check_results, step_failure_messages

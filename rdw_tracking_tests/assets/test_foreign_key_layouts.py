@@ -5,9 +5,10 @@ import psycopg
 import pytest
 
 from rdw_tracking.assets.foreign_key import orphans
-from rdw_tracking.assets.indexes import EXECUTION_ID_INDEX
-from rdw_tracking.assets.schema import FK_NAME, execution_id_schema, schema_checks
+from rdw_tracking.assets.schema import execution_id_schema, schema_checks
 from rdw_tracking.assets.tables import external_tables
+from rdw_tracking.contract import FK_NAME
+from rdw_tracking.indexes.specs import EXECUTION_ID_INDEX
 from rdw_tracking.resources import TargetDatabase
 from rdw_tracking_tests.assets.test_foreign_key import DELETE_ORPHANS, fk_config, output_metadata
 from rdw_tracking_tests.conftest import check_results, database_checksums, step_failure_messages
