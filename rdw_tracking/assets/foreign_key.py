@@ -14,7 +14,6 @@ from pydantic import Field, field_validator
 
 from rdw_tracking.assets import WRITE_POOL
 from rdw_tracking.assets.metadata import metadata_table
-from rdw_tracking.assets.population import find_orphans
 from rdw_tracking.contract import FK_NAME, ON_DELETE_ACTIONS, inspect_schema
 from rdw_tracking.foreign_key import apply, preflight
 from rdw_tracking.foreign_key.apply import Added, Request
@@ -22,6 +21,7 @@ from rdw_tracking.foreign_key.plan import native_not_valid, route
 from rdw_tracking.foreign_key.steps import index_to_build, step_runner
 from rdw_tracking.indexes.online import build_index
 from rdw_tracking.indexes.specs import EXECUTION_ID_INDEX, contract_indexes
+from rdw_tracking.population.orphans import find_orphans
 from rdw_tracking.resources import TargetDatabase
 from rdw_tracking.writes import exclusive_write
 

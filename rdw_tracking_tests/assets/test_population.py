@@ -388,7 +388,7 @@ def test_latest_rows_sample_is_exact_when_they_are_not_in_the_tail(
     """The tail shortcut falls back whenever it could be wrong: to the rows at or after
     its floor that the pass found (PostgreSQL 16 and later, when the planner expects few),
     else to the whole table."""
-    from rdw_tracking.assets import population
+    from rdw_tracking.population import samples as population
 
     if blocks == "half":  # a tail that holds rows whatever the build left empty at the end
         blocks = sql_exec("SELECT pg_relation_size('report_data_weeks') / 8192 / 2")[0][0]

@@ -13,7 +13,7 @@ from rdw_tracking_tests.assets.test_population import assert_matches_spec, snaps
 def test_snapshot_matches_the_spec_on_every_layout(
     layout, layout_url, sql_exec, run_job, monkeypatch, tail_blocks
 ):
-    from rdw_tracking.assets import population
+    from rdw_tracking.population import samples as population
 
     if tail_blocks:  # a short tail: the pass gathers the candidates (PostgreSQL 16 and later)
         monkeypatch.setattr(population, "TAIL_BLOCKS", tail_blocks)
