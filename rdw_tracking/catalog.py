@@ -7,6 +7,7 @@ same-named table in another schema; these read `pg_catalog` for the configured s
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import psycopg
 from psycopg.rows import class_row
@@ -132,17 +133,20 @@ def table_access(
         return by_name.execute(statement, params).fetchone()
 
 
-def schema_access(cur: psycopg.Cursor, schema: str) -> tuple[str, bool] | None:
-    """(current role, whether it may CREATE in `schema`); None when there is no such schema."""
-    cur.execute(
-        """
-        SELECT current_user, has_schema_privilege(oid, 'CREATE') AND has_schema_privilege(oid, 'USAGE')
+class SchemaAccess(NamedTuple):
+    role: str  # the connected role
+    create: bool  # whether it may CREATE in the schema (with USAGE)
+
+
+def schema_access(cur: psycopg.Cursor, schema: str) -> SchemaAccess | None:
+    """What the current role may do in `schema`; None when there is no such schema."""
+    statement = """
+        SELECT current_user AS role,
+               has_schema_privilege(oid, 'CREATE') AND has_schema_privilege(oid, 'USAGE') AS "create"
         FROM pg_namespace WHERE nspname = %s
-        """,
-        [schema],
-    )
-    row = cur.fetchone()
-    return (row[0], row[1]) if row else None
+        """
+    with cur.connection.cursor(row_factory=class_row(SchemaAccess)) as by_name:
+        return by_name.execute(statement, [schema]).fetchone()
 
 
 def indexes_leading_with(cur: psycopg.Cursor, schema: str, table: str, column: str) -> list[str]:

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import dagster as dg
 import psycopg
 from psycopg import sql
+from psycopg.rows import namedtuple_row
 from pydantic import Field
 
 from rdw_tracking import catalog
@@ -62,17 +63,16 @@ def _start(db: TargetDatabase, workflow_name: str | None) -> Execution:
             ["workflow_name"] if workflow_name and "workflow_name" in columns else []
         )
         values = [RUNNING] + ([workflow_name] if len(names) == 2 else [])
-        row = conn.execute(
-            sql.SQL(
-                "INSERT INTO {table} ({columns}) VALUES ({values}) RETURNING id, created_at"
-            ).format(
-                table=db.executions,
-                columns=sql.SQL(", ").join(map(sql.Identifier, names)),
-                values=sql.SQL(", ").join(sql.Placeholder() * len(names)),
-            ),
-            values,
-        ).fetchone()
-    return Execution(id=row[0], workflow_name=workflow_name, created_at=row[1])
+        statement = sql.SQL(
+            "INSERT INTO {table} ({columns}) VALUES ({values}) RETURNING id, created_at"
+        ).format(
+            table=db.executions,
+            columns=sql.SQL(", ").join(map(sql.Identifier, names)),
+            values=sql.SQL(", ").join(sql.Placeholder() * len(names)),
+        )
+        with conn.cursor(row_factory=namedtuple_row) as by_name:
+            row = by_name.execute(statement, values).fetchone()
+    return Execution(id=row.id, workflow_name=workflow_name, created_at=row.created_at)
 
 
 def _finish(db: TargetDatabase, execution_id: uuid.UUID, status: str) -> None:

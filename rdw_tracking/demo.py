@@ -21,7 +21,7 @@ from typing import Any
 
 import psycopg
 from psycopg import sql
-from psycopg.rows import dict_row
+from psycopg.rows import dict_row, namedtuple_row
 from psycopg.types.numeric import Int8
 
 WEEKS = 52
@@ -168,25 +168,37 @@ WITH RECURSIVE tree AS (
     UNION
     SELECT i.inhrelid FROM pg_inherits i JOIN tree t ON i.inhparent = t.oid
 )
-SELECT n.nspname, c.relname, c.relkind::text, obj_description(c.oid, 'pg_class') AS comment
+SELECT n.nspname AS schema, c.relname AS name, c.relkind::text AS relkind,
+       obj_description(c.oid, 'pg_class') AS comment
 FROM tree JOIN pg_class c ON c.oid = tree.oid JOIN pg_namespace n ON n.oid = c.relnamespace
 ORDER BY c.oid
 """
 
 
-def _demo_relations(
-    conn: psycopg.Connection, names: DemoNames
-) -> list[tuple[str, str, str, str | None]]:
+# What `build` reports having written.
+COUNTS_SQL = """
+SELECT (SELECT count(*) FROM {weeks}) AS rows,
+       (SELECT count(execution_id) FROM {weeks}) AS with_execution_id,
+       (SELECT count(*) FROM {executions}) AS workflow_executions,
+       (SELECT count(*) FROM {collections}) AS collections
+"""
+
+
+def _demo_relations(conn: psycopg.Connection, names: DemoNames) -> list:
+    """Named tuples (schema, name, relkind, comment) of DEMO_RELATIONS."""
     tables = [names.weeks, names.executions, names.collections]
-    return conn.execute(DEMO_RELATIONS, {"schema": names.schema, "tables": tables}).fetchall()
+    with conn.cursor(row_factory=namedtuple_row) as by_name:
+        return by_name.execute(
+            DEMO_RELATIONS, {"schema": names.schema, "tables": tables}
+        ).fetchall()
 
 
 def mark_tables(conn: psycopg.Connection, names: DemoNames = DemoNames()) -> None:
     """Mark the demo's tables (and their partitions or children) as the demo's own."""
-    for schema, table, _, _ in _demo_relations(conn, names):
+    for relation in _demo_relations(conn, names):
         conn.execute(
             sql.SQL("COMMENT ON TABLE {} IS {}").format(
-                sql.Identifier(schema, table), sql.Literal(MARKER)
+                sql.Identifier(relation.schema, relation.name), sql.Literal(MARKER)
             )
         )
 
@@ -202,7 +214,7 @@ def drop_tables(conn: psycopg.Connection, names: DemoNames = DemoNames()) -> Non
     with conn.transaction():
         conn.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(DROP_LOCK_TIMEOUT)))
         found = _demo_relations(conn, names)
-        foreign = [f"{schema}.{table}" for schema, table, _, comment in found if comment != MARKER]
+        foreign = [f"{r.schema}.{r.name}" for r in found if r.comment != MARKER]
         if foreign:
             raise NotDemoTables(
                 f"{', '.join(foreign)} exist(s) but the rdw_tracking demo did not create "
@@ -211,11 +223,7 @@ def drop_tables(conn: psycopg.Connection, names: DemoNames = DemoNames()) -> Non
                 "for the embedded server)"
             )
         # Partitions go with their parent; children of an inheritance parent are named.
-        kept = [
-            sql.Identifier(schema, table)
-            for schema, table, kind, _ in found
-            if kind in ("r", "p", "f")
-        ]
+        kept = [sql.Identifier(r.schema, r.name) for r in found if r.relkind in ("r", "p", "f")]
         if kept:
             conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.SQL(", ").join(kept)))
 
@@ -287,15 +295,8 @@ def _add_keys_back(url: str, names: DemoNames) -> dict[str, int]:
         )
         for table in ("collections", "executions", "weeks"):
             conn.execute(sql.SQL("VACUUM ANALYZE {}").format(ids[table]))
-        with conn.cursor(row_factory=dict_row) as cur:
-            return cur.execute(
-                sql.SQL(
-                    "SELECT (SELECT count(*) FROM {weeks}) AS rows, "
-                    "(SELECT count(execution_id) FROM {weeks}) AS with_execution_id, "
-                    "(SELECT count(*) FROM {executions}) AS workflow_executions, "
-                    "(SELECT count(*) FROM {collections}) AS collections"
-                ).format(**ids)
-            ).fetchone()
+        with conn.cursor(row_factory=dict_row) as by_name:
+            return by_name.execute(sql.SQL(COUNTS_SQL).format(**ids)).fetchone()
 
 
 def _fill_weeks(url: str, shape: DemoShape, names: DemoNames, params: dict, workers: int) -> None:

@@ -17,10 +17,12 @@ import datetime as dt
 import hashlib
 import json
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import dagster as dg
 import psycopg
 from psycopg import sql
+from psycopg.rows import class_row
 from pydantic import Field
 
 from rdw_tracking import catalog
@@ -248,7 +250,7 @@ def advance(
 # A range on completed_at: with idx_workflow_executions_completed_at an index scan that
 # stops at the LIMIT; without it a scan of the whole table.
 NEW_COMPLETIONS = """
-SELECT id::text, completed_at FROM {executions}
+SELECT id::text AS id, completed_at FROM {executions}
 WHERE completed_at >= %(since)s::timestamptz AND id <> ALL(%(seen)s::uuid[])
 ORDER BY completed_at, id
 LIMIT %(limit)s
@@ -257,21 +259,28 @@ LIMIT %(limit)s
 # First tick: the latest completion up to the horizon (the database's now() plus the
 # tolerance) and every id within the look-back window behind it, and any dated later.
 LATEST_COMPLETIONS = """
-SELECT id::text, completed_at FROM {executions}
+SELECT id::text AS id, completed_at FROM {executions}
 WHERE completed_at >= (SELECT max(completed_at) FROM {executions}
                        WHERE completed_at <= %(horizon)s::timestamptz) - %(lookback)s
    OR completed_at > %(horizon)s::timestamptz
 """
 
 
+class Completion(NamedTuple):
+    """A workflow_executions row that completed."""
+
+    id: str
+    completed_at: dt.datetime
+
+
 @dataclass(frozen=True)
 class Poll:
-    rows: list[tuple[str, dt.datetime]]
+    rows: list[Completion]
     index_names: list[str]
     first_tick: bool
     # Rows completed after `horizon` (the database's now() plus the tolerance): reported,
     # never counted, never moving the cursor.
-    future: list[tuple[str, dt.datetime]] = field(default_factory=list)
+    future: list[Completion] = field(default_factory=list)
     horizon: dt.datetime | None = None
     # The cursor the tick started from, when its watermark lay beyond the horizon.
     capped_from: dt.datetime | None = None
@@ -324,14 +333,36 @@ def _poll(
         indexes = catalog.indexes_leading_with(
             cur, db.schema_name, db.executions_table, "completed_at"
         )
+        rows = completions(conn, db, cursor, lookback, limit, horizon)
+        conn.rollback()
+    return Poll(
+        rows=[r for r in rows if r.completed_at <= horizon],
+        index_names=indexes,
+        first_tick=cursor is None,
+        future=[r for r in rows if r.completed_at > horizon],
+        horizon=horizon,
+        capped_from=capped_from,
+    )
+
+
+def completions(
+    conn: psycopg.Connection,
+    db: TargetDatabase,
+    cursor: ExecutionsCursor | None,
+    lookback: dt.timedelta,
+    limit: int,
+    horizon: dt.datetime,
+) -> list[Completion]:
+    """The first tick's latest completions, or those since the cursor not seen yet."""
+    with conn.cursor(row_factory=class_row(Completion)) as by_name:
         if cursor is None:
-            cur.execute(
+            by_name.execute(
                 sql.SQL(LATEST_COMPLETIONS).format(executions=db.executions),
                 {"lookback": lookback, "horizon": horizon},
             )
         else:
             since = cursor.since(lookback)
-            cur.execute(
+            by_name.execute(
                 sql.SQL(NEW_COMPLETIONS).format(executions=db.executions),
                 {
                     "since": since.isoformat() if since else "-infinity",
@@ -339,16 +370,7 @@ def _poll(
                     "limit": limit,
                 },
             )
-        rows = cur.fetchall()
-        conn.rollback()
-    return Poll(
-        rows=[r for r in rows if r[1] <= horizon],
-        index_names=indexes,
-        first_tick=cursor is None,
-        future=[r for r in rows if r[1] > horizon],
-        horizon=horizon,
-        capped_from=capped_from,
-    )
+        return by_name.fetchall()
 
 
 def index_note(db: TargetDatabase, index_names: list[str]) -> str:
@@ -366,8 +388,8 @@ def future_note(db: TargetDatabase, result: Poll) -> str:
     """What the tick skipped as dated in the future, or ''."""
     if not result.future:
         return ""
-    latest = max(t for _, t in result.future)
-    sample = ", ".join(i for i, _ in result.future[:5])
+    latest = max(r.completed_at for r in result.future)
+    sample = ", ".join(r.id for r in result.future[:5])
     return (
         f"{len(result.future)} execution(s) in {db.qualified(db.executions_table)} have "
         f"completed_at after the database's now() plus the tolerance ({result.horizon.isoformat()}), "
@@ -473,7 +495,7 @@ def tick(
             else None,  # keep the capped watermark
             skip=f"no execution completed since {since}. {note}",
         )
-    ids = [i for i, _ in result.rows]
+    ids = [r.id for r in result.rows]
     log.info(f"{len(ids)} new completed execution(s), watermark {new_cursor.watermark}")
     request = dg.RunRequest(
         run_key=run_key(new_cursor.watermark, ids),

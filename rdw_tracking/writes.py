@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import psycopg
 from psycopg import sql
+from psycopg.rows import namedtuple_row
 
 from rdw_tracking import catalog
 from rdw_tracking.errors import refuse
@@ -28,22 +29,25 @@ def lock_key(db: TargetDatabase) -> tuple[int, int]:
     return LOCK_CLASS, zlib.crc32(name) & 0x7FFFFFFF
 
 
+# Who holds a database's write lock (its advisory lock), if anyone still does.
+LOCK_HOLDER_SQL = """
+SELECT a.pid, a.application_name, a.backend_start, a.state
+FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+WHERE l.locktype = 'advisory' AND l.granted
+  AND l.classid = %s AND l.objid = %s AND l.objsubid = 2
+  -- advisory locks belong to one database: not a same-named table's elsewhere
+  AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+"""
+
+
 def lock_holder(conn: psycopg.Connection, key: tuple[int, int]) -> str:
-    row = conn.execute(
-        """
-        SELECT a.pid, a.application_name, a.backend_start, a.state
-        FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
-        WHERE l.locktype = 'advisory' AND l.granted
-          AND l.classid = %s AND l.objid = %s AND l.objsubid = 2
-          -- advisory locks belong to one database: not a same-named table's elsewhere
-          AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
-        """,
-        list(key),
-    ).fetchone()
+    with conn.cursor(row_factory=namedtuple_row) as by_name:
+        row = by_name.execute(LOCK_HOLDER_SQL, list(key)).fetchone()
     if row is None:
         return "a session that has since let go"
-    pid, application, started, state = row
-    return f"pid {pid} ({application or 'no application_name'}, connected {started:%Y-%m-%d %H:%M:%S} UTC, {state})"
+    application = row.application_name or "no application_name"
+    started = f"{row.backend_start:%Y-%m-%d %H:%M:%S}"
+    return f"pid {row.pid} ({application}, connected {started} UTC, {row.state})"
 
 
 # Whether this session still holds the write lock it took.
@@ -183,8 +187,8 @@ def missing_grants(db: TargetDatabase, needs: list[Need]) -> tuple[str, list[str
             if access is None:
                 found = catalog.schema_access(cur, need.schema)
                 if need.create_if_missing and found is not None:
-                    role = found[0]
-                    if not found[1]:
+                    role = found.role
+                    if not found.create:
                         missing.append(
                             f"CREATE on schema {need.schema} (to create {label}): "
                             f"GRANT USAGE, CREATE ON SCHEMA {_quoted(need.schema)} TO {_quoted(role)}"

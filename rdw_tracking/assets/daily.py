@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import dagster as dg
 import psycopg
 from psycopg import sql
+from psycopg.rows import namedtuple_row
 
 from rdw_tracking import catalog
 from rdw_tracking.assets import DAILY_SNAPSHOT_FRESHNESS, GROUP, READ_RETRY
@@ -97,11 +98,12 @@ def count_days(cur: psycopg.Cursor, db: TargetDatabase, first: dt.date, last: dt
             else "0"
         ),
     }
-    cur.execute(
-        sql.SQL(DAYS_RANGE_SQL).format(**parts),
-        {"start": midnight(first), "end": midnight(last + dt.timedelta(days=1))},
-    )
-    found = {day: DayTally(rows, stamped, orphans) for day, rows, stamped, orphans in cur}
+    with cur.connection.cursor(row_factory=namedtuple_row) as by_name:
+        by_name.execute(
+            sql.SQL(DAYS_RANGE_SQL).format(**parts),
+            {"start": midnight(first), "end": midnight(last + dt.timedelta(days=1))},
+        )
+        found = {row.day: DayTally(row.rows, row.stamped, row.orphans) for row in by_name}
     days = (last - first).days + 1
     return {
         first + dt.timedelta(days=k): found.get(first + dt.timedelta(days=k), DayTally(0, 0))

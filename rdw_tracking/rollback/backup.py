@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 import psycopg
 from psycopg import errors, sql
-from psycopg.rows import class_row
+from psycopg.rows import class_row, namedtuple_row
 
 from rdw_tracking.errors import refuse
 from rdw_tracking.resources import TargetDatabase
@@ -180,21 +180,18 @@ def trust_of(
 
 
 def columns_of(conn: psycopg.Connection, schema: str, name: str) -> dict[str, Column]:
-    rows = conn.execute(
-        """
-        SELECT a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull,
-               pg_get_expr(d.adbin, d.adrelid), a.attidentity::text
+    statement = """
+        SELECT a.attname AS name, format_type(a.atttypid, a.atttypmod) AS type,
+               a.attnotnull AS not_null, pg_get_expr(d.adbin, d.adrelid) AS default,
+               a.attidentity::text AS identity
         FROM pg_attribute a
         JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace
         LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
         WHERE n.nspname = %s AND c.relname = %s AND a.attnum > 0 AND NOT a.attisdropped
-        """,
-        [schema, name],
-    ).fetchall()
-    return {
-        attname: Column(type_, not_null, default, identity)
-        for attname, type_, not_null, default, identity in rows
-    }
+        """
+    with conn.cursor(row_factory=namedtuple_row) as by_name:
+        rows = by_name.execute(statement, [schema, name]).fetchall()
+    return {row.name: Column(row.type, row.not_null, row.default, row.identity) for row in rows}
 
 
 def column_faults(found: dict[str, Column], want: dict[str, Column]) -> list[str]:

@@ -66,8 +66,9 @@ SELECT (SELECT count(*) FROM batch) AS size,
        (SELECT max(seq) FROM batch) AS last_seq
 """
 RESTORE_PREVIEW = f"""
-SELECT count(*), count(w.id), count(*) FILTER (WHERE w.id IS NOT NULL AND w.execution_id IS NULL),
-       count(*) FILTER (WHERE w.execution_id = b.execution_id)
+SELECT count(*) AS total, count(w.id) AS found,
+       count(*) FILTER (WHERE w.id IS NOT NULL AND w.execution_id IS NULL) AS nulls,
+       count(*) FILTER (WHERE w.execution_id = b.execution_id) AS already
 FROM {{backup}} b LEFT JOIN {{weeks}} w ON {SAME_ROW}
 WHERE b.rollback_id = %s
 """
@@ -164,12 +165,13 @@ def preview(
     conn: psycopg.Connection, db: TargetDatabase, tables: BackupTables, report: RestoreReport
 ) -> None:
     """The dry run: count what a real restore would do, changing nothing."""
-    total, found, nulls, already = conn.execute(
-        sql.SQL(RESTORE_PREVIEW).format(backup=tables.backup, weeks=db.weeks),
-        [report.rollback_id],
-    ).fetchone()
-    report.backed_up_rows = total
-    report.count(total, nulls, found, already)
+    with conn.cursor(row_factory=namedtuple_row) as by_name:
+        counts = by_name.execute(
+            sql.SQL(RESTORE_PREVIEW).format(backup=tables.backup, weeks=db.weeks),
+            [report.rollback_id],
+        ).fetchone()
+    report.backed_up_rows = counts.total
+    report.count(counts.total, counts.nulls, counts.found, counts.already)
 
 
 def begin(conn: psycopg.Connection, tables: BackupTables, state: RollbackState, log: Log) -> int:
