@@ -69,6 +69,10 @@ def celery_setup(dagster_home, tmp_path, monkeypatch) -> Iterator[dict]:
     # The workers import the job from this checkout's test package, and run `celery`.
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    # Dagster's tables exist before the workers start: two workers opening a fresh
+    # storage at once both try to create them, and one dies on "already exists".
+    with dg.DagsterInstance.get():
+        pass
     setup = {"queue": queue, "config": config, "env": env, "logs": tmp_path}
     try:
         yield setup
