@@ -15,6 +15,7 @@ Reports the writer's longest wait and p99 in each, and the job's own statement t
 """
 
 import multiprocessing
+import os
 import random
 import statistics
 import time
@@ -124,6 +125,8 @@ class Writer:
 
 
 def job(url: str) -> tuple[float, dict]:
+    # The job's run-config check accepts a url on RDW_DATABASE_URL's server only.
+    os.environ["RDW_DATABASE_URL"] = url
     from rdw_tracking.definitions import defs
 
     run_config = {

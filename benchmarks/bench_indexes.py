@@ -142,6 +142,8 @@ def bare(url: str, db: TargetDatabase) -> float:
 
 
 def job(url: str) -> tuple[float, dict]:
+    # The job's run-config check accepts a url on RDW_DATABASE_URL's server only.
+    os.environ["RDW_DATABASE_URL"] = url
     from rdw_tracking.definitions import defs
 
     run_config = {
