@@ -15,7 +15,6 @@ from rdw_tracking.population.model import (
     Orphan,
     Orphans,
     Snapshot,
-    midnight,
 )
 from rdw_tracking.population.one_pass import (
     window_bounds,
@@ -25,7 +24,7 @@ from rdw_tracking.population.orphans import (
     orphan_sample,
 )
 from rdw_tracking.resources import TargetDatabase
-from rdw_tracking.tally import Tally
+from rdw_tracking.tally import Tally, midnight
 
 LATEST_SQL = """
 SELECT id, collection_id, week_start_date, status, execution_id, created_at

@@ -62,8 +62,3 @@ class Snapshot:
     daily: list[Day]
     orphans: Orphans | None  # None: workflow_executions does not exist
     sample: list[dict] = field(default_factory=list)
-
-
-def midnight(day: dt.date) -> dt.datetime:
-    """Start of a UTC day, as the timestamptz the pass compares against."""
-    return dt.datetime.combine(day, dt.time(), tzinfo=dt.timezone.utc)

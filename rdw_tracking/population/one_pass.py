@@ -15,7 +15,6 @@ from rdw_tracking.population.model import (
     Day,
     Orphans,
     Snapshot,
-    midnight,
 )
 from rdw_tracking.population.orphans import (
     orphan_sample,
@@ -28,6 +27,7 @@ from rdw_tracking.population.samples import (
     tail_sample,
 )
 from rdw_tracking.resources import TargetDatabase
+from rdw_tracking.tally import midnight
 
 
 @dataclass(frozen=True)

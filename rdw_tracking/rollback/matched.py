@@ -14,6 +14,7 @@ from rdw_tracking.resources import TargetDatabase
 from rdw_tracking.rollback.backup import BackupTables
 from rdw_tracking.rollback.progress import Log
 from rdw_tracking.rollback.state import RollbackState
+from rdw_tracking.tally import midnight
 
 # Wait at most this long, at a fresh run's start, for transactions begun before it.
 IN_FLIGHT_WAIT_S = 30.0
@@ -33,10 +34,6 @@ def matched(alias: str | None = None) -> sql.Composed:
 
 
 MATCHED = matched()
-
-
-def midnight(day: dt.date) -> dt.datetime:
-    return dt.datetime.combine(day, dt.time(), tzinfo=dt.timezone.utc)
 
 
 def fixed_bound(

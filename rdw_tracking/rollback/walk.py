@@ -18,7 +18,7 @@ from rdw_tracking.layout import is_member, member_by_oid
 from rdw_tracking.resources import TargetDatabase
 from rdw_tracking.rollback.backup import BackupTables
 from rdw_tracking.rollback.batches import in_one_transaction
-from rdw_tracking.rollback.matched import MATCHED, Survey, matched, midnight
+from rdw_tracking.rollback.matched import MATCHED, Survey, matched
 from rdw_tracking.rollback.pace import (
     WAL_BUDGET_SHARE,
     LastBatch,
@@ -28,6 +28,7 @@ from rdw_tracking.rollback.pace import (
 )
 from rdw_tracking.rollback.progress import Log, Progress
 from rdw_tracking.rollback.state import ADVANCE, RollbackState
+from rdw_tracking.tally import midnight
 
 
 class BlockWalk:
