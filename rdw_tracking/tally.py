@@ -22,48 +22,28 @@ from __future__ import annotations
 import datetime as dt
 import json
 from dataclasses import dataclass, field, replace
-from decimal import ROUND_HALF_UP, Decimal
 
 import psycopg
-from psycopg import sql
-from psycopg.rows import namedtuple_row
 
 from rdw_tracking import premises
-from rdw_tracking.layout import Layout
+from rdw_tracking.counting import (  # noqa: F401 (the tally's names, where callers find them)
+    ZERO,
+    Day,
+    DayTally,
+    Tables,
+    count_all,
+    count_days,
+    count_orphans,
+    midnight,
+    rate,
+    with_orphans,
+)
 from rdw_tracking.premises import Counters, Hints
 
 VERSION = 4
 # Rows are stamped `created_at = now()` when their transaction starts: a run that began
 # shortly before the previous tally commits rows dated before it.
 LOOKBACK = dt.timedelta(hours=1)
-
-
-def rate(with_execution_id: int, total: int) -> float | None:
-    """The spec's ROUND(with * 100.0 / total, 2), exactly; None without rows."""
-    if not total:
-        return None
-    exact = Decimal(with_execution_id) * 100 / Decimal(total)
-    return float(exact.quantize(Decimal("0.01"), ROUND_HALF_UP))
-
-
-def midnight(day: dt.date) -> dt.datetime:
-    return dt.datetime.combine(day, dt.time(), tzinfo=dt.timezone.utc)
-
-
-@dataclass(frozen=True)
-class DayTally:
-    rows: int
-    stamped: int
-    orphans: int = 0
-
-    def __add__(self, other: DayTally) -> DayTally:
-        return DayTally(
-            self.rows + other.rows, self.stamped + other.stamped, self.orphans + other.orphans
-        )
-
-
-ZERO = DayTally(0, 0, 0)
-Day = dt.date | None  # None: rows without a created_at
 
 
 @dataclass(frozen=True)
@@ -159,72 +139,6 @@ def _day(key: str) -> Day:
     return None if key == "null" else dt.date.fromisoformat(key)
 
 
-# -- counting ---------------------------------------------------------------------------------
-
-# Rows and stamped rows per day: with an index on (created_at, execution_id) this is one
-# index-only scan, in parallel where the table is large.
-DAYS_SQL = """
-SELECT w.created_at::date AS day, count(*) AS rows, count(w.execution_id) AS stamped
-FROM {weeks} AS w WHERE {where} GROUP BY 1
-"""
-# Every orphaned row per day: the ids are few, so each stamped row asks
-# workflow_executions' primary key once, through a hashed anti-join.
-ORPHANS_PER_DAY_SQL = """
-SELECT w.created_at::date AS day, count(*) AS orphans FROM {weeks} AS w
-WHERE w.execution_id IS NOT NULL
-  AND NOT EXISTS (SELECT 1 FROM {executions} AS e WHERE e.id = w.execution_id)
-GROUP BY 1
-"""
-SINCE = "w.created_at >= %(since)s OR w.created_at IS NULL"
-
-
-@dataclass
-class Tables:
-    """The names and physical tables a tally reads."""
-
-    weeks: sql.Identifier
-    executions: sql.Identifier | None  # None: workflow_executions does not exist
-    layout: Layout
-    foreign_keys_prove: bool = True  # False: count orphans even under a validated FK
-
-    @property
-    def leaves(self) -> list[int]:
-        return [m.oid for m in self.layout.leaves]
-
-
-def count_days(cur: psycopg.Cursor, t: Tables, since: dt.date | None = None) -> dict:
-    """{day: DayTally(rows, stamped)} of every day at or after `since` (None: every day),
-    rows without a created_at included."""
-    where = "true" if since is None else SINCE
-    statement = sql.SQL(DAYS_SQL).format(weeks=t.weeks, where=sql.SQL(where))
-    params = {} if since is None else {"since": midnight(since)}
-    with cur.connection.cursor(row_factory=namedtuple_row) as named:
-        rows = named.execute(statement, params).fetchall()
-    return {row.day: DayTally(row.rows, row.stamped) for row in rows}
-
-
-def count_orphans(cur: psycopg.Cursor, t: Tables) -> tuple[dict[Day, int], str | None]:
-    """({day: orphaned rows}, the foreign key that proves there are none, if one does)."""
-    if t.executions is None:
-        return {}, None
-    proof = premises.orphan_proof(cur, t.layout, t.executions) if t.foreign_keys_prove else None
-    if proof:
-        return {}, proof
-    statement = sql.SQL(ORPHANS_PER_DAY_SQL).format(weeks=t.weeks, executions=t.executions)
-    return dict(cur.execute(statement).fetchall()), None
-
-
-def count_all(cur: psycopg.Cursor, t: Tables) -> dict[Day, DayTally]:
-    """Every day of the table with its orphans, counted in `cur`'s snapshot."""
-    days = count_days(cur, t)
-    orphans, _ = count_orphans(cur, t)
-    return _with_orphans(days, orphans)
-
-
-def _with_orphans(days: dict[Day, DayTally], orphans: dict[Day, int]) -> dict[Day, DayTally]:
-    return {d: replace(c, orphans=orphans.get(d, 0)) for d, c in days.items()}
-
-
 # -- bringing a tally up to date ----------------------------------------------------------
 
 
@@ -253,29 +167,38 @@ def update(
     with_executions = t.executions is not None
     orphans, proof = count_orphans(cur, t)
     reused = _reusable(previous, budget, moment, with_executions)
-    if isinstance(reused, str):
-        days = _with_orphans(count_days(cur, t), orphans)
-        return Tally(
-            days=days,
-            counted_at=dict.fromkeys(days, moment.now),
-            taken_at=moment.now,
-            with_executions=with_executions,
-            epoch=moment.epoch,
-            counters=budget.hints.counters if budget else None,
-            expected_inserts=budget.hints.counters.inserted if budget else 0,
-            reason=reused,
-            orphan_proof=proof,
-        )
-    recounted = _recount_since(cur, t, previous, budget, moment)
-    if isinstance(recounted, str):  # the inserts do not balance: count every day
-        days = _with_orphans(count_days(cur, t), orphans)
-        counted_at = dict.fromkeys(days, moment.now)
-        return Tally(
-            days, counted_at, moment.now, with_executions, moment.epoch,
-            budget.hints.counters, budget.hints.counters.inserted, reason=recounted,
-            orphan_proof=proof,
-        )  # fmt: skip
-    return replace(recounted, days=_with_orphans(recounted.days, orphans), orphan_proof=proof)
+    if isinstance(reused, Tally):
+        recounted = _recount_since(cur, t, reused, budget, moment)
+        if isinstance(recounted, Tally):
+            reused = _unseen_change(recounted, orphans) or recounted
+        else:
+            reused = recounted
+    if isinstance(reused, Tally):
+        return replace(reused, days=with_orphans(reused.days, orphans), orphan_proof=proof)
+    days = with_orphans(count_days(cur, t), orphans)
+    return Tally(
+        days=days,
+        counted_at=dict.fromkeys(days, moment.now),
+        taken_at=moment.now,
+        with_executions=with_executions,
+        epoch=moment.epoch,
+        counters=budget.hints.counters if budget else None,
+        expected_inserts=budget.hints.counters.inserted if budget else 0,
+        reason=reused,
+        orphan_proof=proof,
+    )
+
+
+def _unseen_change(tally: Tally, orphans: dict[Day, int]) -> str | None:
+    """Why days taken from an earlier count cannot be right: the orphans, counted now,
+    sit on a day that count has no rows or stamped rows for."""
+    for day, n in orphans.items():
+        if n > tally.days.get(day, ZERO).stamped:
+            return (
+                f"{n} orphaned row(s) created on {day} are more than the earlier count's "
+                "stamped rows of that day: the table changed where the counters did not see it"
+            )
+    return None
 
 
 def _reusable(

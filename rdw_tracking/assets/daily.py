@@ -229,9 +229,9 @@ def execution_id_daily_population(
     """Population of `execution_id` per UTC creation day, one partition per day.
 
     A backfill of many days is one run (single-run backfill policy). With
-    `idx_report_data_weeks_created_at` on every partition, the days come from the per-day
-    tally brought up to date (the first time, one count of the whole table); without it,
-    one grouped query over the range. Each partition
+    `idx_report_data_weeks_created_at` on every partition, the days come from one count of
+    the whole table in the run's snapshot (the per-day tally); without it, one grouped
+    query over the range. Each partition
     records its own `total_rows`, `with_execution_id`, `population_pct` and `orphan_count`.
     """
     window = context.partition_time_window
@@ -374,8 +374,8 @@ def execution_id_daily_history_matches(
 ) -> dg.AssetCheckResult:
     """Compares every stored day of the history with the table and names the days that
     drifted. With `idx_report_data_weeks_created_at`, the table's side is the per-day
-    tally brought up to date (only what changed is read); without it, one pass over the
-    history's range."""
+    tally counted in the check's own snapshot (never a budget's earlier count); without
+    it, one pass over the history's range."""
     from rdw_tracking.assets import tallying
 
     stored = stored_days(context.instance, run_database(context))

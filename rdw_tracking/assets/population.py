@@ -465,17 +465,18 @@ def execution_id_population(
     window, and per creation day; and, for the executions being validated, whether each
     stamped every row it wrote.
 
-    With `idx_report_data_weeks_created_at` (opt-in, create_execution_id_indexes), a run
-    reads only what changed: the per-day tally kept from the previous run is brought up
-    to date by recounting its last days, and the server's counters prove older days did
-    not change (else the whole table is counted again, and the metadata says why). Without
-    it, the spec's data-quality queries run as one pass over the table. Either way the
-    recent window (`created_at >= CURRENT_DATE - window_days`, UTC days), every day of it,
-    and the five latest rows. Set `tracking_started_at` to the fix's deploy time so the
-    recent rate counts only rows created since then. The days this run recounted are
-    published as partitions of `execution_id_daily_population`. The checks judge this
-    same snapshot: the recent rate against a threshold, orphaned execution_ids, a
-    day-over-trailing-days drop, and each validated execution's own rows.
+    Every figure is counted from the table in this run's own snapshot: every day, and
+    every orphaned execution_id (none to count where a validated foreign key proves there
+    is none; `orphans_proven_by` says which). With `idx_report_data_weeks_created_at`
+    (opt-in, create_execution_id_indexes) that is one grouped pass over the index; without
+    it the spec's data-quality queries run as one pass over the table. Only under an
+    opt-in budget (`count_budget_hours`, off by default) may days before the recent window
+    come from an earlier count; `day_sources` then says which days come from which count.
+    Set `tracking_started_at` to the fix's deploy time so the recent rate counts only rows
+    created since then. The days that changed are published as partitions of
+    `execution_id_daily_population`. The checks judge this same snapshot: the recent rate
+    against a threshold, orphaned execution_ids, a day-over-trailing-days drop, and each
+    validated execution's own rows. See docs/population-and-checks.md.
     """
     started_at = config.started_at()
     ids = verdict.requested(context, config.execution_ids)

@@ -109,11 +109,13 @@ def bring_up_to_date(
     budget: Budget | None = None,
 ) -> Current:
     """The stored tally brought up to date, and stored again. `cur` is in a transaction
-    begun with SNAPSHOT, so that every count sees the same rows."""
+    begun with SNAPSHOT, so that every count sees the same rows; every leaf of `layout`
+    has an index led by created_at (`begin` found no `note`)."""
     with_executions = catalog.table_exists(cur, db.schema_name, db.executions_table)
     key = tally_key(db, cur)
     previous = load(instance, key)
-    tables = Tables(db.weeks, db.executions if with_executions else None, layout)
+    executions = db.executions if with_executions else None
+    tables = Tables(db.weeks, executions, layout, created_at_indexed=True)
     tally = update(cur, tables, previous, budget)
     save(instance, key, tally)
     return Current(tally, previous, layout)
