@@ -380,7 +380,7 @@ def execution_id_daily_history_matches(
 
     stored = stored_days(context.instance, run_database(context))
     with target_db.cursor() as cur:
-        cur.execute(tallying.SNAPSHOT)
+        tallying.open_snapshot(cur, target_db)
         today = cur.execute("SELECT CURRENT_DATE").fetchone()[0]
         layout = tallying.weeks_layout(cur, target_db)
         note = tallying.index_note(target_db, tallying.unindexed_leaves(cur, layout))

@@ -485,7 +485,13 @@ def execution_id_population(
         opened = tallying.begin(cur, target_db, config.count_budget_hours)
         note = opened.note
         judged = verdict.judge(cur, target_db, ids)
-        if not note:
+        touched = set().union(*(j.days() for j in judged)) if judged else set()
+        if note:
+            snapshot = take_snapshot(cur, target_db, config.window_days, started_at)
+            days = publishable(
+                cur, target_db, snapshot.today, refresh_from(snapshot, config), touched
+            )
+        else:
             budget = tallying.budget(
                 cur, config.count_budget_hours, opened.hints, config.window_days
             )
@@ -495,12 +501,9 @@ def execution_id_population(
             snapshot = snapshot_from_tally(
                 cur, target_db, current.tally, config.window_days, started_at
             )
-    touched = set().union(*(j.days() for j in judged)) if judged else set()
     if note:
         context.log.warning(note)
-        snapshot = take_snapshot(target_db, config.window_days, started_at)
         counted = {"created_at_index": "missing", "counted": "whole table (one pass)"}
-        days = publishable(target_db, snapshot.today, refresh_from(snapshot, config), touched)
     else:
         tally = current.tally
         context.log.info(("counted the whole table: " if tally.full else "") + tally.reason)
@@ -592,13 +595,12 @@ def changed_days(
 
 
 def publishable(
-    db: TargetDatabase, today: dt.date, first: dt.date, touched: set[dt.date]
+    cur, db: TargetDatabase, today: dt.date, first: dt.date, touched: set[dt.date]
 ) -> dict[dt.date, DayTally]:
     """Without a created_at index: the refresh window and the executions' days, counted
-    from the table (one pass over the range)."""
+    from the table in the run's snapshot (one pass over the range)."""
     start = min([first, *touched])
-    with db.cursor() as cur:
-        days = daily.count_days(cur, db, start, max([today, *touched]))
+    days = daily.count_days(cur, db, start, max([today, *touched]))
     return {d: c for d, c in days.items() if d >= first or d in touched}
 
 

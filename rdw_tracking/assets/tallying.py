@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import dagster as dg
 import psycopg
+from psycopg import sql
 
 from rdw_tracking import catalog
 from rdw_tracking.errors import refuse
@@ -85,12 +86,35 @@ def begin(cur: psycopg.Cursor, db: TargetDatabase, budget_hours: float = 0.0) ->
         _refuse_missing(cur, db)
         hints = read_hints(cur, [m.oid for m in weeks_layout(cur, db).leaves])
         cur.connection.rollback()
-    cur.execute(SNAPSHOT)
-    _refuse_missing(cur, db)
+    open_snapshot(cur, db)
     layout = weeks_layout(cur, db)
     if hints and tuple(m.oid for m in layout.leaves) != hints.leaves:
         hints = Hints(hints.counters, "the table's partitions changed as the run began")
     return Opened(layout, index_note(db, unindexed_leaves(cur, layout)), hints)
+
+
+def open_snapshot(cur: psycopg.Cursor, db: TargetDatabase) -> None:
+    """Begin the snapshot with the weeks table (and its partitions or children) held in
+    ACCESS SHARE mode: the lock comes first, so the snapshot is taken after it and no
+    DETACH, NO INHERIT, DROP or TRUNCATE can change the tree between the two. Rows of a
+    partition detached during the run would otherwise vanish from a snapshot that
+    holds them. Only ACCESS EXCLUSIVE waits for it, as for any query on the table."""
+    for lock in (LOCK_TREE, LOCK_PARENT):
+        cur.execute(SNAPSHOT)
+        try:
+            cur.execute(sql.SQL(lock).format(db.weeks))
+            break
+        except psycopg.errors.InsufficientPrivilege:
+            cur.connection.rollback()  # no SELECT on a partition: hold the parent alone
+        except (psycopg.errors.UndefinedTable, psycopg.errors.InvalidSchemaName):
+            cur.connection.rollback()
+            _refuse_missing(cur, db)
+            raise
+    _refuse_missing(cur, db)
+
+
+LOCK_TREE = "LOCK TABLE {} IN ACCESS SHARE MODE"
+LOCK_PARENT = "LOCK TABLE ONLY {} IN ACCESS SHARE MODE"
 
 
 def _refuse_missing(cur: psycopg.Cursor, db: TargetDatabase) -> None:

@@ -239,31 +239,33 @@ def window_days_of(
     ]
 
 
-def take_snapshot(db: TargetDatabase, window_days: int, started_at: dt.datetime | None) -> Snapshot:
+def take_snapshot(
+    cur: psycopg.Cursor, db: TargetDatabase, window_days: int, started_at: dt.datetime | None
+) -> Snapshot:
     """The snapshot from one pass over the table (no index led by created_at to keep a
-    tally with): the tail's latest rows first, so the pass can tell if they are exact."""
-    with db.cursor() as cur:
-        with_executions = tables_present(cur, db)
-        proof = foreign_key_proof(cur, db) if with_executions else None
-        bounds = window_bounds(cur, window_days, started_at)
-        params = pass_params(bounds, window_days, started_at)
-        tail = tail_sample(cur, db)
-        collect = (
-            tail.floor is not None
-            and cur.connection.info.server_version >= PARALLEL_ARRAY_AGG
-            and few_rows_since(cur, db, tail.floor)
-        )
-        # Under a validated foreign key, no orphan can exist: the pass joins nothing.
-        head, groups = run_pass(
-            cur, db, with_executions and not proof, params | {"sample_floor": tail.floor}, collect
-        )
-        if head.future_rows:
-            groups |= future_days(cur, db, params)
-        daily = window_days_of(bounds.today, bounds.window_start, groups)
-        sample = latest_rows(cur, db, head, tail, daily)
-        orphans = None
-        if with_executions:
-            orphans = Orphans(0, 0, [], proof) if proof else pass_orphans(cur, db, head)
+    tally with), in `cur`'s snapshot: the tail's latest rows first, so the pass can tell
+    if they are exact."""
+    with_executions = tables_present(cur, db)
+    proof = foreign_key_proof(cur, db) if with_executions else None
+    bounds = window_bounds(cur, window_days, started_at)
+    params = pass_params(bounds, window_days, started_at)
+    tail = tail_sample(cur, db)
+    collect = (
+        tail.floor is not None
+        and cur.connection.info.server_version >= PARALLEL_ARRAY_AGG
+        and few_rows_since(cur, db, tail.floor)
+    )
+    # Under a validated foreign key, no orphan can exist: the pass joins nothing.
+    head, groups = run_pass(
+        cur, db, with_executions and not proof, params | {"sample_floor": tail.floor}, collect
+    )
+    if head.future_rows:
+        groups |= future_days(cur, db, params)
+    daily = window_days_of(bounds.today, bounds.window_start, groups)
+    sample = latest_rows(cur, db, head, tail, daily)
+    orphans = None
+    if with_executions:
+        orphans = Orphans(0, 0, [], proof) if proof else pass_orphans(cur, db, head)
     return Snapshot(
         today=bounds.today,
         window_start=bounds.window_start,

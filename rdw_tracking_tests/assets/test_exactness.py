@@ -352,3 +352,42 @@ def test_a_standby_is_validated_exactly(run_job, monkeypatch):
                 meta, checks = validate(run_job, instance, **config)
                 assert_exact(on_standby, meta, checks)
                 assert not checks["execution_ids_exist"].passed
+
+
+@pytest.mark.parametrize("layout", ["range", "inheritance"])
+def test_a_member_detached_during_a_run(layout, layout_url, run_job, sql_exec, monkeypatch):
+    """A partition detached (or a child disinherited) while a run holds its snapshot:
+    the run counts the rows its snapshot holds (the DDL waits for it), the next run
+    counts the table without them."""
+    import threading
+
+    sql_exec(PROJECT_CREATED_AT)
+    (member,) = sql_exec(
+        "SELECT inhrelid::regclass::text FROM pg_inherits "
+        "WHERE inhparent = 'report_data_weeks'::regclass ORDER BY 1 LIMIT 1"
+    )[0]
+    ddl = (
+        f"ALTER TABLE report_data_weeks DETACH PARTITION {member}"
+        if layout == "range"
+        else f"ALTER TABLE {member} NO INHERIT report_data_weeks"
+    )
+    real_judge = verdict.judge
+    worker = threading.Thread(target=sql_exec, args=(ddl,))
+
+    def judge_while_detaching(cur, db, ids):
+        worker.start()
+        worker.join(timeout=1)  # it waits for this run's lock
+        return real_judge(cur, db, ids)
+
+    with dg.instance_for_test() as instance:
+        validate(run_job, instance)
+        before = sql_exec(TRUTH)[0]
+        with monkeypatch.context() as patch:
+            patch.setattr(verdict, "judge", judge_while_detaching)
+            meta, checks = validate(run_job, instance)
+        assert (meta["total_rows"], meta["with_execution_id"]) == before[:2]
+        worker.join(timeout=30)
+        assert not worker.is_alive()
+        assert sql_exec(TRUTH)[0][0] < before[0]  # the member's rows left the table
+        meta, checks = validate(run_job, instance)
+        assert_exact(sql_exec, meta, checks)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import threading
 
 import dagster as dg
 import psycopg
@@ -165,19 +166,35 @@ def detach_or_attach(conn: psycopg.Connection, layout: str) -> None:
 
 
 def one_run(url: str, instance, budget_hours: float, during) -> tuple:
-    """A validation's tally and snapshot; `during(conn)` runs once the snapshot is held.
+    """A validation's tally and snapshot; `during(conn)` starts, in a thread of its own,
+    once the snapshot is held (a DETACH waits for the run's lock, an UPDATE does not).
     Returns (tally, snapshot, the table's days as that snapshot sees them)."""
     db = TargetDatabase(url=url)
+    failures: list[BaseException] = []
+
+    def change() -> None:
+        try:
+            with psycopg.connect(url, autocommit=True) as conn:
+                during(conn)
+        except BaseException as err:  # reported after the run
+            failures.append(err)
+
     with db.cursor() as cur:
         opened = tallying.begin(cur, db, budget_hours)
         with psycopg.connect(url, autocommit=True) as other:
             other.execute("SET TimeZone = 'UTC'")
             seen = truth(other)
-            if during:
-                during(other)
+        worker = threading.Thread(target=change) if during else None
+        if worker:
+            worker.start()
+            worker.join(timeout=0.5)  # let it commit, or queue behind the run's lock
         budget = tallying.budget(cur, budget_hours, opened.hints, WINDOW_DAYS)
         tally = tallying.bring_up_to_date(cur, db, instance, opened.layout, budget).tally
         snapshot = snapshot_from_tally(cur, db, tally, WINDOW_DAYS, None)
+    if worker:
+        worker.join(timeout=60)
+        assert not worker.is_alive(), "the change never finished"
+        assert not failures, failures
     return tally, snapshot, seen
 
 
