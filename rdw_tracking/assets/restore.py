@@ -39,7 +39,13 @@ class RestoreConfig(BackupConfig):
             ) from None
 
     def request(self, db: TargetDatabase) -> RestoreRequest:
-        return RestoreRequest(self.tables(db), self.rollback_id, self.batch_size, self.dry_run)
+        return RestoreRequest(
+            self.tables(db),
+            self.rollback_id,
+            self.batch_size,
+            self.dry_run,
+            visible_rows_only=self.visible_rows_only,
+        )
 
 
 def restore(db: TargetDatabase, config: RestoreConfig, log: logging.Logger | Any) -> RestoreReport:

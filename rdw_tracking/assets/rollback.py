@@ -67,6 +67,13 @@ class BackupConfig(dg.Config):
         description=f"Rows per transaction, {MIN_BATCH:,} to {MAX_BATCH:,}.",
     )
     dry_run: bool = Field(default=True, description="Only report what a real run would do.")
+    visible_rows_only: bool = Field(
+        default=False,
+        description=(
+            "Under row-level security that applies to the running role, change only the "
+            "rows its policies let it see and update (default: refuse before any change)."
+        ),
+    )
 
     @field_validator("backup_schema", "backup_table", "state_table")
     @classmethod
@@ -142,6 +149,7 @@ class RollbackConfig(BackupConfig):
             dry_run=self.dry_run,
             expected_rows=self.expected_rows,
             lock_timeout_ms=self.lock_timeout_ms,
+            visible_rows_only=self.visible_rows_only,
         )
 
 

@@ -34,6 +34,7 @@ class RestoreRequest:
     rollback_id: str | None
     batch_size: int
     dry_run: bool = True
+    visible_rows_only: bool = False
 
 
 # One batch of backup rows in backup order. A row is the one with the backed-up id in the
@@ -119,7 +120,7 @@ def restore(db: TargetDatabase, request: RestoreRequest, log: Log) -> RestoreRep
     started = time.monotonic()
     tables = request.tables
     # Before the first change; a dry run needs only to read.
-    check_restore(db, tables, request.dry_run)
+    check_restore(db, tables, request.dry_run, log, request.visible_rows_only)
     with batch_connection(db, RESTORE_APPLICATION_NAME, db.lock_timeout_ms, RESTORE_JOB) as conn:
         state = rollback_to_restore(conn, db, tables, request.rollback_id)
         report = RestoreReport(request.dry_run, state.rollback_id, state.cutoff)

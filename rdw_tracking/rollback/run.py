@@ -22,10 +22,11 @@ from rdw_tracking.rollback.progress import Log
 from rdw_tracking.rollback.state import (
     RollbackState,
     finish_rollback,
+    set_phase,
     start_rollback,
     unfinished_rollbacks,
 )
-from rdw_tracking.rollback.sweep import sweep
+from rdw_tracking.rollback.sweep import Swept, sweep
 from rdw_tracking.rollback.walk import Walker
 
 
@@ -39,6 +40,7 @@ class RollbackRequest:
     dry_run: bool = True
     expected_rows: int | None = None
     lock_timeout_ms: int = 1_000
+    visible_rows_only: bool = False
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,7 @@ class Cleared:
     swept_rows: int
     leaves_walked: int
     leaves_left_alone: list[str]
+    rows_left: int = 0
 
 
 @dataclass
@@ -74,6 +77,7 @@ class RollbackReport:
     layout: str = ""
     leaves_walked: int = 0
     leaves_left_alone: list[str] = field(default_factory=list)
+    rows_left: int = 0
 
     def add(self, state: RollbackState, cleared: Cleared) -> None:
         """Count what this run cleared on top of what the rollback had before it."""
@@ -84,6 +88,7 @@ class RollbackReport:
         self.swept_rows = cleared.swept_rows
         self.leaves_walked = cleared.leaves_walked
         self.leaves_left_alone = cleared.leaves_left_alone
+        self.rows_left = cleared.rows_left
 
     def metadata(self) -> dict[str, Any]:
         """The report as materialization metadata, but for the per-day table."""
@@ -106,6 +111,7 @@ class RollbackReport:
             "layout": self.layout,
             "leaves_walked": self.leaves_walked,
             "leaves_left_alone": ", ".join(self.leaves_left_alone),
+            "rows_left": self.rows_left,
         }
 
 
@@ -113,7 +119,7 @@ def rollback(db: TargetDatabase, request: RollbackRequest, log: Log) -> Rollback
     """Dry run or real run of the rollback; the asset's whole job, callable without Dagster."""
     started = time.monotonic()
     tables = request.tables
-    layout = check_rollback(db, tables, request.dry_run, log)
+    layout = check_rollback(db, tables, request.dry_run, log, request.visible_rows_only)
     with batch_connection(db, ROLLBACK_APPLICATION_NAME, request.lock_timeout_ms) as conn:
         resume = resumable(conn, db, request, log)
         bound = fixed_bound(conn, tables, resume, request.dry_run, log)
@@ -238,14 +244,23 @@ def clear(
     run finished."""
     leaves = frozenset(m.oid for m in layout.leaves)
     tables, most = request.tables, request.batch_size
-    walker = Walker(conn, db, tables, state, layout.root.oid, most, log, leaves)
+    walker = Walker(
+        conn, db, tables, state, layout.root.oid, most, log, leaves, request.visible_rows_only
+    )
     size = min(most, FIRST_BATCH_ROWS)  # a probe, then sized by time and WAL
     if state.phase == "walking":
         size = walker.walk(found, size)
     swept = sweep(walker, size)
+    if swept.joined:
+        unfinished(conn, db, request, walker, swept)
     finish_rollback(conn, tables, state.rollback_id)
-    if swept:
-        log.info(f"the final sweep cleared {swept:,} rows that moved during the walk")
+    if swept.rows:
+        log.info(f"the final sweep cleared {swept.rows:,} rows that moved during the walk")
+    if swept.left:
+        log.warning(
+            f"{swept.left:,} matched rows of {db.qualified(db.weeks_table)} were left as they "
+            "are: row-level security keeps them from this role (visible_rows_only)"
+        )
     if walker.wal_waited >= 1:
         log.info(
             f"between batches, the run waited {walker.wal_waited:,.1f} s in all for the "
@@ -253,5 +268,36 @@ def clear(
         )
     progress = walker.progress
     return Cleared(
-        progress.done, progress.batches, progress.longest_ms, swept, len(found.leaves), walker.gone
+        progress.done,
+        progress.batches,
+        progress.longest_ms,
+        swept.rows,
+        len(found.leaves),
+        walker.gone,
+        swept.left,
+    )
+
+
+def unfinished(
+    conn: psycopg.Connection,
+    db: TargetDatabase,
+    request: RollbackRequest,
+    walker: Walker,
+    swept: Swept,
+) -> None:
+    """End a run that left matched rows in leaves that joined the table while it went
+    (a partition manager creating partitions and moving rows into them): failed, saying
+    what is left where, the rollback kept resumable so the next run clears them."""
+    set_phase(conn, request.tables, walker.state.rollback_id, "sweeping")
+    left = sum(swept.joined.values())
+    where = ", ".join(f"{label} ({n:,})" for label, n in swept.joined.items())
+    raise refuse(
+        f"{walker.what} is not finished: {left:,} matched rows are in {where}, which joined "
+        "the table while the run went (a partition created or attached, or rows moved into "
+        f"it), and were left as they are; run {ROLLBACK_JOB} again with cutoff_date "
+        f"{request.cutoff} to clear them: it continues rollback {walker.state.rollback_id}",
+        rollback_id=walker.state.rollback_id,
+        cleared_rows=walker.state.cleared_rows + walker.progress.done,
+        rows_left=left,
+        leaves_joined=where,
     )

@@ -156,6 +156,8 @@ class Walker:
     # The table's leaves when the run started: the matched set is their rows. A partition
     # attached later brings rows the dry run never counted; they are left alone.
     leaves: frozenset[int] = frozenset()
+    # Under row-level security the user let apply: rows it keeps from the run stay put.
+    visible_rows_only: bool = False
     progress: Progress = field(init=False)
     wal_buffers: int | None = field(init=False)
     wal_budget: int | None = field(init=False)
@@ -243,8 +245,8 @@ class Walker:
     def not_ours(self, label: str) -> None:
         self.log.warning(
             f"{label} joined {self.db.qualified(self.db.weeks_table)} after {self.what} "
-            "started: its rows were not part of the table when the run fixed its row set, "
-            "and are left alone (run the rollback again to clear them)"
+            "started (created or attached, or rows moved into it): this run leaves its "
+            "rows alone and ends failed, and the next run continues the rollback with it"
         )
 
     def walk(self, found: Survey, size: int) -> int:

@@ -1,0 +1,163 @@
+"""The rollback and the restore as a production team runs them: row-level security, rows
+a partition manager moves, update triggers, clock skew (issue 25)."""
+
+import logging
+
+import dagster as dg
+import psycopg
+import pytest
+
+from rdw_tracking.assets.restore import RestoreConfig
+from rdw_tracking.assets.restore import restore as run_restore
+from rdw_tracking.assets.rollback import RollbackConfig, rollback
+from rdw_tracking.demo_layouts import relayout
+from rdw_tracking.layout import table_layout
+from rdw_tracking.resources import TargetDatabase
+from rdw_tracking_tests.assets.test_rollback import days_ago
+from rdw_tracking_tests.conftest import database_checksums
+
+LOG = logging.getLogger("rdw_tracking_tests.real_world")
+CUTOFF = days_ago(40)
+MATCHED_IDS = (
+    "SELECT id FROM report_data_weeks WHERE execution_id IS NOT NULL "
+    "AND created_at >= %s::date AND created_at < %s"
+)
+ROWS = "SELECT tableoid::regclass::text, id, execution_id, updated_at FROM report_data_weeks"
+# What a role needs for both jobs on every layout, backup tables created by itself.
+WRITER_GRANTS = (
+    "GRANT USAGE, CREATE ON SCHEMA public TO {role}",
+    "GRANT SELECT, UPDATE ON ALL TABLES IN SCHEMA public TO {role}",
+)
+# A quarter of the rows (ids starting 0-3) hidden from every command.
+HIDING = "CREATE POLICY hide_some ON {table} USING (id::text >= '4')"
+POLICIES = {
+    "hiding": HIDING,
+    # every row visible, none updatable: no UPDATE policy means no row may be updated
+    "select_only": "CREATE POLICY read_all ON {table} FOR SELECT USING (true)",
+    # every row visible and updatable, but no row may be written with a NULL execution_id
+    "with_check": (
+        "CREATE POLICY keep_ids ON {table} USING (true) WITH CHECK (execution_id IS NOT NULL)"
+    ),
+}
+POLICY_NAMES = {"hiding": "hide_some", "select_only": "read_all", "with_check": "keep_ids"}
+
+
+def leaf_name(url: str, layout: str) -> str:
+    """The table that gets the policy: the table itself, or one of its physical tables
+    holding matched rows (a partition or child)."""
+    if layout == "ordinary":
+        return "report_data_weeks"
+    with psycopg.connect(url) as conn:
+        found = table_layout(conn, "public", "report_data_weeks")
+        counts = {
+            leaf.name: conn.execute(
+                f'SELECT count(*) FROM ONLY "{leaf.name}" WHERE execution_id IS NOT NULL '  # noqa: S608
+                "AND created_at >= %s::date",
+                [CUTOFF],
+            ).fetchone()[0]
+            for leaf in found.leaves
+        }
+    return max(counts, key=counts.get)
+
+
+def with_policy(sql_exec, table: str, policy: str, force: bool = False) -> None:
+    sql_exec(POLICIES[policy].format(table=f'"{table}"'))
+    sql_exec(f'ALTER TABLE "{table}" ENABLE ROW LEVEL SECURITY')
+    if force:
+        sql_exec(f'ALTER TABLE "{table}" FORCE ROW LEVEL SECURITY')
+
+
+def refusal_of(call) -> dg.Failure:
+    with pytest.raises(dg.Failure) as failure:
+        call()
+    return failure.value
+
+
+# (layout, where the policy sits, which policy); "owner" runs as the table's owner, under
+# FORCE ROW LEVEL SECURITY.
+RLS_CASES = [
+    ("ordinary", "table", "hiding"),
+    ("ordinary", "owner", "hiding"),
+    ("range", "leaf", "hiding"),
+    ("list", "table", "select_only"),
+    ("hash", "leaf", "with_check"),
+    ("inheritance", "leaf", "hiding"),
+    ("ordinary", "table", "select_only"),
+    ("ordinary", "table", "with_check"),
+]
+
+
+@pytest.mark.parametrize(("layout", "where", "policy"), RLS_CASES)
+def test_row_security_refuses_before_any_change(
+    database_url, role_url, sql_exec, layout, where, policy
+):
+    relayout(database_url, layout)
+    # A finished rollback to restore, made before the policy (as the superuser).
+    admin = TargetDatabase(url=database_url)
+    done = rollback(admin, RollbackConfig(cutoff_date=days_ago(10), dry_run=False), LOG)
+    assert done.cleared_rows > 0
+    role = role_url(*WRITER_GRANTS)
+    user = psycopg.conninfo.conninfo_to_dict(role)["user"]
+    table = leaf_name(database_url, layout) if where == "leaf" else "report_data_weeks"
+    if where == "owner":
+        sql_exec(f'ALTER TABLE report_data_weeks OWNER TO "{user}"')
+    with_policy(sql_exec, table, policy, force=where == "owner")
+    before = database_checksums(database_url)
+    db = TargetDatabase(url=role)
+    for dry_run in (True, False):
+        config = RollbackConfig(cutoff_date=CUTOFF, dry_run=dry_run)
+        failure = refusal_of(lambda config=config: rollback(db, config, LOG))
+        text = failure.description
+        assert f"policy {POLICY_NAMES[policy]} FOR" in text, text
+        assert f"public.{table}" in text and f"role {user}" in text, text
+        assert "visible_rows_only" in text
+        restore = RestoreConfig(dry_run=dry_run)
+        failure = refusal_of(lambda restore=restore: run_restore(db, restore, LOG))
+        assert f"policy {POLICY_NAMES[policy]} FOR" in failure.description
+        assert f"public.{table}" in failure.description
+    assert database_checksums(database_url) == before
+
+
+@pytest.mark.parametrize("layout", ["ordinary", "range", "inheritance"])
+def test_visible_rows_only_clears_the_visible_rows_and_no_other(
+    database_url, role_url, sql_exec, layout
+):
+    relayout(database_url, layout)
+    role = role_url(*WRITER_GRANTS)
+    table = leaf_name(database_url, layout)
+    with_policy(sql_exec, table, "hiding")
+    original = sorted(sql_exec(ROWS))
+    db = TargetDatabase(url=role)
+    config = RollbackConfig(cutoff_date=CUTOFF, dry_run=False, visible_rows_only=True)
+    report = rollback(db, config, LOG)
+    # through the parent, a partition's policy does not apply: the scan counts its hidden
+    # rows, which the batches (on the partition itself) cannot touch
+    assert report.cleared_rows > 0
+    assert report.cleared_rows + report.rows_left == report.matched_rows
+    now = {r[1]: r for r in sql_exec(ROWS)}
+    changed = {r[1] for r in original if now[r[1]] != r}
+    hidden = {r[1] for r in original if r[0] in (table, f"public.{table}") and str(r[1]) < "4"}
+    assert hidden and not changed & hidden
+    assert len(changed) == report.cleared_rows
+    if layout != "ordinary":
+        assert report.rows_left == len(
+            {r[1] for r in original if r[1] in hidden and r[2] is not None}
+            & {r[0] for r in sql_exec(MATCHED_IDS, [CUTOFF, report.upper_bound])}
+        )
+    back = run_restore(db, RestoreConfig(dry_run=False, visible_rows_only=True), LOG)
+    assert back.restored_rows == report.cleared_rows
+    assert sorted(sql_exec(ROWS)) == original
+
+
+def test_a_role_that_bypasses_row_security_is_not_refused(database_url, role_url, sql_exec):
+    role = role_url(*WRITER_GRANTS)
+    user = psycopg.conninfo.conninfo_to_dict(role)["user"]
+    sql_exec(f'ALTER ROLE "{user}" BYPASSRLS')
+    with_policy(sql_exec, "report_data_weeks", "hiding")
+    expected = sql_exec(
+        "SELECT count(*) FROM report_data_weeks WHERE execution_id IS NOT NULL "
+        "AND created_at >= %s::date",
+        [CUTOFF],
+    )[0][0]
+    report = rollback(TargetDatabase(url=role), RollbackConfig(cutoff_date=CUTOFF), LOG)
+    assert report.matched_rows == expected
