@@ -37,41 +37,63 @@ class RestoreRequest:
     visible_rows_only: bool = False
 
 
-# One batch of backup rows in backup order. A row is the one with the backed-up id in the
-# physical table (partition, child) it was cleared in: ids need not be unique across a
-# partitioned or inherited table. The counting subqueries see the table as it was before
-# this statement: rows already holding the backed-up value were restored by an earlier
-# (interrupted) restore; any other non-NULL value was written since.
-SAME_ROW = "w.id = b.id AND (b.relid IS NULL OR w.tableoid = b.relid)"
+# Where a backed-up row lives now. It is the row with the backed-up id in the physical
+# table (partition, child) it was cleared in; failing that, the one row with that id
+# anywhere in the tree: a partition manager moves rows between partitions (delete and
+# insert, same id) and they are still the same rows. Ids need not be unique across an
+# inherited table, so an id found in several other tables and not in its own is left
+# alone (ambiguous), never guessed. The counting subqueries see the table as it was
+# before the statement: rows already holding the backed-up value were restored by an
+# earlier (interrupted) restore; any other non-NULL value was written since.
+# A batch's ids, spelled out, keep the lookup on each table's primary key index; the
+# dry run over the whole backup joins instead.
+BY_BATCH_IDS = "WHERE w.id = ANY(ARRAY(SELECT id FROM batch))"
+FOUND = """
+found AS MATERIALIZED (
+    SELECT b.seq, w.tableoid AS leaf, w.execution_id AS current,
+           w.tableoid = b.relid AS home, count(*) OVER (PARTITION BY b.seq) AS copies
+    FROM batch b JOIN {{weeks}} w ON w.id = b.id
+    {by_ids}
+), chosen AS MATERIALIZED (
+    SELECT DISTINCT ON (seq) seq, leaf, current, home FROM found
+    WHERE home IS TRUE OR copies = 1
+    ORDER BY seq, home IS TRUE DESC
+)"""
 RESTORE_BATCH = f"""
 WITH batch AS MATERIALIZED (
     SELECT seq, id, relid, execution_id, updated_at, cleared_at FROM {{backup}}
     WHERE rollback_id = %(rid)s AND seq > %(after)s
     ORDER BY seq LIMIT %(limit)s
-), restored AS (
+), {FOUND.format(by_ids=BY_BATCH_IDS)}, restored AS (
     UPDATE {{weeks}} w
     SET execution_id = b.execution_id,
         updated_at = CASE WHEN w.updated_at IS NOT DISTINCT FROM b.cleared_at
                           THEN b.updated_at ELSE w.updated_at END
-    FROM batch b
-    WHERE w.id = ANY(ARRAY(SELECT id FROM batch)) AND {SAME_ROW} AND w.execution_id IS NULL
-    RETURNING w.id
+    FROM chosen c JOIN batch b ON b.seq = c.seq
+    WHERE w.id = ANY(ARRAY(SELECT b.id FROM batch b JOIN chosen c ON c.seq = b.seq))
+      AND w.id = b.id AND w.tableoid = c.leaf AND w.execution_id IS NULL
+    RETURNING 1
 )
 SELECT (SELECT count(*) FROM batch) AS size,
        (SELECT count(*) FROM restored) AS restored,
-       (SELECT count(*) FROM {{weeks}} w JOIN batch b ON {SAME_ROW}
-        WHERE w.id = ANY(ARRAY(SELECT id FROM batch))) AS found,
-       (SELECT count(*) FROM {{weeks}} w JOIN batch b ON {SAME_ROW}
-        WHERE w.id = ANY(ARRAY(SELECT id FROM batch)) AND w.execution_id = b.execution_id)
-         AS already,
+       (SELECT count(*) FROM chosen) AS found,
+       (SELECT count(*) FROM chosen c JOIN batch b ON b.seq = c.seq
+        WHERE c.current = b.execution_id) AS already,
+       (SELECT count(DISTINCT seq) FROM found) - (SELECT count(*) FROM chosen) AS ambiguous,
+       (SELECT count(*) FROM chosen WHERE NOT home) AS moved,
        (SELECT max(seq) FROM batch) AS last_seq
 """
 RESTORE_PREVIEW = f"""
-SELECT count(*) AS total, count(w.id) AS found,
-       count(*) FILTER (WHERE w.id IS NOT NULL AND w.execution_id IS NULL) AS nulls,
-       count(*) FILTER (WHERE w.execution_id = b.execution_id) AS already
-FROM {{backup}} b LEFT JOIN {{weeks}} w ON {SAME_ROW}
-WHERE b.rollback_id = %s
+WITH batch AS MATERIALIZED (
+    SELECT seq, id, relid, execution_id FROM {{backup}} WHERE rollback_id = %(rid)s
+), {FOUND.format(by_ids="")}
+SELECT (SELECT count(*) FROM batch) AS total,
+       (SELECT count(*) FROM chosen) AS found,
+       (SELECT count(*) FROM chosen WHERE current IS NULL) AS nulls,
+       (SELECT count(*) FROM chosen c JOIN batch b ON b.seq = c.seq
+        WHERE c.current = b.execution_id) AS already,
+       (SELECT count(DISTINCT seq) FROM found) - (SELECT count(*) FROM chosen) AS ambiguous,
+       (SELECT count(*) FROM chosen WHERE NOT home) AS moved
 """
 RECORD_RESTORED = (
     "UPDATE {state} SET restored_rows = restored_rows + %s, restored_at = now() "
@@ -89,14 +111,20 @@ class RestoreReport:
     skipped_rows: int = 0
     already_restored_rows: int = 0
     missing_rows: int = 0
+    moved_rows: int = 0
+    ambiguous_rows: int = 0
     batches: int = 0
     longest_batch_ms: float = 0.0
     seconds: float = 0.0
 
-    def count(self, size: int, restored: int, found: int, already: int) -> None:
+    def count(
+        self, size: int, restored: int, found: int, already: int, ambiguous: int, moved: int
+    ) -> None:
         self.restored_rows += restored
         self.already_restored_rows += already
-        self.missing_rows += size - found
+        self.missing_rows += size - found - ambiguous
+        self.ambiguous_rows += ambiguous
+        self.moved_rows += moved
         self.skipped_rows += found - restored - already
 
     def metadata(self) -> dict[str, Any]:
@@ -109,6 +137,8 @@ class RestoreReport:
             "skipped_rows": self.skipped_rows,
             "already_restored_rows": self.already_restored_rows,
             "missing_rows": self.missing_rows,
+            "moved_rows": self.moved_rows,
+            "ambiguous_rows": self.ambiguous_rows,
             "batches": self.batches,
             "longest_batch_ms": round(self.longest_batch_ms, 1),
             "seconds": round(self.seconds, 2),
@@ -143,7 +173,15 @@ def restore(db: TargetDatabase, request: RestoreRequest, log: Log) -> RestoreRep
         f"of {db.qualified(db.weeks_table)} from rollback {state.rollback_id}; skipped "
         f"{report.skipped_rows:,} written since, {report.already_restored_rows:,} already "
         f"restored, {report.missing_rows:,} gone"
+        + (f", {report.moved_rows:,} found in another partition" if report.moved_rows else "")
     )
+    if report.ambiguous_rows:
+        log.warning(
+            f"{report.ambiguous_rows:,} backed-up rows of rollback {state.rollback_id} are no "
+            f"longer in the table they were cleared in and their id is in several tables "
+            f"of {db.qualified(db.weeks_table)}; they were left as they are: restore them "
+            f"by hand from {tables.label(tables.backup_name)}"
+        )
     return report
 
 
@@ -169,10 +207,12 @@ def preview(
     with conn.cursor(row_factory=namedtuple_row) as by_name:
         counts = by_name.execute(
             sql.SQL(RESTORE_PREVIEW).format(backup=tables.backup, weeks=db.weeks),
-            [report.rollback_id],
+            {"rid": report.rollback_id},
         ).fetchone()
     report.backed_up_rows = counts.total
-    report.count(counts.total, counts.nulls, counts.found, counts.already)
+    report.count(
+        counts.total, counts.nulls, counts.found, counts.already, counts.ambiguous, counts.moved
+    )
 
 
 def begin(conn: psycopg.Connection, tables: BackupTables, state: RollbackState, log: Log) -> int:
@@ -224,7 +264,9 @@ def put_back(
         if batch.size == 0:
             break
         after = batch.last_seq
-        report.count(batch.size, batch.restored, batch.found, batch.already)
+        report.count(
+            batch.size, batch.restored, batch.found, batch.already, batch.ambiguous, batch.moved
+        )
         progress.add(batch.size, ms)
         if progress.due():
             log.info(progress.line("went through"))

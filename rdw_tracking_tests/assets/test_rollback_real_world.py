@@ -2,6 +2,7 @@
 a partition manager moves, update triggers, clock skew (issue 25)."""
 
 import logging
+import os
 
 import dagster as dg
 import psycopg
@@ -161,3 +162,107 @@ def test_a_role_that_bypasses_row_security_is_not_refused(database_url, role_url
     )[0][0]
     report = rollback(TargetDatabase(url=role), RollbackConfig(cutoff_date=CUTOFF), LOG)
     assert report.matched_rows == expected
+
+
+# -- rows a partition manager moves (delete + insert, same id) -----------------------------
+
+# What partition_data_proc-style maintenance does: the DEFAULT partition's rows of the
+# current month go into a partition of their own, created for them.
+MOVE_OUT_OF_DEFAULT = """
+BEGIN;
+CREATE TABLE report_data_weeks_pnow (LIKE report_data_weeks INCLUDING DEFAULTS);
+WITH moved AS (
+    DELETE FROM report_data_weeks_default
+    WHERE created_at >= date_trunc('month', now()) RETURNING *)
+INSERT INTO report_data_weeks_pnow SELECT * FROM moved;
+ALTER TABLE report_data_weeks ATTACH PARTITION report_data_weeks_pnow
+    FOR VALUES FROM (date_trunc('month', now())) TO (date_trunc('month', now()) + interval '1 month');
+COMMIT;
+"""
+KEYED = "SELECT id, execution_id, updated_at FROM report_data_weeks"
+
+
+def default_partition(sql_exec) -> str:
+    (name,) = sql_exec(
+        "SELECT c.relname FROM pg_partitioned_table p JOIN pg_class c ON c.oid = p.partdefid "
+        "WHERE p.partrelid = 'report_data_weeks'::regclass"
+    )[0]
+    return name
+
+
+def move_out_of_default(sql_exec) -> int:
+    """Move the DEFAULT partition's current-month rows into a new partition; how many."""
+    moving = sql_exec(
+        "SELECT count(*) FROM report_data_weeks_default "
+        "WHERE created_at >= date_trunc('month', now())"
+    )[0][0]
+    with psycopg.connect(os.environ["RDW_DATABASE_URL"], autocommit=True) as conn:
+        conn.execute("SET TimeZone = 'UTC'")
+        conn.execute(MOVE_OUT_OF_DEFAULT)
+    return moving
+
+
+@pytest.fixture
+def range_with_default(database_url, sql_exec) -> str:
+    relayout(database_url, "range")
+    assert default_partition(sql_exec) == "report_data_weeks_default"
+    return database_url
+
+
+def test_restore_finds_rows_moved_to_another_partition(range_with_default, sql_exec):
+    db = TargetDatabase(url=range_with_default)
+    original = sorted(sql_exec(KEYED))
+    report = rollback(db, RollbackConfig(cutoff_date=CUTOFF, dry_run=False), LOG)
+    assert report.cleared_rows == report.matched_rows > 0
+    moved = move_out_of_default(sql_exec)
+    assert moved > 0
+    # and one row deleted for good: the only one the restore may call missing
+    sql_exec(
+        "DELETE FROM report_data_weeks WHERE id = "
+        "(SELECT id FROM execution_id_rollback_backup ORDER BY seq LIMIT 1)"
+    )
+    dry = run_restore(db, RestoreConfig(), LOG)
+    assert (dry.missing_rows, dry.moved_rows) == (1, moved)
+    back = run_restore(db, RestoreConfig(dry_run=False, batch_size=100), LOG)
+    assert (back.missing_rows, back.moved_rows, back.skipped_rows) == (1, moved, 0)
+    assert back.restored_rows == report.cleared_rows - 1
+    deleted = {r[0] for r in original} - {r[0] for r in sql_exec(KEYED)}
+    assert len(deleted) == 1
+    assert sorted(sql_exec(KEYED)) == [r for r in original if r[0] not in deleted]
+
+
+def test_rows_moved_during_a_rollback_end_it_failed_and_the_rerun_finishes(
+    range_with_default, sql_exec, monkeypatch
+):
+    from rdw_tracking.rollback import walk
+
+    db = TargetDatabase(url=range_with_default)
+    original = sorted(sql_exec(KEYED))
+    real_wait = walk.wait_for_wal_room
+    moved = {}
+
+    def move_before_the_first_batch(conn, most):
+        if not moved:
+            moved["rows"] = move_out_of_default(sql_exec)
+        return real_wait(conn, most)
+
+    monkeypatch.setattr(walk, "wait_for_wal_room", move_before_the_first_batch)
+    config = RollbackConfig(cutoff_date=CUTOFF, dry_run=False, batch_size=100)
+    with pytest.raises(dg.Failure) as failure:
+        rollback(db, config, LOG)
+    matched_moved = sql_exec(
+        "SELECT count(*) FROM report_data_weeks_pnow WHERE execution_id IS NOT NULL"
+    )[0][0]
+    assert moved["rows"] > 0 and matched_moved > 0
+    assert f"public.report_data_weeks_pnow ({matched_moved:,})" in failure.value.description
+    assert failure.value.metadata["rows_left"].value == matched_moved
+    again = rollback(db, config, LOG)
+    assert again.resumed and again.cleared_rows == again.matched_rows
+    assert not sql_exec(
+        "SELECT 1 FROM report_data_weeks WHERE execution_id IS NOT NULL "
+        "AND created_at >= %s::date AND created_at < %s",
+        [CUTOFF, again.upper_bound],
+    )
+    back = run_restore(db, RestoreConfig(dry_run=False), LOG)
+    assert back.restored_rows == again.cleared_rows and back.missing_rows == 0
+    assert sorted(sql_exec(KEYED)) == original
