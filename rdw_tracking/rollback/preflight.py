@@ -124,6 +124,35 @@ def row_security_refusal(
     )
 
 
+def update_triggers(db: TargetDatabase, layout: Layout, job: str, log: Log) -> list[str]:
+    """The BEFORE UPDATE row triggers on the table, its partitions and children, as
+    `name on table`; a warning says what they make the restore unable to give back.
+
+    Every batch of the rollback and the restore is an UPDATE: such a trigger fires on
+    each row and writes what it writes (typically updated_at = now()) after the batch
+    has set its values, so the rollback's updated_at and the restored updated_at are
+    the trigger's, not the backup's."""
+    with db.cursor() as cur:
+        found = catalog.before_update_triggers(cur, [m.oid for m in layout.members])
+    if not found:
+        return []
+    by_name: dict[str, list[str]] = {}
+    for trigger in found:
+        of = f" (UPDATE OF {', '.join(trigger.columns)})" if trigger.columns else ""
+        by_name.setdefault(trigger.name + of, []).append(trigger.table)
+    named = [
+        f"{name} on {tables[0]}" if len(tables) == 1 else f"{name} on {len(tables)} tables"
+        for name, tables in by_name.items()
+    ]
+    log.warning(
+        f"{layout.label} has BEFORE UPDATE triggers ({'; '.join(named)}) that fire on every "
+        f"row {job} updates: the restore gives back execution_id exactly, but not the "
+        "columns those triggers set (updated_at, typically), which keep the value the "
+        "trigger wrote at the restore"
+    )
+    return named
+
+
 def check_rollback(
     db: TargetDatabase,
     tables: BackupTables,

@@ -17,7 +17,7 @@ from rdw_tracking.rollback.backup import BackupTables
 from rdw_tracking.rollback.batches import batch_connection, refuse_if_lost
 from rdw_tracking.rollback.matched import Survey, estimate_seconds, fixed_bound, survey
 from rdw_tracking.rollback.pace import FIRST_BATCH_ROWS
-from rdw_tracking.rollback.preflight import check_rollback
+from rdw_tracking.rollback.preflight import check_rollback, update_triggers
 from rdw_tracking.rollback.progress import Log
 from rdw_tracking.rollback.state import (
     RollbackState,
@@ -78,6 +78,9 @@ class RollbackReport:
     leaves_walked: int = 0
     leaves_left_alone: list[str] = field(default_factory=list)
     rows_left: int = 0
+    updated_since_start_rows: int = 0
+    future_updated_at_rows: int = 0
+    update_triggers: list[str] = field(default_factory=list)
 
     def add(self, state: RollbackState, cleared: Cleared) -> None:
         """Count what this run cleared on top of what the rollback had before it."""
@@ -112,6 +115,9 @@ class RollbackReport:
             "leaves_walked": self.leaves_walked,
             "leaves_left_alone": ", ".join(self.leaves_left_alone),
             "rows_left": self.rows_left,
+            "updated_since_start_rows": self.updated_since_start_rows,
+            "future_updated_at_rows": self.future_updated_at_rows,
+            "update_triggers": ", ".join(self.update_triggers),
         }
 
 
@@ -120,6 +126,7 @@ def rollback(db: TargetDatabase, request: RollbackRequest, log: Log) -> Rollback
     started = time.monotonic()
     tables = request.tables
     layout = check_rollback(db, tables, request.dry_run, log, request.visible_rows_only)
+    triggers = update_triggers(db, layout, ROLLBACK_JOB, log)
     with batch_connection(db, ROLLBACK_APPLICATION_NAME, request.lock_timeout_ms) as conn:
         resume = resumable(conn, db, request, log)
         bound = fixed_bound(conn, tables, resume, request.dry_run, log)
@@ -127,6 +134,9 @@ def rollback(db: TargetDatabase, request: RollbackRequest, log: Log) -> Rollback
         found = survey(conn, db, request.cutoff, bound)
         report = survey_report(request, layout, resume, bound, found)
         log.info(matched_line(db, request, resume, bound, found))
+        if found.updated_in_future:
+            log.warning(future_line(db, found))
+        report.update_triggers = triggers
         check_expected_rows(db, request, report.matched_rows)
         if request.dry_run or (report.matched_rows == 0 and not resume):
             report.seconds = time.monotonic() - started
@@ -197,6 +207,8 @@ def survey_report(
         estimated_seconds=estimate_seconds(found.matched_rows, found.seconds),
         backup_table=request.tables.label(request.tables.backup_name),
         layout=layout.describe(),
+        updated_since_start_rows=found.updated_later,
+        future_updated_at_rows=found.updated_in_future,
     )
 
 
@@ -218,6 +230,19 @@ def matched_line(
     return (
         f"{found.matched_rows:,} rows of {weeks} have execution_id and were created "
         f"from {request.cutoff} to {bound.isoformat()} (scan {found.seconds:.1f} s)"
+    )
+
+
+def future_line(db: TargetDatabase, found: Survey) -> str:
+    """Why rows dated in the future are not in matched_rows, and what that does later."""
+    latest = found.latest_future.isoformat() if found.latest_future else "?"
+    return (
+        f"{found.updated_in_future:,} rows of {db.qualified(db.weeks_table)} created since "
+        f"the cutoff have updated_at in the future (the latest {latest}; a writer's clock "
+        "ahead of the server's?): a run leaves a row touched at or after its start alone, "
+        "as written during the run, so they are not in matched_rows and are skipped; as "
+        "the clock passes their updated_at they match, so a later dry run counts up to "
+        f"{found.updated_in_future:,} more (set expected_rows from a fresh dry run)"
     )
 
 

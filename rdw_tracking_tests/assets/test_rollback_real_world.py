@@ -266,3 +266,78 @@ def test_rows_moved_during_a_rollback_end_it_failed_and_the_rerun_finishes(
     back = run_restore(db, RestoreConfig(dry_run=False), LOG)
     assert back.restored_rows == again.cleared_rows and back.missing_rows == 0
     assert sorted(sql_exec(KEYED)) == original
+
+
+# -- update triggers, clock skew ------------------------------------------------------------
+
+TOUCH = """
+CREATE FUNCTION touch_updated_at() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN NEW.updated_at = clock_timestamp(); RETURN NEW; END $$;
+CREATE TRIGGER set_updated_at BEFORE UPDATE ON report_data_weeks
+    FOR EACH ROW EXECUTE FUNCTION touch_updated_at();
+"""
+
+
+@pytest.mark.parametrize("layout", ["ordinary", "range", "inheritance"])
+def test_update_triggers_are_named_with_what_restore_cannot_give_back(
+    database_url, sql_exec, layout, caplog
+):
+    relayout(database_url, layout)
+    sql_exec(TOUCH)
+    if layout == "inheritance":  # child tables inherit no trigger: each gets its own
+        for (child,) in sql_exec(
+            "SELECT inhrelid::regclass::text FROM pg_inherits "
+            "WHERE inhparent = 'report_data_weeks'::regclass"
+        ):
+            sql_exec(
+                f"CREATE TRIGGER set_updated_at BEFORE UPDATE ON {child} "
+                "FOR EACH ROW EXECUTE FUNCTION touch_updated_at()"
+            )
+    db = TargetDatabase(url=database_url)
+    original = {r[0]: r for r in sql_exec(KEYED)}
+    with caplog.at_level(logging.WARNING):
+        dry = rollback(db, RollbackConfig(cutoff_date=CUTOFF), LOG)
+    assert "set_updated_at" in dry.metadata()["update_triggers"]
+    assert any("restore gives back execution_id exactly, but not" in m for m in caplog.messages)
+    done = rollback(db, RollbackConfig(cutoff_date=CUTOFF, dry_run=False), LOG)
+    preview = run_restore(db, RestoreConfig(), LOG)
+    assert "set_updated_at" in preview.metadata()["update_triggers"]
+    back = run_restore(db, RestoreConfig(dry_run=False), LOG)
+    assert back.restored_rows == done.cleared_rows > 0
+    now = {r[0]: r for r in sql_exec(KEYED)}
+    # execution_id exactly back on every row; updated_at is the trigger's where it fired
+    assert {k: r[1] for k, r in now.items()} == {k: r[1] for k, r in original.items()}
+    differs = {k for k in now if now[k][2] != original[k][2]}
+    backed_up = {r[0] for r in sql_exec("SELECT id FROM execution_id_rollback_backup")}
+    assert differs <= backed_up and differs
+
+
+def test_rows_updated_in_the_future_are_counted_in_the_dry_run(database_url, sql_exec, caplog):
+    skewed = sql_exec(
+        "UPDATE report_data_weeks SET updated_at = now() + interval '2 hours' WHERE id IN "
+        "(SELECT id FROM report_data_weeks WHERE execution_id IS NOT NULL "
+        " AND created_at >= %s::date ORDER BY id LIMIT 17) RETURNING id",
+        [CUTOFF],
+    )
+    assert len(skewed) == 17
+    db = TargetDatabase(url=database_url)
+    matched = sql_exec(
+        "SELECT count(*) FROM report_data_weeks WHERE execution_id IS NOT NULL "
+        "AND created_at >= %s::date AND updated_at < now()",
+        [CUTOFF],
+    )[0][0]
+    with caplog.at_level(logging.WARNING):
+        dry = rollback(db, RollbackConfig(cutoff_date=CUTOFF), LOG)
+    meta = dry.metadata()
+    assert meta["matched_rows"] == matched
+    assert meta["future_updated_at_rows"] == meta["updated_since_start_rows"] == 17
+    said = [m for m in caplog.messages if "17 rows of public.report_data_weeks" in m]
+    assert said and "updated_at in the future" in said[0] and "skipped" in said[0]
+    # the real run leaves them alone, as the dry run said
+    done = rollback(db, RollbackConfig(cutoff_date=CUTOFF, dry_run=False), LOG)
+    assert done.cleared_rows == matched
+    ids = [r[0] for r in skewed]
+    assert sql_exec(
+        "SELECT count(*) FROM report_data_weeks WHERE id = ANY(%s) AND execution_id IS NOT NULL",
+        [ids],
+    ) == [(17,)]
