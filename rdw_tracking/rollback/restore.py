@@ -9,7 +9,7 @@ rollback + restore gives back the table exactly; a row written since keeps its n
 
 import datetime as dt
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
@@ -17,11 +17,11 @@ from psycopg import sql
 from psycopg.rows import namedtuple_row
 
 from rdw_tracking.errors import refuse
-from rdw_tracking.resources import TargetDatabase
+from rdw_tracking.resources import TargetDatabase, long_statements
 from rdw_tracking.rollback import RESTORE_APPLICATION_NAME, RESTORE_JOB
 from rdw_tracking.rollback.backup import BackupTables
 from rdw_tracking.rollback.batches import batch_connection, in_one_transaction, refuse_if_lost
-from rdw_tracking.rollback.preflight import check_restore
+from rdw_tracking.rollback.preflight import check_restore, update_triggers
 from rdw_tracking.rollback.progress import Log, Progress
 from rdw_tracking.rollback.state import RollbackState, find_rollback, set_phase
 
@@ -113,6 +113,7 @@ class RestoreReport:
     missing_rows: int = 0
     moved_rows: int = 0
     ambiguous_rows: int = 0
+    update_triggers: list[str] = field(default_factory=list)
     batches: int = 0
     longest_batch_ms: float = 0.0
     seconds: float = 0.0
@@ -139,6 +140,7 @@ class RestoreReport:
             "missing_rows": self.missing_rows,
             "moved_rows": self.moved_rows,
             "ambiguous_rows": self.ambiguous_rows,
+            "update_triggers": ", ".join(self.update_triggers),
             "batches": self.batches,
             "longest_batch_ms": round(self.longest_batch_ms, 1),
             "seconds": round(self.seconds, 2),
@@ -150,15 +152,18 @@ def restore(db: TargetDatabase, request: RestoreRequest, log: Log) -> RestoreRep
     started = time.monotonic()
     tables = request.tables
     # Before the first change; a dry run needs only to read.
-    check_restore(db, tables, request.dry_run, log, request.visible_rows_only)
+    layout = check_restore(db, tables, request.dry_run, log, request.visible_rows_only)
+    triggers = update_triggers(db, layout, RESTORE_JOB, log)
     with batch_connection(db, RESTORE_APPLICATION_NAME, db.lock_timeout_ms, RESTORE_JOB) as conn:
         state = rollback_to_restore(conn, db, tables, request.rollback_id)
         report = RestoreReport(request.dry_run, state.rollback_id, state.cutoff)
+        report.update_triggers = triggers
         if request.dry_run:
             preview(conn, db, tables, report)
             report.seconds = time.monotonic() - started
             return report
-        report.backed_up_rows = begin(conn, tables, state, log)
+        with long_statements(conn, db.statement_timeout_ms):
+            report.backed_up_rows = begin(conn, tables, state, log)
         lost = (
             f"the connection to {db.describe()} was lost while restoring rollback "
             f"{state.rollback_id} of {db.qualified(db.weeks_table)}; every finished batch "
@@ -204,7 +209,10 @@ def preview(
     conn: psycopg.Connection, db: TargetDatabase, tables: BackupTables, report: RestoreReport
 ) -> None:
     """The dry run: count what a real restore would do, changing nothing."""
-    with conn.cursor(row_factory=namedtuple_row) as by_name:
+    with (
+        long_statements(conn, db.statement_timeout_ms),
+        conn.cursor(row_factory=namedtuple_row) as by_name,
+    ):
         counts = by_name.execute(
             sql.SQL(RESTORE_PREVIEW).format(backup=tables.backup, weeks=db.weeks),
             {"rid": report.rollback_id},

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from psycopg import sql
 
 from rdw_tracking.errors import refuse
+from rdw_tracking.resources import long_statements
 from rdw_tracking.rollback import ROLLBACK_JOB
 from rdw_tracking.rollback.matched import MATCHED
 from rdw_tracking.rollback.walk import BY_CTID, Leaf, LeafGone, Walker
@@ -34,7 +35,9 @@ def sweep(walker: Walker, size: int) -> Swept:
     swept, last = 0, None
     for round_ in range(SWEEP_ROUNDS + 1):
         leftover: dict[int, list[str]] = {}
-        for oid, ctid in walker.conn.execute(find, walker.params).fetchall():
+        with long_statements(walker.conn, walker.db.statement_timeout_ms):  # a full scan
+            found = walker.conn.execute(find, walker.params).fetchall()
+        for oid, ctid in found:
             leftover.setdefault(oid, []).append(ctid)
         ours = {oid: ctids for oid, ctids in leftover.items() if walker.ours(oid)}
         # Rows the role's policies keep from it stay put, round after round.
@@ -53,8 +56,8 @@ def sweep(walker: Walker, size: int) -> Swept:
     joined = {}
     for oid, ctids in sorted(leftover.items()):
         if oid not in walker.leaves:
-            found = Leaf.find(walker.conn, oid)
-            joined[found.label if found else f"table oid {oid}"] = len(ctids)
+            leaf = Leaf.find(walker.conn, oid)
+            joined[leaf.label if leaf else f"table oid {oid}"] = len(ctids)
     return Swept(swept, left, joined)
 
 
