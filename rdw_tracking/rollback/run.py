@@ -11,12 +11,12 @@ import psycopg
 from rdw_tracking import catalog
 from rdw_tracking.errors import refuse
 from rdw_tracking.layout import Layout
-from rdw_tracking.resources import TargetDatabase
+from rdw_tracking.resources import TargetDatabase, long_statements
 from rdw_tracking.rollback import RESTORE_JOB, ROLLBACK_APPLICATION_NAME, ROLLBACK_JOB
-from rdw_tracking.rollback.backup import BackupTables
+from rdw_tracking.rollback.backup import BackupTables, analyze_backup
 from rdw_tracking.rollback.batches import batch_connection, refuse_if_lost
 from rdw_tracking.rollback.matched import Survey, estimate_seconds, fixed_bound, survey
-from rdw_tracking.rollback.pace import FIRST_BATCH_ROWS
+from rdw_tracking.rollback.pace import DEFAULT_MAX_REPLICA_LAG_S, FIRST_BATCH_ROWS
 from rdw_tracking.rollback.preflight import check_rollback, update_triggers
 from rdw_tracking.rollback.progress import Log
 from rdw_tracking.rollback.state import (
@@ -41,6 +41,7 @@ class RollbackRequest:
     expected_rows: int | None = None
     lock_timeout_ms: int = 1_000
     visible_rows_only: bool = False
+    max_replica_lag_s: float = DEFAULT_MAX_REPLICA_LAG_S
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,7 @@ class Cleared:
     leaves_walked: int
     leaves_left_alone: list[str]
     rows_left: int = 0
+    replica_paused_s: float = 0.0
 
 
 @dataclass
@@ -78,6 +80,7 @@ class RollbackReport:
     leaves_walked: int = 0
     leaves_left_alone: list[str] = field(default_factory=list)
     rows_left: int = 0
+    replica_paused_s: float = 0.0
     updated_since_start_rows: int = 0
     future_updated_at_rows: int = 0
     update_triggers: list[str] = field(default_factory=list)
@@ -92,6 +95,7 @@ class RollbackReport:
         self.leaves_walked = cleared.leaves_walked
         self.leaves_left_alone = cleared.leaves_left_alone
         self.rows_left = cleared.rows_left
+        self.replica_paused_s = cleared.replica_paused_s
 
     def metadata(self) -> dict[str, Any]:
         """The report as materialization metadata, but for the per-day table."""
@@ -115,6 +119,7 @@ class RollbackReport:
             "leaves_walked": self.leaves_walked,
             "leaves_left_alone": ", ".join(self.leaves_left_alone),
             "rows_left": self.rows_left,
+            "replica_paused_s": round(self.replica_paused_s, 1),
             "updated_since_start_rows": self.updated_since_start_rows,
             "future_updated_at_rows": self.future_updated_at_rows,
             "update_triggers": ", ".join(self.update_triggers),
@@ -270,7 +275,16 @@ def clear(
     leaves = frozenset(m.oid for m in layout.leaves)
     tables, most = request.tables, request.batch_size
     walker = Walker(
-        conn, db, tables, state, layout.root.oid, most, log, leaves, request.visible_rows_only
+        conn,
+        db,
+        tables,
+        state,
+        layout.root.oid,
+        most,
+        log,
+        leaves,
+        request.visible_rows_only,
+        request.max_replica_lag_s,
     )
     size = min(most, FIRST_BATCH_ROWS)  # a probe, then sized by time and WAL
     if state.phase == "walking":
@@ -279,6 +293,8 @@ def clear(
     if swept.joined:
         unfinished(conn, db, request, walker, swept)
     finish_rollback(conn, tables, state.rollback_id)
+    with long_statements(conn, db.statement_timeout_ms):
+        analyze_backup(conn, tables, log)  # the restore plans its batches over it
     if swept.rows:
         log.info(f"the final sweep cleared {swept.rows:,} rows that moved during the walk")
     if swept.left:
@@ -300,6 +316,7 @@ def clear(
         len(found.leaves),
         walker.gone,
         swept.left,
+        walker.replicas.paused_s,
     )
 
 

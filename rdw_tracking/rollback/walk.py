@@ -22,6 +22,7 @@ from rdw_tracking.rollback.matched import MATCHED, Survey, matched
 from rdw_tracking.rollback.pace import (
     WAL_BUDGET_SHARE,
     LastBatch,
+    ReplicaLag,
     batch_rows,
     wait_for_wal_room,
     wal_buffers_bytes,
@@ -158,7 +159,9 @@ class Walker:
     leaves: frozenset[int] = frozenset()
     # Under row-level security the user let apply: rows it keeps from the run stay put.
     visible_rows_only: bool = False
+    max_replica_lag_s: float = 0.0
     progress: Progress = field(init=False)
+    replicas: ReplicaLag = field(init=False)
     wal_buffers: int | None = field(init=False)
     wal_budget: int | None = field(init=False)
     capped: bool = False
@@ -177,11 +180,13 @@ class Walker:
             "rid": self.state.rollback_id,
         }
         self.what = f"rollback {self.state.rollback_id} of {self.db.qualified(self.db.weeks_table)}"
+        self.replicas = ReplicaLag(self.max_replica_lag_s, self.log, self.what)
 
     def batch(
         self, leaf: Leaf, where: sql.Composable, extra: dict, phase: str, next_block: int
     ) -> LastBatch:
         """Clear the matched rows of `leaf` that `where` selects; LeafGone if it left."""
+        self.replicas.wait(self.conn, self.mark)
         if self.wal_budget:
             self.wal_waited += wait_for_wal_room(self.conn, self.wal_buffers - self.wal_budget)
         template = CLEAR_BATCH_18 if self.conn.info.server_version >= RETURNING_OLD else CLEAR_BATCH

@@ -14,7 +14,7 @@ from rdw_tracking.assets.rollback import RollbackConfig, rollback
 from rdw_tracking.demo_layouts import relayout
 from rdw_tracking.layout import table_layout
 from rdw_tracking.resources import TargetDatabase
-from rdw_tracking_tests.assets.test_rollback import days_ago
+from rdw_tracking_tests.assets.test_rollback import add_recent_rows, days_ago
 from rdw_tracking_tests.conftest import database_checksums
 
 LOG = logging.getLogger("rdw_tracking_tests.real_world")
@@ -341,3 +341,32 @@ def test_rows_updated_in_the_future_are_counted_in_the_dry_run(database_url, sql
         "SELECT count(*) FROM report_data_weeks WHERE id = ANY(%s) AND execution_id IS NOT NULL",
         [ids],
     ) == [(17,)]
+
+
+# -- the restore's batches: paced like the rollback's, planned for their own values ---------
+
+SLOW_UPDATES = """
+CREATE FUNCTION slow_update() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN PERFORM pg_sleep(0.001); RETURN NEW; END $$;
+CREATE TRIGGER slow_update BEFORE UPDATE ON report_data_weeks
+    FOR EACH ROW EXECUTE FUNCTION slow_update();
+"""
+
+
+def test_restore_batches_follow_the_time_aim_and_the_backup_is_analyzed(database_url, sql_exec):
+    add_recent_rows(sql_exec, 1_600)
+    db = TargetDatabase(url=database_url)
+    original = sorted(sql_exec(KEYED))
+    done = rollback(db, RollbackConfig(cutoff_date=days_ago(300), dry_run=False), LOG)
+    assert done.cleared_rows > 1_600
+    # the backup has statistics before any restore plans a batch over it
+    assert sql_exec(
+        "SELECT reltuples FROM pg_class WHERE oid = 'execution_id_rollback_backup'::regclass"
+    ) == [(float(done.cleared_rows),)]
+    sql_exec(SLOW_UPDATES)  # each restored row now takes over 1 ms
+    back = run_restore(db, RestoreConfig(dry_run=False, batch_size=5_000), LOG)
+    assert back.restored_rows == done.cleared_rows
+    # not one batch of batch_size rows: a probe, then batches cut to about 100 ms
+    assert back.batches >= 3, back.metadata()
+    sql_exec("DROP TRIGGER slow_update ON report_data_weeks")
+    assert sorted(sql_exec(KEYED)) == original
