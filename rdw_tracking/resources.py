@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -71,8 +72,24 @@ class ServerSilent(psycopg.OperationalError):
     closed, as one whose peer is gone (`conn.broken`)."""
 
 
-# psycopg raises this private error when a wait outlives its timeout.
-_WAIT_TIMEOUT = getattr(psycopg.errors, "_WaitTimeout", TimeoutError)
+def _within(gen, seconds: float, conn: psycopg.Connection):
+    """`gen` (one of psycopg's waits on a connection), raising `ServerSilent` once it has
+    run `seconds`. psycopg's wait loop wakes it every tick of its interval even when the
+    socket stays quiet, so the deadline is checked a few times a second."""
+    deadline = time.monotonic() + seconds
+    try:
+        state = next(gen)
+        while True:
+            ready = yield state
+            if time.monotonic() > deadline:
+                conn.pgconn.finish()  # its state is unknown: never reuse it
+                raise ServerSilent(
+                    f"no answer from the server within {seconds:.0f} s, so the connection "
+                    "was closed (a network fault or a proxy that stopped forwarding?)"
+                )
+            state = gen.send(ready)
+    except StopIteration as done:
+        return done.value
 
 
 class BoundedConnection(psycopg.Connection):
@@ -82,16 +99,10 @@ class BoundedConnection(psycopg.Connection):
 
     deadline_s: float | None = None
 
-    def wait(self, gen, *args, timeout: float | None = None, **kwargs):  # type: ignore[override]
-        limit = timeout if timeout is not None else self.deadline_s
-        try:
-            return super().wait(gen, *args, timeout=limit, **kwargs)
-        except _WAIT_TIMEOUT:
-            self.pgconn.finish()  # its state is unknown: never reuse it
-            raise ServerSilent(
-                f"no answer from the server within {limit:.0f} s, so the connection was "
-                "closed (a network fault or a proxy that stopped forwarding?)"
-            ) from None
+    def wait(self, gen, *args, **kwargs):  # type: ignore[override]
+        if self.deadline_s is not None:
+            gen = _within(gen, self.deadline_s, self)
+        return super().wait(gen, *args, **kwargs)
 
     def bound(self, statement_timeout_ms: int) -> None:
         """Bound each wait by `statement_timeout_ms` (0: none) plus the margin."""
