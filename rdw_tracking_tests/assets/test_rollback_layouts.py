@@ -188,7 +188,8 @@ def test_a_lost_write_lock_stops_the_rollback_before_its_next_batch(
         if batches["n"] == 2:
             sql_exec(
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                "WHERE application_name = 'rdw_tracking:rollback_execution_id'"
+                "WHERE application_name = 'rdw_tracking:rollback_execution_id' "
+                "AND datname = current_database()"
             )
         return real_wait(conn, most)
 
