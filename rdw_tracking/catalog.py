@@ -217,3 +217,70 @@ def without_leading_index(cur: psycopg.Cursor, tables: list[int], column: str) -
     """Which of `tables` (oids of physical tables) have no usable B-tree led by `column`."""
     cur.execute(_LEADING_INDEX, {"tables": tables, "column": column})
     return [row[0] for row in cur.fetchall()]
+
+
+@dataclass(frozen=True)
+class RowSecurity:
+    """Row-level security in force on one table for the connected role, and the policies
+    that apply to it (name and command, e.g. `hide_failed FOR SELECT`)."""
+
+    oid: int
+    table: str  # schema.name
+    role: str
+    policies: list[str]
+
+
+def row_security(cur: psycopg.Cursor, oids: list[int]) -> list[RowSecurity]:
+    """The tables of `oids` whose rows the connected role sees or changes only through
+    row-level security policies (enabled and the role neither owner nor BYPASSRLS, or
+    FORCE ROW LEVEL SECURITY): `row_security_active` asks the server itself."""
+    statement = """
+        SELECT c.oid::bigint AS oid, n.nspname || '.' || c.relname AS table,
+               current_user AS role,
+               ARRAY(SELECT p.polname || ' FOR '
+                            || CASE p.polcmd WHEN 'r' THEN 'SELECT' WHEN 'a' THEN 'INSERT'
+                                             WHEN 'w' THEN 'UPDATE' WHEN 'd' THEN 'DELETE'
+                                             ELSE 'ALL' END
+                            || CASE WHEN p.polwithcheck IS NOT NULL THEN ' WITH CHECK' ELSE '' END
+                     FROM pg_policy p
+                     WHERE p.polrelid = c.oid
+                       AND (0::oid = ANY(p.polroles) OR EXISTS (
+                            SELECT 1 FROM unnest(p.polroles) AS r(oid)
+                            WHERE pg_has_role(current_user, r.oid, 'USAGE')))
+                     ORDER BY p.polname) AS policies
+        FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE c.oid = ANY(%s::oid[]) AND row_security_active(c.oid::regclass)
+        ORDER BY n.nspname, c.relname
+        """
+    with cur.connection.cursor(row_factory=class_row(RowSecurity)) as by_name:
+        return by_name.execute(statement, [oids]).fetchall()
+
+
+@dataclass(frozen=True)
+class UpdateTrigger:
+    """A user trigger that fires on UPDATE of a row, before or instead of it: it may
+    change the row the statement writes (an `updated_at = now()` trigger)."""
+
+    table: str  # schema.name
+    name: str
+    columns: list[str]  # UPDATE OF these columns only; empty: any UPDATE
+
+
+def before_update_triggers(cur: psycopg.Cursor, oids: list[int]) -> list[UpdateTrigger]:
+    """Enabled, row-level BEFORE UPDATE triggers on the tables of `oids` (a partitioned
+    table's own triggers are cloned onto its partitions, so the leaves carry them)."""
+    statement = """
+        SELECT n.nspname || '.' || c.relname AS table, t.tgname::text AS name,
+               ARRAY(SELECT a.attname::text FROM unnest(t.tgattr::int2[]) AS k(attnum)
+                     JOIN pg_attribute a ON a.attrelid = t.tgrelid AND a.attnum = k.attnum
+                     ORDER BY a.attname) AS columns
+        FROM pg_trigger t
+        JOIN pg_class c ON c.oid = t.tgrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE t.tgrelid = ANY(%s::oid[]) AND NOT t.tgisinternal AND t.tgenabled <> 'D'
+          AND t.tgtype & 1 = 1       -- FOR EACH ROW
+          AND t.tgtype & 2 = 2       -- BEFORE
+          AND t.tgtype & 16 = 16     -- UPDATE
+        ORDER BY 1, 2
+        """
+    with cur.connection.cursor(row_factory=class_row(UpdateTrigger)) as by_name:
+        return by_name.execute(statement, [oids]).fetchall()

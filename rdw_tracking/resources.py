@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -35,6 +36,19 @@ KEEPALIVES = {
     "keepalives_interval": 10,
     "keepalives_count": 3,
 }
+# Data sent and not acknowledged for this long ends the connection (libpq and server
+# side): without it a dropped route kept a write job waiting for the kernel's
+# retransmission limit (214-940 s measured), keepalives being for idle connections only.
+TCP_USER_TIMEOUT_MS = 60_000
+# A peer can also go silent while acknowledging everything (a proxy or NAT that stopped
+# forwarding): no TCP setting sees that, and the server never gets the statement, so its
+# statement_timeout never fires. So every wait for an answer is bounded on the client
+# too: a statement's own timeout plus this margin; past it the connection is closed.
+DEADLINE_MARGIN_S = 30.0
+# Statements of the write path that are short by design (a batch, a write-lock check)
+# run under this statement_timeout at most: with the margin, a write job fails within
+# about 60 s of its peer going silent.
+SHORT_STATEMENT_TIMEOUT_MS = 30_000
 # RFC 3986 allows none of these unencoded in a URI's user or password; libpq then reads
 # the rest of the password as host, port or database and quotes it back in errors.
 _RESERVED_IN_USERINFO = "/?#@"
@@ -51,6 +65,74 @@ _REFUSED_LOGIN = re.compile(
 # The write lock of the job running in this context (writes.WriteLock), if any: every
 # connection opened under it first checks the lock is still held.
 WRITE_GUARD: ContextVar = ContextVar("rdw_tracking_write_lock", default=None)
+
+
+class ServerSilent(psycopg.OperationalError):
+    """No answer from the server within a connection's deadline: the connection was
+    closed, as one whose peer is gone (`conn.broken`)."""
+
+
+def _within(gen, seconds: float, conn: psycopg.Connection):
+    """`gen` (one of psycopg's waits on a connection), raising `ServerSilent` once it has
+    run `seconds`. psycopg's wait loop wakes it every tick of its interval even when the
+    socket stays quiet, so the deadline is checked a few times a second."""
+    deadline = time.monotonic() + seconds
+    try:
+        state = next(gen)
+        while True:
+            ready = yield state
+            if time.monotonic() > deadline:
+                conn.pgconn.finish()  # its state is unknown: never reuse it
+                raise ServerSilent(
+                    f"no answer from the server within {seconds:.0f} s, so the connection "
+                    "was closed (a network fault or a proxy that stopped forwarding?)"
+                )
+            state = gen.send(ready)
+    except StopIteration as done:
+        return done.value
+
+
+class BoundedConnection(psycopg.Connection):
+    """A connection whose every wait for the server (a statement, BEGIN, COMMIT) is
+    bounded by `deadline_s` (None: unbounded): past it the connection is closed and
+    the statement raises `ServerSilent`, a lost connection."""
+
+    deadline_s: float | None = None
+
+    def wait(self, gen, *args, **kwargs):  # type: ignore[override]
+        if self.deadline_s is not None:
+            gen = _within(gen, self.deadline_s, self)
+        return super().wait(gen, *args, **kwargs)
+
+    def bound(self, statement_timeout_ms: int) -> None:
+        """Bound each wait by `statement_timeout_ms` (0: none) plus the margin."""
+        self.deadline_s = (
+            statement_timeout_ms / 1000 + DEADLINE_MARGIN_S if statement_timeout_ms else None
+        )
+
+
+def short_statements(conn: psycopg.Connection, statement_timeout_ms: int) -> int:
+    """Put `conn` (autocommit, a write path's own session) under the short statement
+    timeout, at most `statement_timeout_ms`, its waits bounded to match; the timeout."""
+    short = min(SHORT_STATEMENT_TIMEOUT_MS, statement_timeout_ms or SHORT_STATEMENT_TIMEOUT_MS)
+    conn.execute("SELECT set_config('statement_timeout', %s, false)", [f"{short}ms"])
+    if isinstance(conn, BoundedConnection):
+        conn.bound(short)
+    return short
+
+
+@contextmanager
+def long_statements(conn: psycopg.Connection, statement_timeout_ms: int) -> Iterator[None]:
+    """Lift a `short_statements` session to `statement_timeout_ms` (target_db's) for a
+    scan of the whole table, its waits bounded to match; short again afterwards."""
+    conn.execute("SELECT set_config('statement_timeout', %s, false)", [f"{statement_timeout_ms}ms"])
+    if isinstance(conn, BoundedConnection):
+        conn.bound(statement_timeout_ms)
+    try:
+        yield
+    finally:
+        if not conn.closed:
+            short_statements(conn, statement_timeout_ms)
 
 
 def current_step() -> str | None:
@@ -413,19 +495,23 @@ class TargetDatabase(dg.ConfigurableResource):
             f"-c idle_in_transaction_session_timeout={self.idle_in_transaction_timeout_ms} "
             f"-c tcp_keepalives_idle={KEEPALIVES['keepalives_idle']} "
             f"-c tcp_keepalives_interval={KEEPALIVES['keepalives_interval']} "
-            f"-c tcp_keepalives_count={KEEPALIVES['keepalives_count']}"
+            f"-c tcp_keepalives_count={KEEPALIVES['keepalives_count']} "
+            f"-c tcp_user_timeout={TCP_USER_TIMEOUT_MS}"
         )
         try:
-            return psycopg.connect(
+            conn = BoundedConnection.connect(
                 url,
                 autocommit=autocommit,
                 application_name=APPLICATION_NAME,
                 options=options,
                 connect_timeout=10,
+                tcp_user_timeout=TCP_USER_TIMEOUT_MS,
                 **KEEPALIVES,
             )
         except psycopg.OperationalError as err:
             raise self._cannot_connect(err, url, where) from None
+        conn.bound(self.statement_timeout_ms)
+        return conn
 
     def _cannot_connect(
         self, err: psycopg.OperationalError, url: str, where: str

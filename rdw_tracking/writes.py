@@ -18,9 +18,18 @@ from psycopg.rows import namedtuple_row
 
 from rdw_tracking import catalog
 from rdw_tracking.errors import refuse
-from rdw_tracking.resources import WRITE_GUARD, TargetDatabase
+from rdw_tracking.resources import (
+    WRITE_GUARD,
+    BoundedConnection,
+    ServerSilent,
+    TargetDatabase,
+    short_statements,
+)
 
 LOCK_CLASS = 0x52445754  # "RDWT"
+# How long a job that is ending waits for its unlock to be answered before it closes the
+# session instead (which lets go of the lock on the server as well).
+UNLOCK_WAIT_S = 10.0
 
 
 def lock_key(db: TargetDatabase) -> tuple[int, int]:
@@ -75,13 +84,26 @@ class WriteLock:
     conn: psycopg.Connection
     pid: int
 
+    silent: bool = False  # the session stopped answering (not: terminated)
+
     def check(self) -> None:
         try:
             held = self.conn.execute(HOLDS_LOCK, list(self.key)).fetchone()[0]
+        except ServerSilent as err:
+            self.silent = True
+            raise refuse(self.silent_message(err)) from None
         except psycopg.Error:
             held = False
         if not held:
             raise refuse(self.lost_message())
+
+    def silent_message(self, err: ServerSilent) -> str:
+        return (
+            f"{self.job_name} stopped: the connection to {self.db.describe()} holding its "
+            f"write lock on {self.db.qualified(self.db.weeks_table)} was lost ({err}); "
+            "nothing more was changed after that. Check the network to the server, then "
+            "run the job again: it continues where it stopped"
+        )
 
     def lost_message(self) -> str:
         return (
@@ -90,6 +112,12 @@ class WriteLock:
             "could now run beside it; nothing more was changed after the loss was seen. Check "
             "what else is writing to the table, then run the job again"
         )
+
+
+def write_lock_silent() -> bool:
+    """Whether the write lock's session of the job running here stopped answering."""
+    lock = WRITE_GUARD.get()
+    return bool(lock is not None and lock.silent)
 
 
 def check_write_lock() -> None:
@@ -120,6 +148,8 @@ def exclusive_write(db: TargetDatabase, job_name: str) -> Iterator[WriteLock]:
                 f"{db.qualified(db.weeks_table)} ({lock_holder(conn, key)}); "
                 "wait for it to finish, then run this job again"
             )
+        # Its checks are short: a silent server fails the job within about a minute.
+        short_statements(conn, db.statement_timeout_ms)
         lock = WriteLock(db, job_name, key, conn, conn.info.backend_pid)
         token = WRITE_GUARD.set(lock)
         try:
@@ -135,6 +165,10 @@ def exclusive_write(db: TargetDatabase, job_name: str) -> Iterator[WriteLock]:
 
 def _unlock(lock: WriteLock) -> bool:
     """Release the lock; False when there was none to release (session gone or lock lost)."""
+    if lock.silent or lock.conn.closed:
+        return False  # the server lets go when the session ends (the connection closes)
+    if isinstance(lock.conn, BoundedConnection):  # leaving: wait briefly, then close
+        lock.conn.deadline_s = min(lock.conn.deadline_s or UNLOCK_WAIT_S, UNLOCK_WAIT_S)
     try:
         return bool(
             lock.conn.execute("SELECT pg_advisory_unlock(%s, %s)", list(lock.key)).fetchone()[0]

@@ -341,11 +341,15 @@ BACKUP_NAMES = [
     ({"batch_size": 10**12}, "batch_size"),
     ({"batch_size": "many"}, "batch_size"),
     ({"dry_run": "false"}, "dry_run"),
+    ({"visible_rows_only": "yes"}, "visible_rows_only"),
+    ({"max_replica_lag_s": -1}, "max_replica_lag_s"),
+    ({"max_replica_lag_s": 10**9}, "max_replica_lag_s"),
+    ({"max_replica_lag_s": "ten"}, "max_replica_lag_s"),
 ]
 CASES += [op_config(ROLLBACK, "launch", (f,), **c) for c, f in BACKUP_NAMES]
 CASES += [
     op_config(RESTORE, "launch", (BACKUP_NAMES[i][1],), **BACKUP_NAMES[i][0])
-    for i in (0, 2, 4, 6, 9)
+    for i in (0, 2, 4, 6, 9, 10, 11)
 ]
 CASES += [
     op_config(ROLLBACK, "launch", (f,), **c)

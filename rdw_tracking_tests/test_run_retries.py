@@ -60,7 +60,7 @@ def test_a_retried_rollback_resumes_the_same_rollback_id(database_url, sql_exec)
         with last_matched_row_locked(database_url, cutoff, sql_exec):
             sql_exec(
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                "WHERE application_name = %s",
+                "WHERE application_name = %s AND datname = current_database()",
                 [ROLLBACK_APPLICATION_NAME],
             )
             killed.set()

@@ -39,7 +39,14 @@ class RestoreConfig(BackupConfig):
             ) from None
 
     def request(self, db: TargetDatabase) -> RestoreRequest:
-        return RestoreRequest(self.tables(db), self.rollback_id, self.batch_size, self.dry_run)
+        return RestoreRequest(
+            self.tables(db),
+            self.rollback_id,
+            self.batch_size,
+            self.dry_run,
+            visible_rows_only=self.visible_rows_only,
+            max_replica_lag_s=self.max_replica_lag_s,
+        )
 
 
 def restore(db: TargetDatabase, config: RestoreConfig, log: logging.Logger | Any) -> RestoreReport:
@@ -64,7 +71,9 @@ def execution_id_restore(
     `execution_id` is still NULL; a value written since the rollback is never overwritten
     (counted in `skipped_rows`). `updated_at` goes back to its backed-up value where the
     row is untouched since the rollback, so rollback + restore gives back the table as it
-    was; a row written since keeps its newer `updated_at`.
+    was; a row written since keeps its newer `updated_at` (and a `BEFORE UPDATE` trigger's
+    columns keep what it writes: see `update_triggers`). A row moved to another partition
+    since is found by its id. Batches are paced like the rollback's, standbys included.
     """
     # A real run holds the write lock; a dry run changes nothing and needs none.
     with nullcontext() if config.dry_run else exclusive_write(target_db, RESTORE_JOB):

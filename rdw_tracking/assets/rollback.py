@@ -20,6 +20,7 @@ from rdw_tracking.resources import TargetDatabase, _check_identifier
 from rdw_tracking.rollback import ROLLBACK_JOB
 from rdw_tracking.rollback import run as engine
 from rdw_tracking.rollback.backup import DEFAULT_BACKUP_TABLE, DEFAULT_STATE_TABLE, BackupTables
+from rdw_tracking.rollback.pace import DEFAULT_MAX_REPLICA_LAG_S
 from rdw_tracking.rollback.run import RollbackReport, RollbackRequest
 from rdw_tracking.writes import exclusive_write
 
@@ -67,6 +68,30 @@ class BackupConfig(dg.Config):
         description=f"Rows per transaction, {MIN_BATCH:,} to {MAX_BATCH:,}.",
     )
     dry_run: bool = Field(default=True, description="Only report what a real run would do.")
+    visible_rows_only: bool = Field(
+        default=False,
+        description=(
+            "Under row-level security that applies to the running role, change only the "
+            "rows its policies let it see and update (default: refuse before any change)."
+        ),
+    )
+
+    max_replica_lag_s: float = Field(
+        default=DEFAULT_MAX_REPLICA_LAG_S,
+        description=(
+            "Between batches, pause while any standby (pg_stat_replication) replays more "
+            "than this many seconds behind; 0 = never pause."
+        ),
+    )
+
+    @field_validator("max_replica_lag_s")
+    @classmethod
+    def _replica_lag(cls, value: float) -> float:
+        if not 0 <= value <= 86_400:
+            raise ValueError(
+                f"max_replica_lag_s must be between 0 (off) and 86400 seconds, got {value}"
+            )
+        return value
 
     @field_validator("backup_schema", "backup_table", "state_table")
     @classmethod
@@ -142,6 +167,8 @@ class RollbackConfig(BackupConfig):
             dry_run=self.dry_run,
             expected_rows=self.expected_rows,
             lock_timeout_ms=self.lock_timeout_ms,
+            visible_rows_only=self.visible_rows_only,
+            max_replica_lag_s=self.max_replica_lag_s,
         )
 
 
@@ -187,7 +214,9 @@ def execution_id_rollback(
     backing its rows' `(id, execution_id, updated_at)` up into the backup table, tagged
     with `rollback_id`, in the same transaction. Only rows created before the run started
     are touched. Stopped at any point, the next real run with the same `cutoff_date`
-    continues the same rollback. `restore_execution_id` undoes it.
+    continues the same rollback. `restore_execution_id` undoes it. Between batches it
+    pauses while a standby replays more than `max_replica_lag_s` behind. Refused under
+    row-level security unless `visible_rows_only`. Details: docs/rollback-and-restore.md.
     """
     # A real run holds the write lock; a dry run changes nothing and needs none.
     with nullcontext() if config.dry_run else exclusive_write(target_db, ROLLBACK_JOB):

@@ -67,6 +67,17 @@ def run_short_ddl(
         ) from None
 
 
+def _exists(conn: psycopg.Connection, oid: int) -> bool:
+    return conn.execute("SELECT 1 FROM pg_class WHERE oid = %s::oid", [oid]).fetchone() is not None
+
+
+def _valid(conn: psycopg.Connection, index_oid: int) -> bool:
+    row = conn.execute(
+        "SELECT indisvalid FROM pg_index WHERE indexrelid = %s::oid", [index_oid]
+    ).fetchone()
+    return bool(row and row[0])
+
+
 def _children(layout: Layout, parent: Member) -> list[Member]:
     return [m for m in layout.members if m.parent_oid == parent.oid]
 
@@ -104,6 +115,7 @@ class _Tree:
     conns: Connections
     indexes: dict[int, list[ExistingIndex]] = field(default_factory=dict)
     done: list[PartitionBuild] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)  # partitions dropped mid-build
 
     def create_on_only(self) -> None:
         """The parent's index, catalog only: INVALID until every partition's is attached."""
@@ -147,21 +159,46 @@ class _Tree:
             raise refuse(refusal)
 
     def complete(self, parent: Member, parent_spec: IndexSpec, parent_oid: int) -> None:
-        """Give every partition under `parent` an index attached to `parent_oid`."""
+        """Give every partition under `parent` an index attached to `parent_oid`.
+
+        A partition dropped meanwhile (a partition manager's retention) is skipped, in one
+        sentence, and the others are finished; PostgreSQL does not re-judge the parent's
+        index when a partition goes, so it is attached again (a no-op that re-judges it)."""
+        attached_last: tuple[Member, IndexSpec] | None = None
         for child in _children(self.layout, parent):
             if child.relkind not in ("r", "p"):
                 continue  # a foreign partition: refused before anything was built
-            on_child = self.indexes.get(child.oid, [])
-            attached = next((i for i in on_child if i.attached_to == parent_oid), None)
-            child_spec = self.spec.on_member(child)
-            if attached is not None and attached.valid:
-                self.record(child, attached.name, "unchanged", 0.0)
-                if child.relkind == "p":  # every partition below it is too: record them
-                    self.complete(child, replace(child_spec, name=attached.name), attached.oid)
-            elif child.relkind == "p":
-                self.complete_subpartitioned(child, parent_spec, child_spec, attached, on_child)
-            else:
-                self.complete_leaf(child, parent_spec, child_spec, attached, on_child)
+            try:
+                own = self.complete_child(child, parent_spec, parent_oid)
+            except (dg.Failure, psycopg.Error):
+                if _exists(self.conns.watch, child.oid):
+                    raise
+                self.log.warning(
+                    f"{self.spec.where(self.db)}: partition {child.label} was dropped while "
+                    "the job was indexing it, so it was skipped; the job goes on with the "
+                    "partitions that still exist"
+                )
+                self.dropped.append(child.label)
+                continue
+            attached_last = (child, own)
+        if attached_last is not None and not _valid(self.conns.watch, parent_oid):
+            child, own = attached_last
+            self.attach(parent_spec, own, child)
+
+    def complete_child(self, child: Member, parent_spec: IndexSpec, parent_oid: int) -> IndexSpec:
+        """`child`'s index, attached to `parent_oid`: the one it has, or made so."""
+        on_child = self.indexes.get(child.oid, [])
+        attached = next((i for i in on_child if i.attached_to == parent_oid), None)
+        child_spec = self.spec.on_member(child)
+        if attached is not None and attached.valid:
+            self.record(child, attached.name, "unchanged", 0.0)
+            own = replace(child_spec, name=attached.name)
+            if child.relkind == "p":  # every partition below it is too: record them
+                self.complete(child, own, attached.oid)
+            return own
+        if child.relkind == "p":
+            return self.complete_subpartitioned(child, parent_spec, child_spec, attached, on_child)
+        return self.complete_leaf(child, parent_spec, child_spec, attached, on_child)
 
     def complete_subpartitioned(
         self,
@@ -170,7 +207,7 @@ class _Tree:
         child_spec: IndexSpec,
         attached: ExistingIndex | None,
         on_child: list[ExistingIndex],
-    ) -> None:
+    ) -> IndexSpec:
         """A sub-partitioned partition: its own `ON ONLY` index, completed below, attached."""
         started = time.monotonic()
         index, action = self.on_only_index(child, child_spec, attached, on_child)
@@ -179,6 +216,7 @@ class _Tree:
         if attached is None:
             self.attach(parent_spec, own, child)
         self.record(child, index.name, action, time.monotonic() - started)
+        return own
 
     def on_only_index(
         self,
@@ -213,7 +251,7 @@ class _Tree:
         child_spec: IndexSpec,
         attached: ExistingIndex | None,
         on_child: list[ExistingIndex],
-    ) -> None:
+    ) -> IndexSpec:
         """A partition holding rows: an equivalent index it has, or one built, attached."""
         started = time.monotonic()
         if attached is not None:  # an INVALID index attached: only REINDEX mends it
@@ -243,6 +281,7 @@ class _Tree:
             own, action = replace(child_spec, name=build.equivalent or build.name), build.action
         self.attach(parent_spec, own, child)
         self.record(child, own.name, action, time.monotonic() - started)
+        return own
 
     def attach(self, parent_spec: IndexSpec, index: IndexSpec, child: Member) -> None:
         self.short_ddl(
@@ -344,7 +383,16 @@ def build_inherited_index(
                 done = build_table_index(
                     db, spec.on_member(child), log, retries, backoff_s, progress_every_s, conns
                 )
-            except dg.Failure as failure:
+            except (dg.Failure, psycopg.Error) as failure:
+                if not _exists(conns.watch, child.oid):
+                    log.warning(
+                        f"{spec.where(db)}: child table {child.label} was dropped while the "
+                        "job was indexing it, so it was skipped; the job goes on with the "
+                        "child tables that still exist"
+                    )
+                    continue
+                if isinstance(failure, psycopg.Error):
+                    raise
                 raise _continues_later(failure, "Child tables") from None
             index = done.equivalent or done.name
             build.partitions.append(

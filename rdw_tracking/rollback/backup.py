@@ -270,3 +270,16 @@ def create_tables(conn: psycopg.Connection, db: TargetDatabase, tables: BackupTa
             f"{tables.label(tables.state_name)}: permission denied; create them as their "
             "owner or set backup_schema to a schema this user may create tables in"
         ) from None
+
+
+def analyze_backup(conn: psycopg.Connection, tables: BackupTables, log) -> None:
+    """Give the backup table fresh statistics: created empty by the rollback, it is not
+    yet analyzed when the restore plans its batches over it, and the planner then took
+    it for a few rows. ANALYZE takes no lock that writers or readers wait for."""
+    try:
+        conn.execute(sql.SQL("ANALYZE {}").format(tables.backup))
+    except errors.InsufficientPrivilege:
+        log.info(
+            f"{tables.label(tables.backup_name)} could not be analyzed by this role (its "
+            "owner, or MAINTAIN on it, may); the batches are planned without its statistics"
+        )

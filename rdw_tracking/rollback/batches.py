@@ -12,9 +12,9 @@ from psycopg.rows import class_row
 
 from rdw_tracking.errors import refuse
 from rdw_tracking.indexes.sessions import Session, describe
-from rdw_tracking.resources import TargetDatabase
+from rdw_tracking.resources import ServerSilent, TargetDatabase, short_statements
 from rdw_tracking.rollback import ROLLBACK_JOB
-from rdw_tracking.writes import check_write_lock
+from rdw_tracking.writes import check_write_lock, write_lock_silent
 
 LOCK_ATTEMPTS = 5
 
@@ -52,6 +52,9 @@ def batch_connection(
     with db.connect(autocommit=True) as conn:
         conn.execute("SELECT set_config('application_name', %s, false)", [application_name])
         conn.execute("SELECT set_config('lock_timeout', %s, false)", [f"{lock_timeout_ms}ms"])
+        # Batches and the catalog looks between them are short: a silent peer fails the
+        # job within about a minute; the scans of the whole table lift it (long_statements).
+        short_statements(conn, db.statement_timeout_ms)
         lost = (
             f"the connection to {db.describe()} was lost during {job} of {weeks}; every "
             f"finished batch is committed: run {job} again with the same config to "
@@ -75,9 +78,11 @@ def refuse_if_lost(conn: psycopg.Connection, message: str) -> Iterator[None]:
     cancelled statement or a lock timeout goes on up as it is."""
     try:
         yield
-    except psycopg.OperationalError:
+    except psycopg.OperationalError as err:
         if not conn.broken:  # a cancelled statement, not a lost connection
             raise
+        if isinstance(err, ServerSilent):  # say why: the server stopped answering
+            message = message.replace(" was lost", f" was lost ({err})", 1)
         raise refuse(message) from None
 
 
@@ -102,8 +107,10 @@ def in_one_transaction(
         try:
             check_write_lock()  # a job whose write lock was lost must not write on
         except Exception:  # its refusal
-            # A server restart ends this session too: then say so (and how to continue).
-            conn.execute("SELECT 1")
+            # A server restart ends this session too: then say so (and how to continue);
+            # a silent server would only keep this probe waiting too.
+            if not write_lock_silent():
+                conn.execute("SELECT 1")
             raise
         started = time.monotonic()
         try:

@@ -10,7 +10,7 @@ from psycopg import sql
 from psycopg.rows import namedtuple_row
 
 from rdw_tracking.errors import refuse
-from rdw_tracking.resources import TargetDatabase
+from rdw_tracking.resources import TargetDatabase, long_statements
 from rdw_tracking.rollback.backup import BackupTables
 from rdw_tracking.rollback.progress import Log
 from rdw_tracking.rollback.state import RollbackState
@@ -91,11 +91,16 @@ def wait_for_older_transactions(conn: psycopg.Connection, bound: dt.datetime, lo
 class Survey:
     """What one scan found: matched rows per heap block of each physical table (leaf) and
     per creation day. Blocks are per leaf: every partition or child has its own heap and
-    repeats the others' ctids."""
+    repeats the others' ctids. Also the rows the predicate leaves out for their
+    `updated_at` alone: at or after the run's start (`updated_later`), of which dated
+    after the scan itself (`updated_in_future`, a writer's clock ahead of the server's)."""
 
     leaves: dict[int, list[tuple[int, int]]]  # leaf oid -> [(block, matched rows)]
     days: list[tuple[dt.date, int]]
     seconds: float
+    updated_later: int = 0
+    updated_in_future: int = 0
+    latest_future: dt.datetime | None = None
 
     @property
     def matched_rows(self) -> int:
@@ -110,29 +115,54 @@ class Survey:
 def survey(
     conn: psycopg.Connection, db: TargetDatabase, cutoff: dt.date, bound: dt.datetime
 ) -> Survey:
-    """One scan of the table: matched rows per (leaf, block), for planning, and per day.
+    """One scan of the table: matched rows per (leaf, block), for planning, and per day;
+    and the rows left out for an `updated_at` at or after the run's start.
 
     On a table range-partitioned on created_at, the planner prunes every partition whose
     bounds lie wholly before the cutoff: they are never read."""
     started = time.monotonic()
-    with conn.cursor(row_factory=namedtuple_row) as cur:
+    e, c, u = (sql.Identifier(n) for n in ("execution_id", "created_at", "updated_at"))
+    with (
+        long_statements(conn, db.statement_timeout_ms),
+        conn.cursor(row_factory=namedtuple_row) as cur,
+    ):
         rows = cur.execute(
             sql.SQL(
                 """
-                SELECT GROUPING(leaf, block) = 0 AS by_block, leaf, block, day, count(*) AS n
+                SELECT GROUPING(leaf, block) = 0 AS by_block, GROUPING(day) = 0 AS by_day,
+                       leaf, block, day, count(*) FILTER (WHERE fresh) AS n,
+                       count(*) FILTER (WHERE NOT fresh) AS later,
+                       count(*) FILTER (WHERE future) AS future,
+                       max(updated_at) FILTER (WHERE future) AS latest_future
                 FROM (SELECT tableoid::bigint AS leaf, (ctid::text::point)[0]::bigint AS block,
-                             created_at::date AS day
-                      FROM {weeks} WHERE {matched}) m
-                GROUP BY GROUPING SETS ((leaf, block), (day))
+                             {c}::date AS day, {u} AS updated_at, {fresh} AS fresh,
+                             coalesce({u} > now(), false) AS future
+                      FROM {weeks}
+                      WHERE {e} IS NOT NULL AND {c} >= %(cutoff)s AND {c} < %(bound)s) m
+                GROUP BY GROUPING SETS ((leaf, block), (day), ())
                 """
-            ).format(weeks=db.weeks, matched=MATCHED),
+            ).format(
+                weeks=db.weeks,
+                e=e,
+                c=c,
+                u=u,
+                fresh=sql.SQL("({u} IS NULL OR {u} < %(bound)s)").format(u=u),
+            ),
             {"cutoff": midnight(cutoff), "bound": bound},
         ).fetchall()
     leaves: dict[int, list[tuple[int, int]]] = {}
-    for row in sorted(r for r in rows if r.by_block):
+    for row in sorted(r for r in rows if r.by_block and r.n):
         leaves.setdefault(row.leaf, []).append((row.block, row.n))
-    days = sorted((row.day, row.n) for row in rows if not row.by_block)
-    return Survey(leaves, days, time.monotonic() - started)
+    days = sorted((row.day, row.n) for row in rows if row.by_day and row.n)
+    total = next((r for r in rows if not r.by_block and not r.by_day), None)
+    return Survey(
+        leaves,
+        days,
+        time.monotonic() - started,
+        updated_later=total.later if total else 0,
+        updated_in_future=total.future if total else 0,
+        latest_future=total.latest_future if total else None,
+    )
 
 
 def estimate_seconds(matched_rows: int, scan_seconds: float) -> float:

@@ -16,6 +16,9 @@ previous batches' WAL stays unwritten, and the batch that then ran out of buffer
 the rest of the stall with its rows locked. Waiting before the batch, holding nothing,
 took the batches over 80 ms from 4-5 a run to 0-2 (5M rows, 4MB wal_buffers), for
 about 1 s of waits in a 33 s run.
+
+Standbys replay all that WAL too: between batches the run also waits while any standby
+replays more than max_replica_lag_s behind (`ReplicaLag`).
 """
 
 import time
@@ -24,6 +27,7 @@ from dataclasses import dataclass
 import psycopg
 
 from rdw_tracking import catalog
+from rdw_tracking.rollback.progress import Log
 
 BATCH_TARGET_MS = 100
 MIN_BATCH_ROWS = 100
@@ -76,3 +80,80 @@ def wait_for_wal_room(conn: psycopg.Connection, most_unflushed: int) -> float:
             conn.execute("SET LOCAL synchronous_commit = on")
             conn.execute("SELECT pg_current_xact_id()")  # an xid: its commit flushes
     return time.monotonic() - started
+
+
+# Replicas: a rollback of 1M rows writes ~3.9 GB of WAL, which every standby must replay.
+REPLICA_POLL_S = 0.5
+REPLICA_LOG_EVERY_S = 10.0
+DEFAULT_MAX_REPLICA_LAG_S = 10.0
+# The standby furthest behind, if more than %(most)s seconds behind in replay and not yet
+# past the run's last batch (`mark`): one that has replayed all the run wrote is caught
+# up with it, whatever its last measured lag. replay_lag grows while a standby's replay
+# stands still (the server interpolates it) and is NULL once it is idle and caught up.
+_LAGGING = """
+SELECT coalesce(nullif(application_name, ''), 'pid ' || pid) AS name,
+       extract(epoch FROM replay_lag)::float8 AS lag_s
+FROM pg_stat_replication
+WHERE replay_lag > make_interval(secs => %(most)s)
+  AND (replay_lsn IS NULL OR replay_lsn < %(mark)s::pg_lsn)
+ORDER BY replay_lag DESC LIMIT 1
+"""
+# Whether this role sees the standbys' lag at all (pg_stat_replication hides it from
+# roles without pg_read_all_stats), and how many standbys there are.
+_REPLICA_VIEW = """
+SELECT count(*) AS standbys,
+       pg_has_role(current_user, 'pg_read_all_stats', 'USAGE') AS sees_lag
+FROM pg_stat_replication
+"""
+
+
+@dataclass
+class ReplicaLag:
+    """Between batches, holding no lock: wait while any standby replays more than
+    `max_lag_s` behind (0: never), logging the pause; `paused_s` adds them up."""
+
+    max_lag_s: float
+    log: Log
+    what: str
+    paused_s: float = 0.0
+    checked: bool = False
+
+    def wait(self, conn: psycopg.Connection, mark: str | None) -> float:
+        """Seconds waited before the next batch (0.0 when no standby lags)."""
+        if not self.max_lag_s or mark is None:
+            return 0.0
+        if not self.checked:
+            self.checked = True
+            standbys, sees_lag = conn.execute(_REPLICA_VIEW).fetchone()
+            if standbys and not sees_lag:
+                self.log.warning(
+                    f"{self.what}: this role cannot see the {standbys} standbys' replay lag, "
+                    "so max_replica_lag_s cannot pause the run for them; GRANT "
+                    "pg_read_all_stats to it"
+                )
+        started = logged = None
+        while True:
+            row = conn.execute(_LAGGING, {"most": self.max_lag_s, "mark": mark}).fetchone()
+            if row is None:
+                break
+            name, lag_s = row
+            now = time.monotonic()
+            if started is None:
+                started = logged = now
+                self.log.info(
+                    f"{self.what}: pausing, standby {name} replays {lag_s:.1f} s behind "
+                    f"(max_replica_lag_s {self.max_lag_s:g}); no row is locked meanwhile"
+                )
+            elif now - logged >= REPLICA_LOG_EVERY_S:
+                logged = now
+                self.log.info(
+                    f"{self.what}: still paused after {now - started:.0f} s, standby {name} "
+                    f"replays {lag_s:.1f} s behind"
+                )
+            time.sleep(REPLICA_POLL_S)
+        if started is None:
+            return 0.0
+        waited = time.monotonic() - started
+        self.paused_s += waited
+        self.log.info(f"{self.what}: the standbys caught up after {waited:.1f} s; going on")
+        return waited

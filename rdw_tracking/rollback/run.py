@@ -11,21 +11,22 @@ import psycopg
 from rdw_tracking import catalog
 from rdw_tracking.errors import refuse
 from rdw_tracking.layout import Layout
-from rdw_tracking.resources import TargetDatabase
+from rdw_tracking.resources import TargetDatabase, long_statements
 from rdw_tracking.rollback import RESTORE_JOB, ROLLBACK_APPLICATION_NAME, ROLLBACK_JOB
-from rdw_tracking.rollback.backup import BackupTables
+from rdw_tracking.rollback.backup import BackupTables, analyze_backup
 from rdw_tracking.rollback.batches import batch_connection, refuse_if_lost
 from rdw_tracking.rollback.matched import Survey, estimate_seconds, fixed_bound, survey
-from rdw_tracking.rollback.pace import FIRST_BATCH_ROWS
-from rdw_tracking.rollback.preflight import check_rollback
+from rdw_tracking.rollback.pace import DEFAULT_MAX_REPLICA_LAG_S, FIRST_BATCH_ROWS
+from rdw_tracking.rollback.preflight import check_rollback, update_triggers
 from rdw_tracking.rollback.progress import Log
 from rdw_tracking.rollback.state import (
     RollbackState,
     finish_rollback,
+    set_phase,
     start_rollback,
     unfinished_rollbacks,
 )
-from rdw_tracking.rollback.sweep import sweep
+from rdw_tracking.rollback.sweep import Swept, sweep
 from rdw_tracking.rollback.walk import Walker
 
 
@@ -39,6 +40,8 @@ class RollbackRequest:
     dry_run: bool = True
     expected_rows: int | None = None
     lock_timeout_ms: int = 1_000
+    visible_rows_only: bool = False
+    max_replica_lag_s: float = DEFAULT_MAX_REPLICA_LAG_S
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,8 @@ class Cleared:
     swept_rows: int
     leaves_walked: int
     leaves_left_alone: list[str]
+    rows_left: int = 0
+    replica_paused_s: float = 0.0
 
 
 @dataclass
@@ -74,6 +79,11 @@ class RollbackReport:
     layout: str = ""
     leaves_walked: int = 0
     leaves_left_alone: list[str] = field(default_factory=list)
+    rows_left: int = 0
+    replica_paused_s: float = 0.0
+    updated_since_start_rows: int = 0
+    future_updated_at_rows: int = 0
+    update_triggers: list[str] = field(default_factory=list)
 
     def add(self, state: RollbackState, cleared: Cleared) -> None:
         """Count what this run cleared on top of what the rollback had before it."""
@@ -84,6 +94,8 @@ class RollbackReport:
         self.swept_rows = cleared.swept_rows
         self.leaves_walked = cleared.leaves_walked
         self.leaves_left_alone = cleared.leaves_left_alone
+        self.rows_left = cleared.rows_left
+        self.replica_paused_s = cleared.replica_paused_s
 
     def metadata(self) -> dict[str, Any]:
         """The report as materialization metadata, but for the per-day table."""
@@ -106,6 +118,11 @@ class RollbackReport:
             "layout": self.layout,
             "leaves_walked": self.leaves_walked,
             "leaves_left_alone": ", ".join(self.leaves_left_alone),
+            "rows_left": self.rows_left,
+            "replica_paused_s": round(self.replica_paused_s, 1),
+            "updated_since_start_rows": self.updated_since_start_rows,
+            "future_updated_at_rows": self.future_updated_at_rows,
+            "update_triggers": ", ".join(self.update_triggers),
         }
 
 
@@ -113,7 +130,8 @@ def rollback(db: TargetDatabase, request: RollbackRequest, log: Log) -> Rollback
     """Dry run or real run of the rollback; the asset's whole job, callable without Dagster."""
     started = time.monotonic()
     tables = request.tables
-    layout = check_rollback(db, tables, request.dry_run, log)
+    layout = check_rollback(db, tables, request.dry_run, log, request.visible_rows_only)
+    triggers = update_triggers(db, layout, ROLLBACK_JOB, log)
     with batch_connection(db, ROLLBACK_APPLICATION_NAME, request.lock_timeout_ms) as conn:
         resume = resumable(conn, db, request, log)
         bound = fixed_bound(conn, tables, resume, request.dry_run, log)
@@ -121,6 +139,9 @@ def rollback(db: TargetDatabase, request: RollbackRequest, log: Log) -> Rollback
         found = survey(conn, db, request.cutoff, bound)
         report = survey_report(request, layout, resume, bound, found)
         log.info(matched_line(db, request, resume, bound, found))
+        if found.updated_in_future:
+            log.warning(future_line(db, found))
+        report.update_triggers = triggers
         check_expected_rows(db, request, report.matched_rows)
         if request.dry_run or (report.matched_rows == 0 and not resume):
             report.seconds = time.monotonic() - started
@@ -191,6 +212,8 @@ def survey_report(
         estimated_seconds=estimate_seconds(found.matched_rows, found.seconds),
         backup_table=request.tables.label(request.tables.backup_name),
         layout=layout.describe(),
+        updated_since_start_rows=found.updated_later,
+        future_updated_at_rows=found.updated_in_future,
     )
 
 
@@ -212,6 +235,19 @@ def matched_line(
     return (
         f"{found.matched_rows:,} rows of {weeks} have execution_id and were created "
         f"from {request.cutoff} to {bound.isoformat()} (scan {found.seconds:.1f} s)"
+    )
+
+
+def future_line(db: TargetDatabase, found: Survey) -> str:
+    """Why rows dated in the future are not in matched_rows, and what that does later."""
+    latest = found.latest_future.isoformat() if found.latest_future else "?"
+    return (
+        f"{found.updated_in_future:,} rows of {db.qualified(db.weeks_table)} created since "
+        f"the cutoff have updated_at in the future (the latest {latest}; a writer's clock "
+        "ahead of the server's?): a run leaves a row touched at or after its start alone, "
+        "as written during the run, so they are not in matched_rows and are skipped; as "
+        "the clock passes their updated_at they match, so a later dry run counts up to "
+        f"{found.updated_in_future:,} more (set expected_rows from a fresh dry run)"
     )
 
 
@@ -238,14 +274,34 @@ def clear(
     run finished."""
     leaves = frozenset(m.oid for m in layout.leaves)
     tables, most = request.tables, request.batch_size
-    walker = Walker(conn, db, tables, state, layout.root.oid, most, log, leaves)
+    walker = Walker(
+        conn,
+        db,
+        tables,
+        state,
+        layout.root.oid,
+        most,
+        log,
+        leaves,
+        request.visible_rows_only,
+        request.max_replica_lag_s,
+    )
     size = min(most, FIRST_BATCH_ROWS)  # a probe, then sized by time and WAL
     if state.phase == "walking":
         size = walker.walk(found, size)
     swept = sweep(walker, size)
+    if swept.joined:
+        unfinished(conn, db, request, walker, swept)
     finish_rollback(conn, tables, state.rollback_id)
-    if swept:
-        log.info(f"the final sweep cleared {swept:,} rows that moved during the walk")
+    with long_statements(conn, db.statement_timeout_ms):
+        analyze_backup(conn, tables, log)  # the restore plans its batches over it
+    if swept.rows:
+        log.info(f"the final sweep cleared {swept.rows:,} rows that moved during the walk")
+    if swept.left:
+        log.warning(
+            f"{swept.left:,} matched rows of {db.qualified(db.weeks_table)} were left as they "
+            "are: row-level security keeps them from this role (visible_rows_only)"
+        )
     if walker.wal_waited >= 1:
         log.info(
             f"between batches, the run waited {walker.wal_waited:,.1f} s in all for the "
@@ -253,5 +309,37 @@ def clear(
         )
     progress = walker.progress
     return Cleared(
-        progress.done, progress.batches, progress.longest_ms, swept, len(found.leaves), walker.gone
+        progress.done,
+        progress.batches,
+        progress.longest_ms,
+        swept.rows,
+        len(found.leaves),
+        walker.gone,
+        swept.left,
+        walker.replicas.paused_s,
+    )
+
+
+def unfinished(
+    conn: psycopg.Connection,
+    db: TargetDatabase,
+    request: RollbackRequest,
+    walker: Walker,
+    swept: Swept,
+) -> None:
+    """End a run that left matched rows in leaves that joined the table while it went
+    (a partition manager creating partitions and moving rows into them): failed, saying
+    what is left where, the rollback kept resumable so the next run clears them."""
+    set_phase(conn, request.tables, walker.state.rollback_id, "sweeping")
+    left = sum(swept.joined.values())
+    where = ", ".join(f"{label} ({n:,})" for label, n in swept.joined.items())
+    raise refuse(
+        f"{walker.what} is not finished: {left:,} matched rows are in {where}, which joined "
+        "the table while the run went (a partition created or attached, or rows moved into "
+        f"it), and were left as they are; run {ROLLBACK_JOB} again with cutoff_date "
+        f"{request.cutoff} to clear them: it continues rollback {walker.state.rollback_id}",
+        rollback_id=walker.state.rollback_id,
+        cleared_rows=walker.state.cleared_rows + walker.progress.done,
+        rows_left=left,
+        leaves_joined=where,
     )

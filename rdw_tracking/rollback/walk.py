@@ -22,6 +22,7 @@ from rdw_tracking.rollback.matched import MATCHED, Survey, matched
 from rdw_tracking.rollback.pace import (
     WAL_BUDGET_SHARE,
     LastBatch,
+    ReplicaLag,
     batch_rows,
     wait_for_wal_room,
     wal_buffers_bytes,
@@ -156,7 +157,11 @@ class Walker:
     # The table's leaves when the run started: the matched set is their rows. A partition
     # attached later brings rows the dry run never counted; they are left alone.
     leaves: frozenset[int] = frozenset()
+    # Under row-level security the user let apply: rows it keeps from the run stay put.
+    visible_rows_only: bool = False
+    max_replica_lag_s: float = 0.0
     progress: Progress = field(init=False)
+    replicas: ReplicaLag = field(init=False)
     wal_buffers: int | None = field(init=False)
     wal_budget: int | None = field(init=False)
     capped: bool = False
@@ -175,11 +180,13 @@ class Walker:
             "rid": self.state.rollback_id,
         }
         self.what = f"rollback {self.state.rollback_id} of {self.db.qualified(self.db.weeks_table)}"
+        self.replicas = ReplicaLag(self.max_replica_lag_s, self.log, self.what)
 
     def batch(
         self, leaf: Leaf, where: sql.Composable, extra: dict, phase: str, next_block: int
     ) -> LastBatch:
         """Clear the matched rows of `leaf` that `where` selects; LeafGone if it left."""
+        self.replicas.wait(self.conn, self.mark)
         if self.wal_budget:
             self.wal_waited += wait_for_wal_room(self.conn, self.wal_buffers - self.wal_budget)
         template = CLEAR_BATCH_18 if self.conn.info.server_version >= RETURNING_OLD else CLEAR_BATCH
@@ -243,8 +250,8 @@ class Walker:
     def not_ours(self, label: str) -> None:
         self.log.warning(
             f"{label} joined {self.db.qualified(self.db.weeks_table)} after {self.what} "
-            "started: its rows were not part of the table when the run fixed its row set, "
-            "and are left alone (run the rollback again to clear them)"
+            "started (created or attached, or rows moved into it): this run leaves its "
+            "rows alone and ends failed, and the next run continues the rollback with it"
         )
 
     def walk(self, found: Survey, size: int) -> int:

@@ -524,3 +524,35 @@ def test_a_table_with_rules_is_refused_before_any_change(database_url, run_job, 
     (message,) = step_failure_messages(result)
     assert f"{JOB} refused" in message and "keep_ids" in message
     assert database_checksums(database_url) == before
+
+
+@pytest.mark.parametrize("layout", ["range", "multilevel", "inheritance"])
+def test_a_partition_dropped_mid_build_is_skipped_and_the_rest_finished(
+    layout, layout_url, run_job, sql_exec, monkeypatch
+):
+    from rdw_tracking.indexes import partitioned
+
+    tree = the_layout(layout_url)
+    doomed = tree.leaves[1] if layout != "inheritance" else tree.leaves[-1]
+    real_build = partitioned.build_table_index
+
+    def drop_it_once_built(db, spec, *args, **kwargs):
+        # a partition manager's retention, mid-job: a partition between its build and its
+        # attach; a child table (nothing to attach) just before its build
+        if spec.table == doomed.name and layout == "inheritance":
+            sql_exec(f'DROP TABLE "{doomed.name}"')
+        built = real_build(db, spec, *args, **kwargs)
+        if spec.table == doomed.name and layout != "inheritance":
+            sql_exec(f'DROP TABLE "{doomed.name}"')
+        return built
+
+    monkeypatch.setattr(partitioned, "build_table_index", drop_it_once_built)
+    with dg.instance_for_test() as instance:
+        result = run_job(JOB, instance=instance)
+        assert result.success, step_failure_messages(result)
+        lines = log_lines(instance, result)
+    said = [line for line in lines if f"public.{doomed.name} was dropped" in line]
+    assert said and "goes on with the" in said[0]
+    assert doomed.name not in leaf_indexes(sql_exec)
+    assert_fully_indexed(layout_url, sql_exec, layout)
+    assert check_results(run_job("verify_execution_tracking"))["execution_id_indexes_valid"].passed

@@ -434,7 +434,7 @@ def test_killed_connection_then_rerun_ends_as_an_uninterrupted_run(
             with last_matched_row_locked(database_url, cutoff, sql_exec):
                 sql_exec(
                     "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                    "WHERE application_name = %s",
+                    "WHERE application_name = %s AND datname = current_database()",
                     [ROLLBACK_APPLICATION_NAME],
                 )
                 killed.set()

@@ -4,6 +4,7 @@ while partitions come and go."""
 import datetime as dt
 import logging
 
+import dagster as dg
 import psycopg
 import pytest
 
@@ -131,7 +132,9 @@ def test_a_partition_leaving_mid_run_is_left_alone(database_url, sql_exec, monke
     )
 
 
-def test_a_partition_attached_mid_run_is_left_alone(database_url, sql_exec, monkeypatch):
+def test_a_partition_attached_mid_run_ends_it_failed_and_a_rerun_finishes(
+    database_url, sql_exec, monkeypatch
+):
     relayout(database_url, "list")
     # A table of rows that look matched, attached as a partition while the run is going.
     sql_exec("CREATE TABLE late_rows (LIKE report_data_weeks INCLUDING DEFAULTS)")
@@ -154,14 +157,23 @@ def test_a_partition_attached_mid_run_is_left_alone(database_url, sql_exec, monk
         return real_wait(conn, most)
 
     monkeypatch.setattr(rollback_module, "wait_for_wal_room", attach_at_second_batch)
-    report = rollback(
-        TargetDatabase(url=database_url),
-        RollbackConfig(cutoff_date=days_ago(300), dry_run=False, batch_size=100),
-        LOG,
-    )
+    config = RollbackConfig(cutoff_date=days_ago(300), dry_run=False, batch_size=100)
+    with pytest.raises(dg.Failure) as failure:
+        rollback(TargetDatabase(url=database_url), config, LOG)
     assert batches["n"] >= 2
-    assert report.cleared_rows == report.matched_rows
+    # the run says what it left, and where; it left those rows as they were
+    assert "public.late_rows (300)" in failure.value.description
+    assert failure.value.metadata["rows_left"].value == 300
     assert sorted(sql_exec("SELECT id, execution_id, updated_at FROM late_rows")) == late
+    assert sql_exec("SELECT phase FROM execution_id_rollback_runs") == [("sweeping",)]
+    # the rerun continues the same rollback, now with the partition, and finishes it
+    again = rollback(TargetDatabase(url=database_url), config, LOG)
+    assert again.resumed and again.rows_left == 0
+    assert not sql_exec("SELECT 1 FROM late_rows WHERE execution_id IS NOT NULL")
+    assert sql_exec(
+        "SELECT count(*) FROM execution_id_rollback_backup b JOIN late_rows l USING (id)"
+    ) == [(300,)]
+    assert sql_exec("SELECT phase FROM execution_id_rollback_runs") == [("finished",)]
 
 
 def test_a_lost_write_lock_stops_the_rollback_before_its_next_batch(
@@ -176,7 +188,8 @@ def test_a_lost_write_lock_stops_the_rollback_before_its_next_batch(
         if batches["n"] == 2:
             sql_exec(
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                "WHERE application_name = 'rdw_tracking:rollback_execution_id'"
+                "WHERE application_name = 'rdw_tracking:rollback_execution_id' "
+                "AND datname = current_database()"
             )
         return real_wait(conn, most)
 
