@@ -240,6 +240,39 @@ def test_tick_says_whether_the_completed_at_index_exists(database_url, sql_exec,
     assert f"completed_at index: {INDEX_NAME}" in tick(present.cursor, database_url).skip_message
 
 
+def test_missing_index_is_a_warning_once_then_in_each_ticks_status(database_url, sql_exec, capsys):
+    """Issue 26.4: not a WARNING every 30 s; logged again when the index goes and comes back.
+    (The sensor's log is Dagster's console logger, on stderr.)"""
+
+    def warnings_of(cursor):
+        capsys.readouterr()
+        data = tick(cursor, database_url)
+        return data, capsys.readouterr().err.count("WARNING - no index on")
+
+    first, warned = warnings_of(None)
+    assert warned == 1
+    cursor = first.cursor
+    for _ in range(2):
+        data, warned = warnings_of(cursor)
+        assert warned == 0
+        assert "no index on public.workflow_executions(completed_at)" in data.skip_message
+        cursor = data.cursor
+    complete(sql_exec, 1)
+    data, warned = warnings_of(cursor)
+    assert warned == 0 and data.run_requests[0].tags["rdw/completed_at_index"] == "missing"
+    cursor = data.cursor
+    # the index built, then dropped again: a new cause, one new warning
+    sql_exec(f"CREATE INDEX {INDEX_NAME} ON workflow_executions (completed_at)")
+    data, warned = warnings_of(cursor)
+    assert warned == 0 and "completed_at index" in data.skip_message
+    cursor = data.cursor
+    sql_exec(f"DROP INDEX {INDEX_NAME}")
+    data, warned = warnings_of(cursor)
+    assert warned == 1
+    data, warned = warnings_of(data.cursor)
+    assert warned == 0
+
+
 def test_cursor_forgets_ids_behind_the_lookback_window():
     t0 = dt.datetime(2026, 1, 5, 12, tzinfo=dt.timezone.utc)
     old = ("a", t0)
