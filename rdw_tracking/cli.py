@@ -212,6 +212,7 @@ def cmd_ui(args: argparse.Namespace, signals: StopSignals) -> int:
             fleet_walkthrough.prepare(args.fleet, rows=args.rows, rebuild=False)
         else:
             walkthrough.ensure_demo_data(rows=args.rows)
+            walkthrough.start_history_at_demo_data()
         print(f"Dagster UI on http://{args.host}:{args.port} (Ctrl-C stops it)", flush=True)
         with signals.held():
             proc = devserver.start(deploy.WORKSPACE_YAML, args.port, host=args.host)
