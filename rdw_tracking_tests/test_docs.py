@@ -61,6 +61,9 @@ SKIPPED = [
 ]
 # Documented commands that fail today. Each is still run: once it works, the test says so.
 KNOWN_BROKEN: dict[str, str] = {}
+# The contract's factory and component, named in docs/reference.md under a "(planned)"
+# heading until they exist (test_reference.py keeps that heading honest).
+PLANNED = {"rdw_tracking.build_defs", "rdw_tracking.ExecutionTrackingComponent"}
 REPO_PREFIXES = ("rdw_tracking/", "rdw_tracking_tests/", "benchmarks/", "deploy/", "docs/", ".ci/")
 
 
@@ -415,6 +418,8 @@ def test_links_and_names_resolve(page: Path):
     for name in re.findall(r"`([^`\s]+)`", text):
         if name.startswith(REPO_PREFIXES) and not (ROOT / name).exists():
             broken.append(name)
+        if name in PLANNED:
+            continue
         if re.fullmatch(r"rdw_tracking(\.\w+)+(\(\))?", name) and not resolves(
             name[:-2] if name.endswith("()") else name
         ):
