@@ -185,10 +185,11 @@ def tick_polling_sensor(
     from rdw_tracking.sensors import workflow_executions_sensor
 
     # Called directly, a sensor gets only the resources its context is given.
-    context = dg.build_sensor_context(
+    # Entered, so the resources it builds are released when the tick is done.
+    with dg.build_sensor_context(
         instance=instance, cursor=cursor, definitions=defs, resources=dict(defs.resources or {})
-    )
-    requests, skip, cursor = sensor_outcome(workflow_executions_sensor(context), context)
+    ) as context:
+        requests, skip, cursor = sensor_outcome(workflow_executions_sensor(context), context)
     report_tick(workflow_executions_sensor.name, requests, skip)
     return requests, cursor
 
