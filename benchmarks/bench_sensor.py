@@ -89,15 +89,12 @@ def tick(
 ) -> tuple[float, str | None, int]:
     """(ms, cursor after, runs requested) of one evaluation, on an instance as the daemon's
     (without one, Dagster builds an ephemeral instance per tick, which would dominate)."""
-    context = dg.build_sensor_context(
-        instance=instance,
-        cursor=cursor,
-        resources={"target_db": db, "executions_polling": ExecutionsPolling()},
-    )
-    started = time.perf_counter()
-    data = evaluate(workflow_executions_sensor, context)
-    ms = (time.perf_counter() - started) * 1000
-    return ms, data.cursor or context.cursor, len(data.run_requests or [])
+    resources = {"target_db": db, "executions_polling": ExecutionsPolling()}
+    with dg.build_sensor_context(instance=instance, cursor=cursor, resources=resources) as context:
+        started = time.perf_counter()
+        data = evaluate(workflow_executions_sensor, context)
+        ms = (time.perf_counter() - started) * 1000
+        return ms, data.cursor or context.cursor, len(data.run_requests or [])
 
 
 def measure(

@@ -154,7 +154,7 @@ def cmd_db(args: argparse.Namespace, signals: StopSignals) -> int:
         with signals.held():
             print(db_action(args.action, args.database))
     except Stopped:
-        if not was_running and args.action in ("start", "url"):
+        if not was_running and args.action in ("start", "url", "storage-url"):
             embedded.stop()
         raise
     return 0
@@ -169,6 +169,8 @@ def db_action(action: str, database: str) -> str:
         return "stopped" if embedded.stop() else "not running"
     if action == "url":
         return embedded.database_url(database)
+    if action == "storage-url":
+        return embedded.dagster_storage_url()
     return "running" if embedded.is_running() else "stopped"
 
 
@@ -210,6 +212,7 @@ def cmd_ui(args: argparse.Namespace, signals: StopSignals) -> int:
             fleet_walkthrough.prepare(args.fleet, rows=args.rows, rebuild=False)
         else:
             walkthrough.ensure_demo_data(rows=args.rows)
+            walkthrough.start_history_at_demo_data()
         print(f"Dagster UI on http://{args.host}:{args.port} (Ctrl-C stops it)", flush=True)
         with signals.held():
             proc = devserver.start(deploy.WORKSPACE_YAML, args.port, host=args.host)
@@ -254,7 +257,8 @@ def command_line() -> argparse.ArgumentParser:
     sub = command.add_subparsers(dest="command", required=True)
 
     db = sub.add_parser("db", help="the embedded PostgreSQL")
-    db.add_argument("action", choices=["start", "stop", "url", "status"])
+    # storage-url: RDW_DAGSTER_STORAGE_URL for the clone's top-level dagster.yaml.
+    db.add_argument("action", choices=["start", "stop", "url", "storage-url", "status"])
     db.add_argument("--database", default=embedded.DEMO_DATABASE, help="for `url`")
     db.set_defaults(func=cmd_db)
 

@@ -179,10 +179,10 @@ def _poll(defs: dg.Definitions, instance: dg.DagsterInstance, cursor: str | None
     from rdw_tracking.sensors import ExecutionsPolling
 
     sensor = defs.resolve_sensor_def("workflow_executions_sensor")
-    context = dg.build_sensor_context(
+    with dg.build_sensor_context(
         cursor=cursor, instance=instance, resources={"executions_polling": ExecutionsPolling()}
-    )
-    return evaluate(sensor, context)
+    ) as context:
+        return evaluate(sensor, context)
 
 
 def run(count: int, rows: int = 20_000) -> int:

@@ -16,7 +16,7 @@ evaluates them from its first start:
 import datetime as dt
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
 import dagster as dg
@@ -37,6 +37,7 @@ from rdw_tracking.jobs import (
 from rdw_tracking.resources import TargetDatabase, redact
 
 INDEX_NAME = "idx_workflow_executions_completed_at"
+NO_INDEX_CAUSE = "no_completed_at_index"  # in the cursor's `warned` once logged
 TICK_STATEMENT_TIMEOUT_MS = 20_000  # well inside Dagster's 60 s sensor evaluation limit
 
 
@@ -193,18 +194,22 @@ class ExecutionsPolling(dg.ConfigurableResource):
 
 @dataclass(frozen=True)
 class ExecutionsCursor:
-    """Watermark (latest completed_at seen) and the ids seen within the look-back window."""
+    """Watermark (latest completed_at seen), the ids seen within the look-back window, and
+    the causes already logged as a WARNING (each is logged once, on the tick that first
+    meets it, then only named in each tick's status; logged again if it comes back)."""
 
     watermark: dt.datetime | None = None
     seen: dict[str, dt.datetime] = field(default_factory=dict)
+    warned: frozenset[str] = frozenset()
 
     def to_json(self) -> str:
-        return json.dumps(
-            {
-                "watermark": self.watermark.isoformat() if self.watermark else None,
-                "seen": {i: t.isoformat() for i, t in sorted(self.seen.items())},
-            }
-        )
+        data = {
+            "watermark": self.watermark.isoformat() if self.watermark else None,
+            "seen": {i: t.isoformat() for i, t in sorted(self.seen.items())},
+        }
+        if self.warned:
+            data["warned"] = sorted(self.warned)
+        return json.dumps(data)
 
     @classmethod
     def from_json(cls, text: str) -> "ExecutionsCursor":
@@ -214,6 +219,7 @@ class ExecutionsCursor:
             return cls(
                 watermark=dt.datetime.fromisoformat(watermark) if watermark else None,
                 seen={i: dt.datetime.fromisoformat(t) for i, t in data.get("seen", {}).items()},
+                warned=frozenset(str(c) for c in data.get("warned", [])),
             )
         except (ValueError, TypeError, AttributeError):
             # Guessing a cursor could skip executions; say so and let a person decide.
@@ -230,7 +236,8 @@ class ExecutionsCursor:
         """This cursor with its watermark no later than `horizon` (and no id seen after it)."""
         if self.watermark is None or self.watermark <= horizon:
             return self
-        return ExecutionsCursor(horizon, {i: t for i, t in self.seen.items() if t <= horizon})
+        seen = {i: t for i, t in self.seen.items() if t <= horizon}
+        return ExecutionsCursor(horizon, seen, self.warned)
 
 
 def advance(
@@ -243,7 +250,9 @@ def advance(
     if watermark is None:
         return cursor
     horizon = watermark - lookback
-    return ExecutionsCursor(watermark, {i: t for i, t in seen.items() if t >= horizon})
+    return ExecutionsCursor(
+        watermark, {i: t for i, t in seen.items() if t >= horizon}, cursor.warned
+    )
 
 
 # Executions completed at or after `since` that the cursor has not seen, oldest first.
@@ -468,7 +477,9 @@ def tick(
     cursor = ExecutionsCursor.from_json(cursor_json) if cursor_json else None
     result = poll(target_db, cursor, lookback, executions_polling.max_per_tick, tolerance)
     note = index_note(target_db, result.index_names)
-    if not result.index_names:
+    # The missing index is a WARNING once; every later tick's status still names it.
+    warned = frozenset() if result.index_names else frozenset({NO_INDEX_CAUSE})
+    if warned - (cursor.warned if cursor else frozenset()):
         log.warning(note)
     if result.capped_from is not None:
         log.warning(
@@ -480,7 +491,11 @@ def tick(
     if future:
         log.warning(future)
     note = future + note
-    new_cursor = advance(cursor or ExecutionsCursor(), result.rows, lookback)
+    warned_before = cursor.warned if cursor else frozenset()
+    cursor = replace(cursor, warned=warned) if cursor else None
+    new_cursor = replace(
+        advance(cursor or ExecutionsCursor(), result.rows, lookback), warned=warned
+    )
     if result.first_tick:
         latest = new_cursor.watermark.isoformat() if new_cursor.watermark else "none yet"
         return Tick(
@@ -489,10 +504,10 @@ def tick(
         )
     if not result.rows:
         since = cursor.watermark.isoformat() if cursor and cursor.watermark else "the start"
+        # keep a capped watermark, or a change in what was warned about
+        changed = result.capped_from is not None or warned != warned_before
         return Tick(
-            cursor.to_json()
-            if result.capped_from is not None
-            else None,  # keep the capped watermark
+            cursor.to_json() if changed else None,
             skip=f"no execution completed since {since}. {note}",
         )
     ids = [r.id for r in result.rows]

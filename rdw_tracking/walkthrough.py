@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import sys
 from typing import Any, NamedTuple
 
 import dagster as dg
@@ -49,6 +50,32 @@ def ensure_demo_data(rows: int, rebuild: bool = False) -> None:
             f"{summary['workflow_executions']:,} workflow_executions, "
             f"{summary['collections']:,} collections in {summary['seconds']} s"
         )
+
+
+# assets.daily.HISTORY_START_ENV, spelled again: importing that module fixes the history's
+# partitions, which this has to set first.
+HISTORY_START_ENV = "RDW_HISTORY_START"
+
+
+def start_history_at_demo_data() -> str:
+    """Set RDW_HISTORY_START to the first day of the demo's report_data_weeks rows, for
+    this process and the UI's code server it starts: the daily history's partitions then
+    begin where the data does, and none before it shows as Missing. Returns the day.
+
+    Premise: the definitions are not imported yet in this process (checked)."""
+    if "rdw_tracking.assets.daily" in sys.modules:
+        raise RuntimeError(
+            "start_history_at_demo_data: the definitions are imported already, so their "
+            "daily partitions are fixed; call it before importing rdw_tracking.definitions"
+        )
+    db = TargetDatabase()
+    with db.cursor() as cur:
+        first = cur.execute(
+            sql.SQL("SELECT min(created_at)::date FROM {}").format(db.weeks)
+        ).fetchone()[0]
+    day = (first or dt.datetime.now(dt.timezone.utc).date()).isoformat()
+    os.environ[HISTORY_START_ENV] = day
+    return day
 
 
 def _value(entry: Any) -> Any:
@@ -158,10 +185,11 @@ def tick_polling_sensor(
     from rdw_tracking.sensors import workflow_executions_sensor
 
     # Called directly, a sensor gets only the resources its context is given.
-    context = dg.build_sensor_context(
+    # Entered, so the resources it builds are released when the tick is done.
+    with dg.build_sensor_context(
         instance=instance, cursor=cursor, definitions=defs, resources=dict(defs.resources or {})
-    )
-    requests, skip, cursor = sensor_outcome(workflow_executions_sensor(context), context)
+    ) as context:
+        requests, skip, cursor = sensor_outcome(workflow_executions_sensor(context), context)
     report_tick(workflow_executions_sensor.name, requests, skip)
     return requests, cursor
 
@@ -284,6 +312,7 @@ def run_table(results: list[dg.ExecuteInProcessResult]) -> list[str]:
 
 def run(rows: int = 20_000) -> int:
     ensure_demo_data(rows, rebuild=True)
+    start_history_at_demo_data()
     instance = (
         dg.DagsterInstance.get()
         if os.environ.get("DAGSTER_HOME")

@@ -1,9 +1,14 @@
 """Every test gets its own real PostgreSQL database.
 
 The server is the embedded one (its own data folder under `.rdw/test`, started for the
-session and stopped after it) or the one in RDW_TEST_DATABASE_URL. A template database
-holding a small demo dataset is built once per session; each test's database is a
-`CREATE DATABASE ... TEMPLATE` copy of it, which takes milliseconds.
+session and stopped after it, fsync off) or the one in RDW_TEST_DATABASE_URL. A template
+database holding a small demo dataset is built once per session, and one per layout of
+report_data_weeks on first use; each test's database is a `CREATE DATABASE ... TEMPLATE`
+copy of one, which takes milliseconds. Where they were measured:
+docs/tests-and-benchmarks.md.
+
+One session per server at a time: a session that started the embedded server stops it
+when it ends, under any other session still using it.
 """
 
 from __future__ import annotations
@@ -11,8 +16,10 @@ from __future__ import annotations
 import hashlib
 import itertools
 import os
+import shutil
+import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psycopg
@@ -21,6 +28,20 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 warnings.filterwarnings("ignore", module="platformdirs")
+
+# Dagster's test instances (sqlite) and the IO manager's files live in temporary folders,
+# and sqlite syncs every commit: on a RAM disk that costs nothing (a backfill test of 400
+# days: 75 s -> 29 s, docs/tests-and-benchmarks.md). Only when TMPDIR is not set, and the
+# RAM disk has room; subprocesses (dg, the wheel's venv) inherit it.
+_RAM_DISK = Path("/dev/shm")
+if (
+    "TMPDIR" not in os.environ
+    and _RAM_DISK.is_dir()
+    and os.access(_RAM_DISK, os.W_OK)
+    and shutil.disk_usage(_RAM_DISK).free > 2**31
+):
+    os.environ["TMPDIR"] = str(_RAM_DISK)
+    tempfile.tempdir = str(_RAM_DISK)
 
 TEST_ENV = "RDW_TEST_DATABASE_URL"
 TEMPLATE_ROWS = 2_600  # 50 collections x 52 weeks
@@ -39,8 +60,17 @@ def _embedded_admin_url() -> Iterator[str]:
     from rdw_tracking import embedded
 
     started = embedded.start()
+    url = embedded.server_url("postgres")
+    # The suite's own server (.rdw/test, never the demo's): its databases are thrown away,
+    # so it skips fsync. Each test drops its database, and with fsync that DROP waits
+    # ~0.3 s for the disk (docs/tests-and-benchmarks.md). Settings that change what a
+    # test sees (synchronous_commit, WAL positions) stay as they are.
+    with psycopg.connect(url, autocommit=True) as conn:
+        if conn.execute("SHOW fsync").fetchone()[0] != "off":
+            conn.execute("ALTER SYSTEM SET fsync = off")
+            conn.execute("SELECT pg_reload_conf()")
     try:
-        yield embedded.server_url("postgres")
+        yield url
     finally:
         if started:
             embedded.stop()
@@ -87,11 +117,38 @@ def template_name(admin_url: str) -> Iterator[str]:
         drop_database(admin_url, name)
 
 
+@pytest.fixture(scope="session")
+def layout_templates(admin_url: str, template_name: str) -> Iterator[Callable[[str], str]]:
+    """template(layout) -> a template database holding the demo data with
+    report_data_weeks rebuilt in `layout` (built on first use, once per session)."""
+    from rdw_tracking.demo_layouts import relayout
+
+    made = {"ordinary": template_name}
+
+    def template(layout: str) -> str:
+        if layout not in made:
+            name = f"{template_name}_{layout}"
+            relayout(create_database(admin_url, name, template=template_name), layout)
+            made[layout] = name
+        return made[layout]
+
+    try:
+        yield template
+    finally:
+        for name in made.values():
+            if name != template_name:
+                drop_database(admin_url, name)
+
+
 @pytest.fixture
-def database_url(admin_url: str, template_name: str, monkeypatch) -> Iterator[str]:
-    """A fresh database holding the demo tables and data; RDW_DATABASE_URL points at it."""
+def database_url(admin_url: str, layout_templates, monkeypatch, request) -> Iterator[str]:
+    """A fresh database holding the demo tables and data; RDW_DATABASE_URL points at it.
+
+    In a test parametrized by `layout`, report_data_weeks is already in that layout: a
+    copy of that layout's template, rather than the relayout done again per test."""
+    layout = request.getfixturevalue("layout") if "layout" in request.fixturenames else "ordinary"
     name = f"rdw_test_{os.getpid()}_{next(_counter)}"
-    url = create_database(admin_url, name, template=template_name)
+    url = create_database(admin_url, name, template=layout_templates(layout))
     monkeypatch.setenv("RDW_DATABASE_URL", url)
     try:
         yield url
@@ -367,10 +424,8 @@ def layout(request) -> str:
 
 @pytest.fixture
 def layout_url(database_url: str, layout: str) -> str:
-    """This test's database with report_data_weeks rebuilt in `layout`, same rows."""
-    from rdw_tracking.demo_layouts import relayout
-
-    relayout(database_url, layout)
+    """This test's database with report_data_weeks rebuilt in `layout`, same rows
+    (`database_url` copied it from that layout's template)."""
     return database_url
 
 

@@ -130,3 +130,42 @@ def test_demo_fleet_walks_each_of_three_embedded_databases(tmp_path):
         "rdw_fleet_3",
     ]
     assert "://" not in (home / "fleet.yaml").read_text()
+
+
+HISTORY_OF_THE_DEMO = """
+from rdw_tracking import walkthrough
+day = walkthrough.start_history_at_demo_data()  # what `make demo` and `make ui` do
+from rdw_tracking.definitions import defs
+keys = defs.resolve_assets_def("execution_id_daily_population").partitions_def.get_partition_keys()
+print(day, keys[0], keys[-1], len(keys))
+"""
+
+
+def test_demo_history_starts_where_its_data_starts(database_url, sql_exec, monkeypatch):
+    """Issue 26.4: the daily history's partitions begin on the demo data's first day (the
+    demo's backfill covers first day to today), so the UI shows no day before it as
+    Missing. In a fresh process: the partitions are fixed when the definitions load."""
+    monkeypatch.delenv("RDW_HISTORY_START", raising=False)
+    proc = subprocess.run(
+        [sys.executable, "-c", HISTORY_OF_THE_DEMO],
+        env=dict(os.environ),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    day, first, last, count = proc.stdout.split()
+    data_first, today = sql_exec(
+        "SELECT min(created_at)::date, CURRENT_DATE FROM report_data_weeks"
+    )[0]
+    assert day == first == data_first.isoformat()
+    assert last == today.isoformat()
+    assert int(count) == (today - data_first).days + 1
+
+
+def test_demo_history_start_refuses_once_the_definitions_are_loaded(database_url):
+    from rdw_tracking import walkthrough
+    from rdw_tracking.definitions import defs  # noqa: F401  (fixes the partitions)
+
+    with pytest.raises(RuntimeError, match="imported already"):
+        walkthrough.start_history_at_demo_data()

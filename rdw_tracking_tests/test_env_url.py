@@ -25,8 +25,8 @@ rows = [
     for e in result.get_asset_materialization_events()
     if e.event_specific_data.materialization.partition is None  # not the history's days
 ]
-context = dg.build_sensor_context(definitions=defs, resources=dict(defs.resources))
-tick = walkthrough.evaluate(workflow_executions_sensor, context)
+with dg.build_sensor_context(definitions=defs, resources=dict(defs.resources)) as context:
+    tick = walkthrough.evaluate(workflow_executions_sensor, context)
 print(json.dumps({
     "env_var": isinstance(url, dg.EnvVar), "name": url.env_var_name, "success": result.success,
     "rows": rows, "skip": tick.skip_message,

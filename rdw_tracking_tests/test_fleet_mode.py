@@ -207,10 +207,10 @@ def test_every_database_is_validated_on_its_own_table(test_fleet):
 
 def tick(test_fleet: FleetUnderTest, instance, cursor: str | None):
     sensor = test_fleet.defs.resolve_sensor_def("workflow_executions_sensor")
-    context = dg.build_sensor_context(
+    with dg.build_sensor_context(
         cursor=cursor, instance=instance, resources={"executions_polling": ExecutionsPolling()}
-    )
-    return evaluate(sensor, context)
+    ) as context:
+        return evaluate(sensor, context)
 
 
 def requested(requests) -> dict[str, list[str]]:

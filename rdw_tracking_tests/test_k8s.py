@@ -81,11 +81,37 @@ def test_instance_builds_with_the_k8s_run_launcher(dagster_home, tmp_path, monke
         assert launcher.dagster_home == dockerfile_env()["DAGSTER_HOME"]
         assert launcher.env_secrets == ["rdw-tracking-env"]
         assert launcher.fail_pod_on_run_failure is True
-        # The run queue keeps one write job at a time, as the package's instance does.
+        # The run queue keeps one write job at a time per database, as the package's
+        # instance does, and two reads at a time per fleet database.
         limits = instance.get_concurrency_config().run_queue_config.tag_concurrency_limits
-        assert {"key": "rdw/db-writes", "limit": 1} in limits
+        per_value = {"applyLimitPerUniqueValue": True}
+        assert {"key": "rdw/db-writes", "value": per_value, "limit": 1} in limits
+        assert {"key": "rdw/reads", "value": per_value, "limit": 2} in limits
         assert instance.run_monitoring_enabled
         assert instance.get_runs() == []  # its storage answers
+
+
+def shipped_dagster_yamls() -> list[Path]:
+    """Every dagster.yaml in the repository (the top-level one is the package's)."""
+    return sorted(
+        {
+            REPO / "dagster.yaml",
+            *(REPO / "rdw_tracking").rglob("dagster.yaml"),
+            *(REPO / "deploy").rglob("dagster.yaml"),
+        }
+    )
+
+
+@pytest.mark.parametrize("path", shipped_dagster_yamls(), ids=lambda p: str(p.relative_to(REPO)))
+def test_every_dagster_yaml_has_the_tested_run_queue_and_pools(path, dagster_home):
+    """Issue 26.6: the run queue (`concurrency.runs`: tag limits, max concurrent runs) and
+    the pools (`concurrency.pools`) of each shipped dagster.yaml are those of the instance
+    the suite runs its CLI and fleet tests under (conftest's `dagster_home`)."""
+    tested = yaml.safe_load((Path(dagster_home["DAGSTER_HOME"]) / "dagster.yaml").read_text())
+    shipped = yaml.safe_load(path.read_text())
+    assert shipped["concurrency"] == tested["concurrency"]
+    # no second place that sets the run queue
+    assert "run_coordinator" not in shipped and "run_coordinator" not in tested
 
 
 def test_executor_config_passes_the_k8s_job_executors_schema():

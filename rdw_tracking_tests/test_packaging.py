@@ -82,10 +82,12 @@ def test_missing_url_without_the_extra_fails_a_materialization(without_embedded_
 
 
 def test_missing_url_without_the_extra_fails_a_sensor_tick(without_embedded_extra):
-    context = dg.build_sensor_context(
-        resources={"target_db": TargetDatabase(), "executions_polling": ExecutionsPolling()}
-    )
-    with pytest.raises(dg.DagsterResourceFunctionError) as err:
+    with (
+        dg.build_sensor_context(
+            resources={"target_db": TargetDatabase(), "executions_polling": ExecutionsPolling()}
+        ) as context,
+        pytest.raises(dg.DagsterResourceFunctionError) as err,
+    ):
         workflow_executions_sensor(context)
     assert MISSING_URL in str(err.value.__cause__)
     assert not (without_embedded_extra / "pgdata").exists()

@@ -113,16 +113,15 @@ def test_both_sensors_under_a_select_only_role(database_url, select_only_url, ru
     reader = TargetDatabase(url=select_only_url)
     # workflow_executions_sensor polls with SELECT alone.
     resources = {"target_db": reader, "executions_polling": ExecutionsPolling()}
-    first = evaluate(workflow_executions_sensor, dg.build_sensor_context(resources=resources))
+    with dg.build_sensor_context(resources=resources) as context:
+        first = evaluate(workflow_executions_sensor, context)
     assert not first.run_requests and first.cursor
     sql_exec(
         "INSERT INTO workflow_executions (status, completed_at) VALUES ('completed', now())",
         url=database_url,
     )
-    second = evaluate(
-        workflow_executions_sensor,
-        dg.build_sensor_context(cursor=first.cursor, resources=resources),
-    )
+    with dg.build_sensor_context(cursor=first.cursor, resources=resources) as context:
+        second = evaluate(workflow_executions_sensor, context)
     assert len(second.run_requests) == 1
     # collection_run_sensor reads only Dagster's runs; the validation it requests then
     # runs as the reader. (The collection itself writes, so it runs as the owner.)

@@ -165,11 +165,13 @@ def test_malformed_url_leaks_no_part_of_the_password(
             attempt()
         texts[label] = f"{err.value}\n{err.value!r}"
         assert "unencoded" in str(err.value)
-    context = dg.build_sensor_context(
-        cursor=ExecutionsCursor(dt.datetime(2020, 1, 1, tzinfo=dt.timezone.utc)).to_json(),
-        resources={"target_db": TargetDatabase(), "executions_polling": ExecutionsPolling()},
-    )
-    with pytest.raises(Exception) as err:
+    with (
+        dg.build_sensor_context(
+            cursor=ExecutionsCursor(dt.datetime(2020, 1, 1, tzinfo=dt.timezone.utc)).to_json(),
+            resources={"target_db": TargetDatabase(), "executions_polling": ExecutionsPolling()},
+        ) as context,
+        pytest.raises(Exception) as err,
+    ):
         evaluate(workflow_executions_sensor, context)
     texts["sensor tick"] = f"{err.value}\n{err.value!r}"
     with dg.instance_for_test(temp_dir=str(tmp_path)) as instance:

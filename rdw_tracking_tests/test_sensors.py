@@ -90,18 +90,17 @@ def test_run_status_sensor_function_ignores_other_jobs(database_url, run_job):
 
 def tick(cursor, url, lookback_minutes=10, max_per_tick=1000):
     """One evaluation; returns the SensorExecutionData (cursor: the one to keep)."""
-    context = dg.build_sensor_context(
-        cursor=cursor,
-        resources={
-            "target_db": TargetDatabase(url=url),
-            "executions_polling": ExecutionsPolling(
-                lookback_minutes=lookback_minutes, max_per_tick=max_per_tick
-            ),
-        },
-    )
-    data = evaluate(workflow_executions_sensor, context)
-    if data.cursor is None:
-        data = data._replace(cursor=context.cursor)
+    resources = {
+        "target_db": TargetDatabase(url=url),
+        "executions_polling": ExecutionsPolling(
+            lookback_minutes=lookback_minutes, max_per_tick=max_per_tick
+        ),
+    }
+    # entered, so its resources (and their ephemeral instance) are released here
+    with dg.build_sensor_context(cursor=cursor, resources=resources) as context:
+        data = evaluate(workflow_executions_sensor, context)
+        if data.cursor is None:
+            data = data._replace(cursor=context.cursor)
     return data
 
 
@@ -200,16 +199,16 @@ def test_database_outage_fails_the_tick_and_keeps_the_cursor(database_url, sql_e
     cursor = tick(None, database_url).cursor
     ids = complete(sql_exec, 2)
     for _ in range(2):  # every tick during the outage fails the same quick way
-        context = dg.build_sensor_context(
-            cursor=cursor,
-            resources={
-                "target_db": TargetDatabase(url=UNREACHABLE),
-                "executions_polling": ExecutionsPolling(),
-            },
-        )
-        with pytest.raises(TargetDatabaseError, match="cannot connect to PostgreSQL at .*nowhere"):
-            evaluate(workflow_executions_sensor, context)
-        assert context.cursor == cursor
+        resources = {
+            "target_db": TargetDatabase(url=UNREACHABLE),
+            "executions_polling": ExecutionsPolling(),
+        }
+        with dg.build_sensor_context(cursor=cursor, resources=resources) as context:
+            with pytest.raises(
+                TargetDatabaseError, match="cannot connect to PostgreSQL at .*nowhere"
+            ):
+                evaluate(workflow_executions_sensor, context)
+            assert context.cursor == cursor
     # back up: nothing was lost
     data = tick(cursor, database_url)
     assert data.run_requests[0].tags["rdw/new_executions"] == "2"
@@ -238,6 +237,39 @@ def test_tick_says_whether_the_completed_at_index_exists(database_url, sql_exec,
     present = tick(cursor, database_url)
     assert present.run_requests[0].tags["rdw/completed_at_index"] == "present"
     assert f"completed_at index: {INDEX_NAME}" in tick(present.cursor, database_url).skip_message
+
+
+def test_missing_index_is_a_warning_once_then_in_each_ticks_status(database_url, sql_exec, capsys):
+    """Issue 26.4: not a WARNING every 30 s; logged again when the index goes and comes back.
+    (The sensor's log is Dagster's console logger, on stderr.)"""
+
+    def warnings_of(cursor):
+        capsys.readouterr()
+        data = tick(cursor, database_url)
+        return data, capsys.readouterr().err.count("WARNING - no index on")
+
+    first, warned = warnings_of(None)
+    assert warned == 1
+    cursor = first.cursor
+    for _ in range(2):
+        data, warned = warnings_of(cursor)
+        assert warned == 0
+        assert "no index on public.workflow_executions(completed_at)" in data.skip_message
+        cursor = data.cursor
+    complete(sql_exec, 1)
+    data, warned = warnings_of(cursor)
+    assert warned == 0 and data.run_requests[0].tags["rdw/completed_at_index"] == "missing"
+    cursor = data.cursor
+    # the index built, then dropped again: a new cause, one new warning
+    sql_exec(f"CREATE INDEX {INDEX_NAME} ON workflow_executions (completed_at)")
+    data, warned = warnings_of(cursor)
+    assert warned == 0 and "completed_at index" in data.skip_message
+    cursor = data.cursor
+    sql_exec(f"DROP INDEX {INDEX_NAME}")
+    data, warned = warnings_of(cursor)
+    assert warned == 1
+    data, warned = warnings_of(data.cursor)
+    assert warned == 0
 
 
 def test_cursor_forgets_ids_behind_the_lookback_window():
@@ -297,13 +329,13 @@ def test_a_cursor_it_did_not_write_fails_the_tick_with_the_way_out(database_url)
 def test_a_locked_table_fails_the_tick_quickly_by_name(database_url):
     cursor = tick(None, database_url).cursor
     db = TargetDatabase(url=database_url, lock_timeout_ms=300)
-    context = dg.build_sensor_context(
-        cursor=cursor, resources={"target_db": db, "executions_polling": ExecutionsPolling()}
-    )
-    with psycopg.connect(database_url) as locker:
-        locker.execute("LOCK TABLE workflow_executions IN ACCESS EXCLUSIVE MODE")
-        with pytest.raises(
-            TargetDatabaseError, match=r"could not read public\.workflow_executions.*lock timeout"
-        ):
-            evaluate(workflow_executions_sensor, context)
-    assert context.cursor == cursor
+    resources = {"target_db": db, "executions_polling": ExecutionsPolling()}
+    with dg.build_sensor_context(cursor=cursor, resources=resources) as context:
+        with psycopg.connect(database_url) as locker:
+            locker.execute("LOCK TABLE workflow_executions IN ACCESS EXCLUSIVE MODE")
+            with pytest.raises(
+                TargetDatabaseError,
+                match=r"could not read public\.workflow_executions.*lock timeout",
+            ):
+                evaluate(workflow_executions_sensor, context)
+        assert context.cursor == cursor

@@ -1,7 +1,9 @@
 """End to end through the UI's own API: `dg dev` against the test database.
 
-Starts `dg dev` (webserver, daemon, code server) on a free port with Dagster's
-storage in a fresh PostgreSQL database, asks its GraphQL API for the contract's names,
+Starts `dg dev` (webserver, daemon, code server) from the repository root as a clone
+runs it: the top-level `workspace.yaml`, and no DAGSTER_HOME, so Dagster's temporary
+instance reads the top-level `dagster.yaml`, with its storage (RDW_DAGSTER_STORAGE_URL)
+in a fresh PostgreSQL database. It asks its GraphQL API for the contract's names,
 launches `post_collection_validation` with Dagster's `DagsterGraphQLClient`, and sees it
 succeed with its checks evaluated and its run and events stored in PostgreSQL.
 """
@@ -9,19 +11,21 @@ succeed with its checks evaluated and its run and events stored in PostgreSQL.
 import os
 import shutil
 import time
+from pathlib import Path
 
 import psycopg
 import pytest
 from dagster import DagsterRunStatus
 from dagster_graphql import DagsterGraphQLClient
 
-from rdw_tracking import deploy, devserver
+from rdw_tracking import devserver
 from rdw_tracking.devserver import free_port, graphql, sqlalchemy_url
 
 from .conftest import create_database, drop_database
 
 LOCATION = "rdw_tracking"
 STARTUP_TIMEOUT = 150
+ROOT = Path(__file__).resolve().parents[1]
 
 CONTRACT_ASSETS = {
     "report_data_weeks",
@@ -81,21 +85,20 @@ query Run($runId: ID!) {
 
 @pytest.fixture
 def dagster_dev(tmp_path, admin_url, database_url):
-    """A running `dg dev`; yields (port, storage libpq URL). Stopped by its pid."""
+    """A running `dg dev` from the repository root, on its top-level workspace.yaml and
+    dagster.yaml; yields (port, storage libpq URL). Stopped by its pid."""
     storage_name = f"rdw_test_dagster_{os.getpid()}"
     storage = create_database(admin_url, storage_name)
-    home = tmp_path / "dagster_home"
-    home.mkdir()
-    shutil.copyfile(deploy.DAGSTER_YAML, home / "dagster.yaml")
     port = free_port()
     env = {
-        **os.environ,
-        "DAGSTER_HOME": str(home),
+        **{k: v for k, v in os.environ.items() if k != "DAGSTER_HOME"},
         "RDW_DAGSTER_STORAGE_URL": sqlalchemy_url(storage),
         "RDW_DATABASE_URL": database_url,
     }
     log = (tmp_path / "dagster_dev.log").open("w")
-    proc = devserver.start(deploy.WORKSPACE_YAML, port, env=env, log=log)
+    # Dagster's temporary instance folders, made in the root; a stopped group leaves them.
+    before = set(ROOT.glob(".tmp_dagster_home_*"))
+    proc = devserver.start(Path("workspace.yaml"), port, env=env, log=log, cwd=ROOT)
     try:
         # ~20 s on an idle 2-core machine; far more when other suites share its cores
         try:
@@ -106,6 +109,8 @@ def dagster_dev(tmp_path, admin_url, database_url):
     finally:
         devserver.stop(proc, timeout_s=15)
         log.close()
+        for folder in set(ROOT.glob(".tmp_dagster_home_*")) - before:
+            shutil.rmtree(folder, ignore_errors=True)
         drop_database(admin_url, storage_name)
 
 

@@ -477,6 +477,11 @@ def execution_id_population(
     `execution_id_daily_population`. The checks judge this same snapshot: the recent rate
     against a threshold, orphaned execution_ids, a day-over-trailing-days drop, and each
     validated execution's own rows. See docs/population-and-checks.md.
+
+    Its value, the recent window's days as a pandas DataFrame (the `daily` table), is
+    stored for notebooks only: `defs.load_asset_value("execution_id_population")` with the
+    runs' DAGSTER_HOME (docs/population-and-checks.md). The whole history by day is
+    `execution_id_daily_population`.
     """
     started_at = config.started_at()
     ids = verdict.requested(context, config.execution_ids)
