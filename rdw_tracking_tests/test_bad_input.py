@@ -265,6 +265,9 @@ POPULATION = [
     ({"execution_ids": "6f1c2a9e-0000-0000-0000-000000000000"}, "execution_ids"),
     ({"refresh_days": -1}, "refresh_days"),
     ({"refresh_days": 400}, "refresh_days"),
+    ({"count_budget_hours": -1}, "count_budget_hours"),
+    ({"count_budget_hours": 10_000}, "count_budget_hours"),
+    ({"count_budget_hours": "a day"}, "count_budget_hours"),
 ]
 CASES += [op_config(VERIFY, "launch", (f,), **c) for c, f in POPULATION]
 # The same Config class behind another job's launch mapping: a few suffice.
@@ -277,6 +280,7 @@ CASES += [
         (12, "trend_margin_pct"),
         (14, "execution_ids"),
         (16, "refresh_days"),
+        (18, "count_budget_hours"),
     )
 ]
 CASES += [

@@ -139,10 +139,25 @@ def bring_up_to_date(
     key = tally_key(db, cur)
     previous = load(instance, key)
     executions = db.executions if with_executions else None
-    tables = Tables(db.weeks, executions, layout, created_at_indexed=True)
-    tally = update(cur, tables, previous, budget)
-    save(instance, key, tally)
-    return Current(tally, previous, layout)
+    for _ in range(TREE_ATTEMPTS):
+        tally = update(
+            cur, Tables(db.weeks, executions, layout, created_at_indexed=True), previous, budget
+        )
+        # ATTACH PARTITION (or INHERIT) does not wait for the run's ACCESS SHARE lock: a
+        # count made while the tree changed is made again on the tree as it is now.
+        now = weeks_layout(cur, db)
+        if [m.oid for m in now.leaves] == [m.oid for m in layout.leaves]:
+            save(instance, key, tally)
+            return Current(tally, previous, layout)
+        layout, budget = now, None
+    raise refuse(
+        f"the partitions or child tables of {db.qualified(db.weeks_table)} changed during "
+        f"each of {TREE_ATTEMPTS} counts; run the validation again once partition "
+        "maintenance is done"
+    )
+
+
+TREE_ATTEMPTS = 3
 
 
 def index_note(db: TargetDatabase, unindexed: list[str]) -> str:
