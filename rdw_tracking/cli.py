@@ -109,6 +109,8 @@ DEMO_URL_ENV = "RDW_DEMO_DATABASE_URL"
 # Variables that point the project at a real deployment: the demo and the UI never use them.
 MAX_FLEET = 20  # demo databases on one embedded server
 _DEPLOYMENT_ENV = (URL_ENV, "RDW_FLEET_FILE", "DAGSTER_HOME", "RDW_DAGSTER_STORAGE_URL")
+# Production services the demo's alerts and steps would reach: cleared, never replaced.
+_SERVICE_ENV = ("RDW_ALERT_WEBHOOK_URL", "RDW_EXECUTOR", "RDW_CELERY_BROKER", "RDW_CELERY_QUEUE")
 
 
 def demo_database_url() -> str:
@@ -126,10 +128,16 @@ def use_embedded_environment() -> bool:
     `RDW_DATABASE_URL`, `RDW_FLEET_FILE`, `DAGSTER_HOME` and `RDW_DAGSTER_STORAGE_URL`
     exported in the shell are overridden, not respected: the demo rebuilds its tables
     and the UI's daemon ticks sensors, neither of which may reach a real deployment.
+    `RDW_ALERT_WEBHOOK_URL`, `RDW_EXECUTOR`, `RDW_CELERY_BROKER` and `RDW_CELERY_QUEUE`
+    are cleared: the demo's failures are posted nowhere and its steps run in process.
     """
     started = embedded.start()
     demo_url = demo_database_url()
-    ignored = [name for name in _DEPLOYMENT_ENV if os.environ.get(name) and name != "DAGSTER_HOME"]
+    ignored = [
+        name
+        for name in (*_DEPLOYMENT_ENV, *_SERVICE_ENV)
+        if os.environ.get(name) and name != "DAGSTER_HOME"
+    ]
     if URL_ENV in ignored and os.environ[URL_ENV] == demo_url:
         ignored.remove(URL_ENV)
     if ignored:
@@ -138,7 +146,8 @@ def use_embedded_environment() -> bool:
             f"{'$' + DEMO_URL_ENV if os.environ.get(DEMO_URL_ENV) else 'the embedded server'}",
             file=sys.stderr,
         )
-    os.environ.pop("RDW_FLEET_FILE", None)
+    for name in ("RDW_FLEET_FILE", *_SERVICE_ENV):
+        os.environ.pop(name, None)
     os.environ[URL_ENV] = demo_url
     os.environ["DAGSTER_HOME"] = str(dagster_home())
     os.environ["RDW_DAGSTER_STORAGE_URL"] = embedded.dagster_storage_url()
