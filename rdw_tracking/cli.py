@@ -257,6 +257,30 @@ def cmd_celery_yaml(args: argparse.Namespace, signals: StopSignals) -> int:
     return 0
 
 
+def cmd_celery_worker(args: argparse.Namespace, signals: StopSignals) -> int:
+    """Becomes a celery worker for the executor that RDW_EXECUTOR=celery gives the jobs
+    (exec: this process's pid is the worker's, so stopping that pid stops it). Its
+    settings come from RDW_CELERY_BROKER and RDW_CELERY_QUEUE, in memory: no file on
+    disk holds the broker's password."""
+    from rdw_tracking import engine
+
+    try:
+        engine.worker_config()
+        command = engine.worker_exec(
+            args.queue or engine.worker_config()["config_source"]["task_default_queue"],
+            args.name,
+            args.loglevel,
+            args.celery_args,
+        )
+    except engine.EngineConfigError as err:
+        print(f"rdw-tracking celery-worker: {err}", file=sys.stderr)
+        return 2
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(command[0], command)
+    return 0  # not reached
+
+
 def command_line() -> argparse.ArgumentParser:
     """The `rdw-tracking` command line: one sub-command per thing it runs."""
     command = argparse.ArgumentParser(prog="rdw-tracking", description=__doc__)
@@ -299,6 +323,19 @@ def command_line() -> argparse.ArgumentParser:
         help="print the -y file of `dagster-celery worker start` (RDW_CELERY_BROKER, RDW_CELERY_QUEUE)",
     )
     celery.set_defaults(func=cmd_celery_yaml)
+
+    worker = sub.add_parser(
+        "celery-worker",
+        help=(
+            "become a celery worker for RDW_EXECUTOR=celery (RDW_CELERY_BROKER, "
+            "RDW_CELERY_QUEUE; this pid is the worker's)"
+        ),
+    )
+    worker.add_argument("-q", "--queue", default=None, help="default: RDW_CELERY_QUEUE")
+    worker.add_argument("-n", "--name", required=True, help="the worker's name (NAME@host)")
+    worker.add_argument("-l", "--loglevel", default="INFO")
+    worker.add_argument("celery_args", nargs="*", help="after --: options for celery worker")
+    worker.set_defaults(func=cmd_celery_worker)
     return command
 
 

@@ -115,15 +115,29 @@ def worker_config(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
     }
 
 
-def worker_command(config: str, queue: str, name: str) -> list[str]:
-    """`dagster-celery worker start` as this Python runs it: one worker `name` on
-    `queue`, reading the `-y` file `config`, one step at a time."""
+def worker_command(queue: str, name: str) -> list[str]:
+    """`rdw-tracking celery-worker` as this Python runs it: one worker `name` on `queue`,
+    one step at a time. Its pid is the celery worker itself (the command execs it), so
+    stopping that pid stops the worker; its settings come from the environment, as the
+    executor's do, and no file holds the broker's password."""
     return [
-        sys.executable, "-m", "dagster_celery.cli", "worker", "start",
-        "-A", "dagster_celery.app", "-y", config, "-q", queue, "-n", name,
+        sys.executable, "-m", "rdw_tracking.cli", "celery-worker", "-q", queue, "-n", name,
         "-l", "WARNING",
         # Celery's own options: one step per worker, no chatter between workers.
         "--", "--concurrency=1", "--without-gossip", "--without-mingle",
+    ]  # fmt: skip
+
+
+def worker_exec(queue: str, name: str, loglevel: str, extra: list[str]) -> list[str]:
+    """The `celery worker` command line that `rdw-tracking celery-worker` becomes."""
+    if not _QUEUE_NAME.fullmatch(queue):
+        raise EngineConfigError(
+            "the worker's queue must be a name of letters, digits, '_', '.' or '-'; fix -q"
+        )
+    return [
+        sys.executable, "-m", "celery", "-A", "rdw_tracking.celery_app", "worker",
+        "--prefetch-multiplier=1", "--loglevel", loglevel, "-Q", queue, "-n", f"{name}@%h",
+        *extra,
     ]  # fmt: skip
 
 

@@ -106,7 +106,7 @@ class Workers:
         for name in names:
             log = open(self.setup["logs"] / f"worker_{name}.log", "wb")
             self.procs[name] = subprocess.Popen(
-                engine.worker_command(str(self.setup["config"]), self.setup["queue"], name),
+                engine.worker_command(self.setup["queue"], name),
                 env=self.setup["env"],
                 cwd=REPO,
                 stdout=log,
@@ -330,3 +330,47 @@ def test_a_worker_killed_mid_step_has_the_step_run_by_the_other(workers):
     assert len(starts_of_a) == 2 and starts_of_a[1] == pids["probe_a"] != starts_of_a[0]
     assert set(pids) == {"probe_a", "probe_b", "probe_c", "probe_d"}
     assert elapsed < 60
+
+
+# -- issue 28: a worker an operator can stop, and no broker password left on disk ---------
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def test_killing_the_workers_pid_stops_the_worker(workers):
+    """SIGKILL to the one pid a process manager records (not its group): the worker stops
+    answering pings, and nothing it started is left running to take steps."""
+    workers.start("rdw_stop_a")
+    proc = workers.procs["rdw_stop_a"]
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=10)
+    deadline = time.monotonic() + 15
+    while group_alive(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not group_alive(proc.pid), "a process of the killed worker is still running"
+    answered = {n for reply in _app().control.ping(timeout=2.0) for n in reply}
+    assert workers.node["rdw_stop_a"] not in answered
+
+
+def test_no_file_holds_the_broker_password(celery_setup, monkeypatch):
+    """The worker reads RDW_CELERY_BROKER from its environment: nothing under
+    DAGSTER_HOME, nor its log, holds the broker URL or its password."""
+    broker = "pyamqp://guest:guest@127.0.0.1:5672//"
+    celery_setup["env"][engine.BROKER_ENV] = broker
+    monkeypatch.setenv(engine.BROKER_ENV, broker)
+    started = Workers(celery_setup)
+    try:
+        started.start("rdw_private_a")
+        home = Path(os.environ["DAGSTER_HOME"])
+        assert not (home / "dagster_celery").exists()
+        for path in [*home.rglob("*"), celery_setup["logs"] / "worker_rdw_private_a.log"]:
+            if path.is_file():
+                assert b"guest:guest" not in path.read_bytes(), path
+    finally:
+        started.stop_all()
