@@ -374,3 +374,34 @@ def test_no_file_holds_the_broker_password(celery_setup, monkeypatch):
                 assert b"guest:guest" not in path.read_bytes(), path
     finally:
         started.stop_all()
+
+
+def run_text(instance: dg.DagsterInstance, run_id: str) -> str:
+    """Every event message of a run, with each error's message and causes."""
+    parts = []
+    for record in instance.all_logs(run_id):
+        parts.append(record.message or "")
+        event = record.dagster_event
+        data = getattr(event, "event_specific_data", None) if event else None
+        error = getattr(data, "error", None)
+        while error is not None:
+            parts.append(error.message)
+            error = error.cause
+    return "\n".join(parts)
+
+
+def test_a_run_with_no_worker_fails_naming_queue_and_broker(celery_setup, monkeypatch):
+    """No worker consumes the queue (all stopped, or all on another broker): the run
+    fails after RDW_CELERY_WORKER_WAIT_S, naming the queue and the broker's host, never
+    its password, rather than staying STARTED for ever."""
+    monkeypatch.setenv(engine.WORKER_WAIT_ENV, "4")
+    started = time.monotonic()
+    with dg.DagsterInstance.get() as instance:
+        result = execute(instance, run_config())
+        took = time.monotonic() - started
+        assert not result.success
+        assert instance.get_run_by_id(result.run_id).status == dg.DagsterRunStatus.FAILURE
+        text = run_text(instance, result.run_id)
+    assert took < 40, took
+    assert f"no celery worker consumed queue '{QUEUE}' on broker 127.0.0.1:5672 for 4 s" in text
+    assert "guest:guest" not in text
