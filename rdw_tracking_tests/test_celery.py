@@ -405,3 +405,28 @@ def test_a_run_with_no_worker_fails_naming_queue_and_broker(celery_setup, monkey
     assert took < 40, took
     assert f"no celery worker consumed queue '{QUEUE}' on broker 127.0.0.1:5672 for 4 s" in text
     assert "guest:guest" not in text
+
+
+def test_steps_of_a_run_that_is_over_never_run_when_workers_come_back(
+    celery_setup, workers, monkeypatch
+):
+    """Steps queued while no worker was up: the run ends (here for want of a worker; a
+    cancel is the same), the revoke broadcast reaches nobody, then a worker comes back
+    and takes the queued tasks: it runs none of them, and says so in the run's events."""
+    monkeypatch.setenv(engine.WORKER_WAIT_ENV, "4")
+    with dg.DagsterInstance.get() as instance:
+        result = execute(instance, run_config())
+        assert instance.get_run_by_id(result.run_id).status == dg.DagsterRunStatus.FAILURE
+        workers.start("rdw_late_a")
+        deadline = time.monotonic() + 60
+        skipped = []
+        while len(skipped) < 3 and time.monotonic() < deadline:
+            time.sleep(0.5)
+            skipped = [
+                e.step_key or e.message
+                for e in events_of(instance, result.run_id, dg.DagsterEventType.ENGINE_EVENT)
+                if "did not run step(s)" in (e.message or "")
+            ]
+        starts = events_of(instance, result.run_id, dg.DagsterEventType.STEP_START)
+    assert len(skipped) == 3, skipped
+    assert starts == []
