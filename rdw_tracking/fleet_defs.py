@@ -4,9 +4,9 @@ With a fleet file (`RDW_FLEET_FILE`), the database-level assets are partitioned 
 databases' names, the daily history by database x day, and each run's `target_db` is
 the fleet entry of the run's partition: the partition is the only source of a run's
 database, and a run whose `rdw/database`, `rdw/reads` or `rdw/db-writes` tag names
-another (tags are editable at launch) is refused before it touches anything. Sensors watch every database with
-a cursor each; an unreachable database is reported and skipped, never holding the
-others back. Write jobs carry `rdw/db-writes=<database>`, read jobs
+another (tags are editable at launch) is refused before it touches anything. Sensors
+watch every database with a cursor each; an unreachable database is reported and
+skipped, never holding the others back. Write jobs carry `rdw/db-writes=<database>`, read jobs
 `rdw/reads=<database>`: the run queue (dagster.yaml) limits each per value, so two
 databases' index builds run at once and two on one database never (the advisory lock,
 as before, also holds across deployments).
