@@ -16,7 +16,7 @@ LAYERS = (
     ("resources",),  # TargetDatabase: connections, timeouts, identifiers
     ("writes",),  # the write lock every write job holds
     # Engines: plain functions over a TargetDatabase.
-    ("contract", "tally", "population", "alerts", "rollback", "indexes", "foreign_key"),
+    ("premises", "contract", "tally", "population", "alerts", "rollback", "indexes", "foreign_key"),
     ("assets", "collection"),  # Dagster assets, checks and the collection op
     ("jobs",),
     ("sensors", "schedules"),

@@ -135,7 +135,7 @@ def _long_range(
     from rdw_tracking.assets.tallying import weeks_layout
 
     tables = Tables(db.weeks, db.executions if with_executions else None, weeks_layout(cur, db))
-    counted, _ = count_all(cur, tables)
+    counted = count_all(cur, tables)
     days = (last - first).days + 1
     return {
         first + dt.timedelta(days=k): counted.get(first + dt.timedelta(days=k), DayTally(0, 0))
@@ -240,7 +240,8 @@ def execution_id_daily_population(
     from rdw_tracking.assets import tallying
 
     with target_db.cursor() as cur:
-        layout, note = tallying.begin(cur, target_db)
+        opened = tallying.begin(cur, target_db)
+        layout, note = opened.layout, opened.note
         if note:
             context.log.warning(note)
             days = count_days(cur, target_db, first, last)

@@ -7,6 +7,7 @@ into metadata, and publishes the days it recounted to the daily history.
 """
 
 import datetime as dt
+import os
 
 import dagster as dg
 import pandas as pd
@@ -43,6 +44,22 @@ RATE_CHECK = "execution_id_recent_population_rate"
 ORPHAN_CHECK = "execution_ids_exist"
 TREND_CHECK = "execution_id_population_trend"
 DAILY_COLUMNS = ["creation_date", "total_records", "with_execution_id", "population_rate"]
+BUDGET_ENV = "RDW_COUNT_BUDGET_HOURS"
+
+
+def default_budget_hours() -> float:
+    """env RDW_COUNT_BUDGET_HOURS, else 0: every run counts every day."""
+    value = os.environ.get(BUDGET_ENV, "").strip() or "0"
+    try:
+        hours = float(value)
+    except ValueError:
+        hours = -1.0
+    if not 0 <= hours <= 24 * 31:
+        raise ValueError(
+            f"{BUDGET_ENV}={value!r} is not a number of hours between 0 and 744; unset it "
+            "(every run counts every day) or set the budget, e.g. 24"
+        )
+    return hours
 
 
 def parse_timestamp(value: str) -> dt.datetime:
@@ -97,6 +114,25 @@ class PopulationConfig(dg.Config):
             "re-materializes, besides the days it recounted (the daily schedule uses 3)."
         ),
     )
+
+    count_budget_hours: float = Field(
+        default=default_budget_hours(),
+        description=(
+            "0 (default): every run counts every day, so every figure is the table's in "
+            "the run's snapshot. Above 0 (opt-in): days before the recent window may be "
+            "taken from an earlier count at most this many hours old, while the server's "
+            "counters show no change and every premise they rest on holds; metadata "
+            "day_sources says which days come from which count. Orphans are always "
+            "counted. Default from env RDW_COUNT_BUDGET_HOURS."
+        ),
+    )
+
+    @field_validator("count_budget_hours")
+    @classmethod
+    def _budget(cls, value: float, info) -> float:
+        if not 0 <= value <= 24 * 31:
+            raise refuse(f"{info.field_name} must be between 0 and 744 hours, got {value}")
+        return value
 
     @field_validator("execution_ids")
     @classmethod
@@ -360,7 +396,9 @@ def orphan_check(orphans: Orphans | None, db: TargetDatabase) -> dg.AssetCheckRe
         {"id": "uuid", "execution_id": "uuid"},
         ({"id": row.id, "execution_id": row.execution_id} for row in orphans.sample),
     )
-    if orphans.count:
+    if orphans.proof:
+        description = f"no {weeks} can be orphaned: {orphans.proof}"
+    elif orphans.count:
         description = (
             f"{orphans.count} rows of {weeks} ({orphans.recent_count} created since "
             f"yesterday) point at no {executions} row; see orphan_sample, and fix or clear "
@@ -378,6 +416,7 @@ def orphan_check(orphans: Orphans | None, db: TargetDatabase) -> dg.AssetCheckRe
             "recent_orphan_count": orphans.recent_count,
             "orphan_sample": sample,
             "workflow_executions_exists": True,
+            "orphans_proven_by": orphans.proof or "counted: an anti-join over every row",
         },
     )
 
@@ -442,10 +481,16 @@ def execution_id_population(
     ids = verdict.requested(context, config.execution_ids)
     with target_db.cursor() as cur:
         # One connection and one snapshot for everything this run reads.
-        layout, note = tallying.begin(cur, target_db)
+        opened = tallying.begin(cur, target_db, config.count_budget_hours)
+        note = opened.note
         judged = verdict.judge(cur, target_db, ids)
         if not note:
-            current = tallying.bring_up_to_date(cur, target_db, context.instance, layout)
+            budget = tallying.budget(
+                cur, config.count_budget_hours, opened.hints, config.window_days
+            )
+            current = tallying.bring_up_to_date(
+                cur, target_db, context.instance, opened.layout, budget
+            )
             snapshot = snapshot_from_tally(
                 cur, target_db, current.tally, config.window_days, started_at
             )
@@ -506,7 +551,26 @@ def tally_metadata(tally: Tally) -> dict:
         "counted": "whole table" if tally.full else f"days since {tally.recounted_from}",
         "count_reason": tally.reason,
         "full_count": tally.full,
+        "day_sources": sources_table(tally),
     }
+
+
+def sources_table(tally: Tally) -> dg.TableMetadataValue:
+    """Which days come from which count, and when that count was taken."""
+    return metadata_table(
+        {"counted_at": "string", "first_day": "date", "last_day": "date", "days": "int"},
+        (
+            {
+                "counted_at": f"{s.counted_at:%Y-%m-%d %H:%M:%S} UTC"
+                + (" (this run)" if s.counted_at == tally.taken_at else ""),
+                "first_day": None if s.first is None else s.first.isoformat(),
+                "last_day": None if s.last is None else s.last.isoformat(),
+                "days": s.days,
+            }
+            for s in tally.sources()
+        ),
+        descriptions={"counted_at": "when the rows of these days were counted"},
+    )
 
 
 def changed_days(

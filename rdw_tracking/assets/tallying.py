@@ -14,8 +14,9 @@ import psycopg
 from rdw_tracking import catalog
 from rdw_tracking.errors import refuse
 from rdw_tracking.layout import Layout, table_layout
+from rdw_tracking.premises import Hints, read_hints
 from rdw_tracking.resources import TargetDatabase, server_of
-from rdw_tracking.tally import Tables, Tally, update
+from rdw_tracking.tally import Budget, Tables, Tally, update
 
 CREATED_AT_INDEX = "idx_report_data_weeks_created_at"
 KEY_PREFIX = "rdw_tracking/tally/"
@@ -68,21 +69,47 @@ def unindexed_leaves(cur: psycopg.Cursor, layout: Layout) -> list[str]:
 SNAPSHOT = "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY"
 
 
-def begin(cur: psycopg.Cursor, db: TargetDatabase) -> tuple[Layout, str]:
-    """Open a validation's snapshot on `cur`, refuse a missing weeks table, and return
-    its layout and what a missing created_at index costs ('' when none is missing)."""
+@dataclass(frozen=True)
+class Opened:
+    """A validation's snapshot, opened: the table's layout, what a missing created_at
+    index costs ('' when none is missing), and the counters read just before it."""
+
+    layout: Layout
+    note: str
+    hints: Hints | None  # None: no budget, the counters are not read
+
+
+def begin(cur: psycopg.Cursor, db: TargetDatabase, budget_hours: float = 0.0) -> Opened:
+    """Open a validation's snapshot on `cur` and refuse a missing weeks table. Under a
+    budget the counters are read first, in a transaction of their own: counters read
+    after the snapshot could count a change the snapshot does not see."""
+    hints = None
+    if budget_hours > 0:
+        _refuse_missing(cur, db)
+        hints = read_hints(cur, [m.oid for m in weeks_layout(cur, db).leaves])
+        cur.connection.rollback()
     cur.execute(SNAPSHOT)
+    _refuse_missing(cur, db)
+    layout = weeks_layout(cur, db)
+    if hints and tuple(m.oid for m in layout.leaves) != hints.leaves:
+        hints = Hints(hints.counters, "the table's partitions changed as the run began")
+    return Opened(layout, index_note(db, unindexed_leaves(cur, layout)), hints)
+
+
+def _refuse_missing(cur: psycopg.Cursor, db: TargetDatabase) -> None:
     if not catalog.table_exists(cur, db.schema_name, db.weeks_table):
         raise refuse(
             f"table {db.qualified(db.weeks_table)} does not exist; "
             "check target_db.schema_name and weeks_table"
         )
-    layout = weeks_layout(cur, db)
-    return layout, index_note(db, unindexed_leaves(cur, layout))
 
 
 def bring_up_to_date(
-    cur: psycopg.Cursor, db: TargetDatabase, instance: dg.DagsterInstance, layout: Layout
+    cur: psycopg.Cursor,
+    db: TargetDatabase,
+    instance: dg.DagsterInstance,
+    layout: Layout,
+    budget: Budget | None = None,
 ) -> Current:
     """The stored tally brought up to date, and stored again. `cur` is in a transaction
     begun with SNAPSHOT, so that every count sees the same rows."""
@@ -90,7 +117,7 @@ def bring_up_to_date(
     key = tally_key(db, cur)
     previous = load(instance, key)
     tables = Tables(db.weeks, db.executions if with_executions else None, layout)
-    tally = update(cur, tables, previous)
+    tally = update(cur, tables, previous, budget)
     save(instance, key, tally)
     return Current(tally, previous, layout)
 
@@ -105,3 +132,16 @@ def index_note(db: TargetDatabase, unindexed: list[str]) -> str:
         f"build the opt-in {CREATED_AT_INDEX} with the create_execution_id_indexes job (run "
         "config ops.execution_id_indexes.config.report_data_weeks_created_at: true)"
     )
+
+
+def budget(
+    cur: psycopg.Cursor, hours: float, hints: Hints | None, window_days: int
+) -> Budget | None:
+    """What a run may take from an earlier count: None without a budget; days of the
+    recent window (the checks judge them) are always counted."""
+    if hours <= 0 or hints is None:
+        return None
+    window_start = cur.execute(
+        "SELECT CURRENT_DATE - %(days)s::int", {"days": window_days}
+    ).fetchone()[0]
+    return Budget(hours, hints, window_start)

@@ -5,14 +5,11 @@ import datetime as dt
 
 import psycopg
 from psycopg import sql
-from psycopg.rows import class_row
 
 from rdw_tracking.population import samples
 from rdw_tracking.population.model import (
-    ORPHAN_SAMPLE_SIZE,
     ROW_SAMPLE_SIZE,
     Counts,
-    Orphan,
     Orphans,
     Snapshot,
 )
@@ -38,12 +35,6 @@ WHERE created_at >= %(since)s AND created_at < %(until)s
 """
 
 
-ORPHAN_ROWS_SQL = """
-SELECT id::text AS id, execution_id::text AS execution_id FROM {weeks}
-WHERE execution_id = ANY(%(ids)s::uuid[]) LIMIT %(limit)s
-"""
-
-
 def counts_since(
     cur: psycopg.Cursor, db: TargetDatabase, tally: Tally, since: dt.datetime
 ) -> Counts:
@@ -59,24 +50,6 @@ def counts_since(
         {"since": since, "until": midnight(day + dt.timedelta(days=1))},
     ).fetchone()
     return Counts(after.rows + rows, after.stamped + stamped)
-
-
-def tally_orphan_sample(cur: psycopg.Cursor, db: TargetDatabase, tally: Tally) -> list[Orphan]:
-    if tally.orphan_ids is None:
-        return orphan_sample(cur, db)
-    newest = sorted(
-        tally.orphan_ids,
-        key=lambda i: max((d for d in tally.orphan_ids[i] if d), default=dt.date.min),
-        reverse=True,
-    )[:ORPHAN_SAMPLE_SIZE]
-    if not newest:
-        return []
-    with cur.connection.cursor(row_factory=class_row(Orphan)) as by_name:
-        by_name.execute(
-            sql.SQL(ORPHAN_ROWS_SQL).format(weeks=db.weeks),
-            {"ids": newest, "limit": ORPHAN_SAMPLE_SIZE},
-        )
-        return by_name.fetchall()
 
 
 def snapshot_from_tally(
@@ -103,9 +76,8 @@ def snapshot_from_tally(
     if tally.with_executions:
         total = tally.total().orphans
         recent_orphans = tally.total(today - dt.timedelta(days=1)).orphans
-        orphans = Orphans(
-            total, recent_orphans, tally_orphan_sample(cur, db, tally) if total else []
-        )
+        sample = orphan_sample(cur, db) if total else []
+        orphans = Orphans(total, recent_orphans, sample, proof=tally.orphan_proof)
     # Through the module, so a test that wraps samples.fetch_rows sees this read too.
     sample = samples.fetch_rows(
         cur, sql.SQL(LATEST_SQL).format(weeks=db.weeks), {"limit": ROW_SAMPLE_SIZE}

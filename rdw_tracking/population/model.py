@@ -48,7 +48,8 @@ class Orphan(NamedTuple):
 class Orphans:
     count: int
     recent_count: int
-    sample: list[Orphan]  # newest first
+    sample: list[Orphan]
+    proof: str | None = None  # the validated foreign key that proves there are none
 
 
 @dataclass(frozen=True)

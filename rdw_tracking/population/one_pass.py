@@ -8,8 +8,9 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import class_row, dict_row
 
-from rdw_tracking import catalog
+from rdw_tracking import catalog, premises
 from rdw_tracking.errors import refuse
+from rdw_tracking.layout import table_layout
 from rdw_tracking.population.model import (
     Counts,
     Day,
@@ -243,6 +244,7 @@ def take_snapshot(db: TargetDatabase, window_days: int, started_at: dt.datetime 
     tally with): the tail's latest rows first, so the pass can tell if they are exact."""
     with db.cursor() as cur:
         with_executions = tables_present(cur, db)
+        proof = foreign_key_proof(cur, db) if with_executions else None
         bounds = window_bounds(cur, window_days, started_at)
         params = pass_params(bounds, window_days, started_at)
         tail = tail_sample(cur, db)
@@ -251,14 +253,17 @@ def take_snapshot(db: TargetDatabase, window_days: int, started_at: dt.datetime 
             and cur.connection.info.server_version >= PARALLEL_ARRAY_AGG
             and few_rows_since(cur, db, tail.floor)
         )
+        # Under a validated foreign key, no orphan can exist: the pass joins nothing.
         head, groups = run_pass(
-            cur, db, with_executions, params | {"sample_floor": tail.floor}, collect
+            cur, db, with_executions and not proof, params | {"sample_floor": tail.floor}, collect
         )
         if head.future_rows:
             groups |= future_days(cur, db, params)
         daily = window_days_of(bounds.today, bounds.window_start, groups)
         sample = latest_rows(cur, db, head, tail, daily)
-        orphans = pass_orphans(cur, db, head) if with_executions else None
+        orphans = None
+        if with_executions:
+            orphans = Orphans(0, 0, [], proof) if proof else pass_orphans(cur, db, head)
     return Snapshot(
         today=bounds.today,
         window_start=bounds.window_start,
@@ -270,6 +275,11 @@ def take_snapshot(db: TargetDatabase, window_days: int, started_at: dt.datetime 
         orphans=orphans,
         sample=sample,
     )
+
+
+def foreign_key_proof(cur: psycopg.Cursor, db: TargetDatabase) -> str | None:
+    layout = table_layout(cur, db.schema_name, db.weeks_table)
+    return premises.orphan_proof(cur, layout, db.executions) if layout else None
 
 
 def tables_present(cur: psycopg.Cursor, db: TargetDatabase) -> bool:

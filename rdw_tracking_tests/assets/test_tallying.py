@@ -34,8 +34,9 @@ def key(db: TargetDatabase) -> str:
 
 
 def test_dots_in_schema_or_table_make_distinct_keys(empty_database_url, run_job, sql_exec):
-    """Both tables on one database, each with a created_at index (so validation keeps a
-    tally): each run counts its own table from scratch, none takes the other's tally."""
+    """Both tables on one database, each with a created_at index and a count budget (so
+    validation keeps a tally and may read it): each run counts its own table from
+    scratch, none takes the other's tally."""
     for names in (DOTTED, PLAIN):
         demo.build(empty_database_url, demo.DemoShape(rows=104 if names is DOTTED else 208), names)
         weeks = sql.Identifier(names.schema, names.weeks)
@@ -45,7 +46,11 @@ def test_dots_in_schema_or_table_make_distinct_keys(empty_database_url, run_job,
     with dg.instance_for_test() as instance:
         for db, rows in ((dotted, 104), (plain, 208)):
             result = run_job(
-                "post_collection_validation", instance=instance, resources={"target_db": db}
+                "post_collection_validation",
+                # The stored tally is read only when a run may take figures from it.
+                {"ops": {"execution_id_population": {"config": {"count_budget_hours": 24}}}},
+                instance=instance,
+                resources={"target_db": db},
             )
             assert result.success
             meta = materialization_metadata(result, "execution_id_population")
