@@ -414,6 +414,11 @@ def test_steps_of_a_run_that_is_over_never_run_when_workers_come_back(
     cancel is the same), the revoke broadcast reaches nobody, then a worker comes back
     and takes the queued tasks: it runs none of them, and says so in the run's events."""
     monkeypatch.setenv(engine.WORKER_WAIT_ENV, "4")
+    # A worker declares the session's queue (the last test deleted it, and this process's
+    # broker connection, having declared it once, would not again), then goes.
+    workers.start("rdw_early_a")
+    workers.stop_all()
+    workers.procs.pop("rdw_early_a"), workers.node.pop("rdw_early_a")
     with dg.DagsterInstance.get() as instance:
         result = execute(instance, run_config())
         assert instance.get_run_by_id(result.run_id).status == dg.DagsterRunStatus.FAILURE
