@@ -215,7 +215,7 @@ def start_workers(count: int) -> list[subprocess.Popen]:
     names = [f"rdw_bench_{i}_{os.getpid()}" for i in range(count)]
     procs = [
         subprocess.Popen(
-            engine.worker_command(str(config), env["RDW_CELERY_QUEUE"], name),
+            engine.worker_command(env["RDW_CELERY_QUEUE"], name),
             env=env,
             cwd=REPO,
             stdout=subprocess.DEVNULL,

@@ -109,6 +109,8 @@ DEMO_URL_ENV = "RDW_DEMO_DATABASE_URL"
 # Variables that point the project at a real deployment: the demo and the UI never use them.
 MAX_FLEET = 20  # demo databases on one embedded server
 _DEPLOYMENT_ENV = (URL_ENV, "RDW_FLEET_FILE", "DAGSTER_HOME", "RDW_DAGSTER_STORAGE_URL")
+# Production services the demo's alerts and steps would reach: cleared, never replaced.
+_SERVICE_ENV = ("RDW_ALERT_WEBHOOK_URL", "RDW_EXECUTOR", "RDW_CELERY_BROKER", "RDW_CELERY_QUEUE")
 
 
 def demo_database_url() -> str:
@@ -126,10 +128,16 @@ def use_embedded_environment() -> bool:
     `RDW_DATABASE_URL`, `RDW_FLEET_FILE`, `DAGSTER_HOME` and `RDW_DAGSTER_STORAGE_URL`
     exported in the shell are overridden, not respected: the demo rebuilds its tables
     and the UI's daemon ticks sensors, neither of which may reach a real deployment.
+    `RDW_ALERT_WEBHOOK_URL`, `RDW_EXECUTOR`, `RDW_CELERY_BROKER` and `RDW_CELERY_QUEUE`
+    are cleared: the demo's failures are posted nowhere and its steps run in process.
     """
     started = embedded.start()
     demo_url = demo_database_url()
-    ignored = [name for name in _DEPLOYMENT_ENV if os.environ.get(name) and name != "DAGSTER_HOME"]
+    ignored = [
+        name
+        for name in (*_DEPLOYMENT_ENV, *_SERVICE_ENV)
+        if os.environ.get(name) and name != "DAGSTER_HOME"
+    ]
     if URL_ENV in ignored and os.environ[URL_ENV] == demo_url:
         ignored.remove(URL_ENV)
     if ignored:
@@ -138,7 +146,8 @@ def use_embedded_environment() -> bool:
             f"{'$' + DEMO_URL_ENV if os.environ.get(DEMO_URL_ENV) else 'the embedded server'}",
             file=sys.stderr,
         )
-    os.environ.pop("RDW_FLEET_FILE", None)
+    for name in ("RDW_FLEET_FILE", *_SERVICE_ENV):
+        os.environ.pop(name, None)
     os.environ[URL_ENV] = demo_url
     os.environ["DAGSTER_HOME"] = str(dagster_home())
     os.environ["RDW_DAGSTER_STORAGE_URL"] = embedded.dagster_storage_url()
@@ -251,6 +260,30 @@ def cmd_celery_yaml(args: argparse.Namespace, signals: StopSignals) -> int:
     return 0
 
 
+def cmd_celery_worker(args: argparse.Namespace, signals: StopSignals) -> int:
+    """Becomes a celery worker for the executor that RDW_EXECUTOR=celery gives the jobs
+    (exec: this process's pid is the worker's, so stopping that pid stops it). Its
+    settings come from RDW_CELERY_BROKER and RDW_CELERY_QUEUE, in memory: no file on
+    disk holds the broker's password."""
+    from rdw_tracking import engine
+
+    try:
+        engine.worker_config()
+        command = engine.worker_exec(
+            args.queue or engine.worker_config()["config_source"]["task_default_queue"],
+            args.name,
+            args.loglevel,
+            args.celery_args,
+        )
+    except engine.EngineConfigError as err:
+        print(f"rdw-tracking celery-worker: {err}", file=sys.stderr)
+        return 2
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(command[0], command)
+    return 0  # not reached
+
+
 def command_line() -> argparse.ArgumentParser:
     """The `rdw-tracking` command line: one sub-command per thing it runs."""
     command = argparse.ArgumentParser(prog="rdw-tracking", description=__doc__)
@@ -294,6 +327,19 @@ def command_line() -> argparse.ArgumentParser:
         help="print the -y file of `dagster-celery worker start` (RDW_CELERY_BROKER, RDW_CELERY_QUEUE)",
     )
     celery.set_defaults(func=cmd_celery_yaml)
+
+    worker = sub.add_parser(
+        "celery-worker",
+        help=(
+            "become a celery worker for RDW_EXECUTOR=celery (RDW_CELERY_BROKER, "
+            "RDW_CELERY_QUEUE; this pid is the worker's)"
+        ),
+    )
+    worker.add_argument("-q", "--queue", default=None, help="default: RDW_CELERY_QUEUE")
+    worker.add_argument("-n", "--name", required=True, help="the worker's name (NAME@host)")
+    worker.add_argument("-l", "--loglevel", default="INFO")
+    worker.add_argument("celery_args", nargs="*", help="after --: options for celery worker")
+    worker.set_defaults(func=cmd_celery_worker)
     return command
 
 

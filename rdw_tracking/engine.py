@@ -7,6 +7,8 @@ celery executor, chosen by env `RDW_EXECUTOR` where the definitions load.
                         extra; settings in deploy/k8s/executor.yaml)
     RDW_CELERY_BROKER   the broker's URL (default: RabbitMQ on 127.0.0.1:5672, guest)
     RDW_CELERY_QUEUE    the celery queue the steps go to (default: `dagster`)
+    RDW_CELERY_WORKER_WAIT_S  how long a run's steps may wait while no worker consumes
+                        their queue before the run fails (default: 60)
 
 The executor and the workers must agree on broker and queue: `worker_config()` is the
 `execution: config:` block both take (`dagster-celery worker start -y` reads it), and
@@ -26,6 +28,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -115,15 +118,29 @@ def worker_config(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
     }
 
 
-def worker_command(config: str, queue: str, name: str) -> list[str]:
-    """`dagster-celery worker start` as this Python runs it: one worker `name` on
-    `queue`, reading the `-y` file `config`, one step at a time."""
+def worker_command(queue: str, name: str) -> list[str]:
+    """`rdw-tracking celery-worker` as this Python runs it: one worker `name` on `queue`,
+    one step at a time. Its pid is the celery worker itself (the command execs it), so
+    stopping that pid stops the worker; its settings come from the environment, as the
+    executor's do, and no file holds the broker's password."""
     return [
-        sys.executable, "-m", "dagster_celery.cli", "worker", "start",
-        "-A", "dagster_celery.app", "-y", config, "-q", queue, "-n", name,
+        sys.executable, "-m", "rdw_tracking.cli", "celery-worker", "-q", queue, "-n", name,
         "-l", "WARNING",
         # Celery's own options: one step per worker, no chatter between workers.
         "--", "--concurrency=1", "--without-gossip", "--without-mingle",
+    ]  # fmt: skip
+
+
+def worker_exec(queue: str, name: str, loglevel: str, extra: list[str]) -> list[str]:
+    """The `celery worker` command line that `rdw-tracking celery-worker` becomes."""
+    if not _QUEUE_NAME.fullmatch(queue):
+        raise EngineConfigError(
+            "the worker's queue must be a name of letters, digits, '_', '.' or '-'; fix -q"
+        )
+    return [
+        sys.executable, "-m", "celery", "-A", "rdw_tracking.celery_app", "worker",
+        "--prefetch-multiplier=1", "--loglevel", loglevel, "-Q", queue, "-n", f"{name}@%h",
+        *extra,
     ]  # fmt: skip
 
 
@@ -134,14 +151,149 @@ def broker_url(environ: Mapping[str, str] | None = None) -> str:
 
 
 def celery_executor(environ: Mapping[str, str] | None = None) -> dg.ExecutorDefinition:
-    """dagster-celery's executor, configured by `worker_config()`."""
+    """dagster-celery's executor, configured by `worker_config()`, its runs failing
+    when no worker consumes their queue (`WatchedCeleryExecutor`)."""
     import dagster_celery.core_execution_loop as run_loop
     from dagster_celery import celery_executor as dagster_celery_executor
 
     # Read at every turn of the loop, so setting it here reaches every run this process
     # orchestrates; test_celery.py fails if an upgrade drops the name.
     run_loop.TICK_SECONDS = POLL_SECONDS
-    return dagster_celery_executor.configured(worker_config(environ), name="celery")
+
+    def watched(init_context) -> dg.Executor:
+        base = dagster_celery_executor.executor_creation_fn(init_context)
+        return watched_celery_executor(base)
+
+    definition = dg.ExecutorDefinition(
+        name="celery",
+        config_schema=dagster_celery_executor.config_schema,
+        requirements=dagster_celery_executor.get_requirements,
+        executor_creation_fn=watched,
+        description=dagster_celery_executor.description,
+    )
+    return definition.configured(worker_config(environ), name="celery")
+
+
+# How long a run's steps may wait while no worker consumes their queue before the run
+# fails (env RDW_CELERY_WORKER_WAIT_S): with every worker stopped, or all of them on
+# another broker, a run would otherwise stay STARTED, silently, for ever.
+WORKER_WAIT_ENV = "RDW_CELERY_WORKER_WAIT_S"
+DEFAULT_WORKER_WAIT_S = 60.0
+# A step pending this long makes the run ask whether any worker consumes its queue.
+_ASK_AFTER_S = 3.0
+
+
+def worker_wait_s(environ: Mapping[str, str] | None = None) -> float:
+    environ = os.environ if environ is None else environ
+    value = (environ.get(WORKER_WAIT_ENV) or "").strip()
+    try:
+        wait = float(value) if value else DEFAULT_WORKER_WAIT_S
+    except ValueError:
+        wait = -1.0
+    if not wait > 0:
+        raise EngineConfigError(
+            f"{WORKER_WAIT_ENV} must be a number of seconds above 0; fix it or unset it "
+            f"(default {DEFAULT_WORKER_WAIT_S:.0f})"
+        )
+    return wait
+
+
+def broker_host(url: str) -> str:
+    """`host:port` of a broker URL: safe to log, no user or password."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        return f"{parts.hostname or 'localhost'}:{parts.port or ''}".rstrip(":")
+    except ValueError:
+        return "the broker"
+
+
+class NoWorker(Exception):
+    """No celery worker consumed a run's queue for the whole wait."""
+
+
+def watched_celery_executor(base):
+    """`base` (dagster-celery's CeleryExecutor), whose steps fail, and with them the run,
+    when no worker has consumed their queue for `worker_wait_s()`: each pending step's
+    result reports ready with a NoWorker error, and its task is revoked."""
+    from dagster_celery.executor import CeleryExecutor, _submit_task
+
+    class WatchedCeleryExecutor(CeleryExecutor):
+        def execute(self, plan_context, execution_plan):
+            from dagster_celery.core_execution_loop import core_celery_execution_loop
+
+            watch = WorkerWatch(self.broker, worker_wait_s())
+
+            def submit(app, context, step, queue, priority, known_state):
+                result = _submit_task(app, context, step, queue, priority, known_state)
+                return watch.watched(app, queue, result)
+
+            return core_celery_execution_loop(plan_context, execution_plan, submit)
+
+    return WatchedCeleryExecutor(
+        retries=base.retries,
+        broker=base.broker,
+        backend=base.backend,
+        include=base.include,
+        config_source=dict(vars(base.config_source)),
+    )
+
+
+class WorkerWatch:
+    """Whether any worker consumes a queue, asked at most every few seconds and only
+    while a step has been pending a while (a busy queue is not a dead one)."""
+
+    def __init__(self, broker: str, wait_s: float):
+        self.broker, self.wait_s = broker, wait_s
+        self.seen: dict[str, float] = {}  # queue -> when a worker last consumed it
+        self.asked: dict[str, float] = {}
+
+    def watched(self, app, queue: str, result) -> WatchedResult:
+        now = time.monotonic()
+        self.seen.setdefault(queue, now)
+        return WatchedResult(result, self, app, queue, now)
+
+    def gone(self, app, queue: str, pending_since: float) -> bool:
+        now = time.monotonic()
+        if now - pending_since < _ASK_AFTER_S or now - self.asked.get(queue, 0.0) < _ASK_AFTER_S:
+            return now - self.seen[queue] > self.wait_s
+        self.asked[queue] = now
+        try:
+            replies = app.control.inspect(timeout=1.0).active_queues() or {}
+        except Exception:  # the broker itself unreachable: no worker can be there either
+            replies = {}
+        if any(q.get("name") == queue for queues in replies.values() for q in queues or []):
+            self.seen[queue] = now
+        return now - self.seen[queue] > self.wait_s
+
+    def message(self, queue: str) -> str:
+        return (
+            f"no celery worker consumed queue {queue!r} on broker {broker_host(self.broker)} "
+            f"for {self.wait_s:.0f} s, so this step was never run; start one there "
+            "(rdw-tracking celery-worker) or check RDW_CELERY_BROKER and RDW_CELERY_QUEUE "
+            "where the workers run"
+        )
+
+
+class WatchedResult:
+    """A step's celery result that reports ready, failing with NoWorker, once no worker
+    has consumed its queue for the whole wait; its task is then revoked."""
+
+    def __init__(self, result, watch: WorkerWatch, app, queue: str, since: float):
+        self.result, self.watch, self.app, self.queue, self.since = result, watch, app, queue, since
+
+    def ready(self) -> bool:
+        return self.result.ready() or self.watch.gone(self.app, self.queue, self.since)
+
+    def get(self):
+        if not self.result.ready():
+            self.result.revoke()
+            raise NoWorker(self.watch.message(self.queue))
+        return self.result.get()
+
+    def revoke(self, *args, **kwargs):
+        return self.result.revoke(*args, **kwargs)
 
 
 def k8s_executor() -> dg.ExecutorDefinition:

@@ -32,6 +32,10 @@ import yaml
 FLEET_ENV = "RDW_FLEET_FILE"
 # The run tag naming a run's fleet database, and the partition dimension of the databases.
 DATABASE_TAG = "rdw/database"
+# The run queue's tags (dagster.yaml): one write per value, two reads per value. In a
+# fleet each value is the run's database; for one database the write tag reads `true`.
+DB_WRITES_TAG = "rdw/db-writes"
+READS_TAG = "rdw/reads"
 DIMENSION = "database"
 NAME_PATTERN = re.compile(r"[a-z0-9_]+")
 # `TargetDatabase`'s fields, less `url` (which never sits in the file) and `fleet_name`
@@ -296,14 +300,52 @@ def _kind(value: Any) -> str:
     return _KINDS.get(type(value), f"a {type(value).__name__}")
 
 
+class RunDatabaseError(ValueError):
+    """A fleet run whose tags name another database than its partition: refused before
+    it touches anything; the message names both values."""
+
+
 def database_of(tags: Mapping[str, str]) -> str | None:
-    """The fleet database a run is for, from its tags; None if it names none."""
-    if tags.get(DATABASE_TAG):
-        return tags[DATABASE_TAG]
-    if tags.get(f"dagster/partition/{DIMENSION}"):
-        return tags[f"dagster/partition/{DIMENSION}"]
-    key = tags.get("dagster/partition") or tags.get("dagster/asset_partition_range_start")
-    if not key:
+    """The fleet database a run is for: its partition's, the only source. None if the
+    run has no partition.
+
+    Tags are editable in the Launchpad and through GraphQL, so `rdw/database`,
+    `rdw/reads` and `rdw/db-writes` only have to agree with the partition: one naming
+    another database raises RunDatabaseError (the run would be recorded, and queued,
+    as one database while it reads or writes another).
+    """
+    name = partition_database(tags)
+    if name is None:
         return None
-    # A database x day key reads `<database>|<day>` (dimensions in name order).
-    return key.split("|")[0]
+    for tag in (DATABASE_TAG, READS_TAG, DB_WRITES_TAG):
+        value = tags.get(tag)
+        if value is not None and value != name:
+            raise RunDatabaseError(
+                f"this run's tag {tag}={value!r} disagrees with its partition {name!r}, and a "
+                "fleet run's database is its partition alone; launch it for the partition of "
+                "the database you mean, without editing the rdw/ tags"
+            )
+    return name
+
+
+def partition_database(tags: Mapping[str, str]) -> str | None:
+    """The `database` key of a run's partition (or partition range); None if it has none.
+    A range over two databases, or a dimension tag disagreeing with the key, is refused."""
+    found = {}
+    for tag in (
+        f"dagster/partition/{DIMENSION}",
+        "dagster/partition",
+        "dagster/asset_partition_range_start",
+        "dagster/asset_partition_range_end",
+    ):
+        if tags.get(tag):
+            # A database x day key reads `<database>|<day>` (dimensions in name order).
+            found[tag] = tags[tag].split("|")[0]
+    names = sorted(set(found.values()))
+    if len(names) > 1:
+        first, second = names[:2]
+        raise RunDatabaseError(
+            f"this run's partition tags name two databases, {first!r} and {second!r}; launch "
+            "one run per database, each for its own partition"
+        )
+    return names[0] if names else None

@@ -2,11 +2,11 @@
 
 With a fleet file (`RDW_FLEET_FILE`), the database-level assets are partitioned by the
 databases' names, the daily history by database x day, and each run's `target_db` is
-the fleet entry of the run's database, taken from its tags: `rdw/database` (every run
-the sensors and schedules request, and every launch of a job, which sets it from the
-partition), else the partition Dagster gives the run. Sensors watch every database with
-a cursor each; an unreachable database is reported and skipped, never holding the
-others back. Write jobs carry `rdw/db-writes=<database>`, read jobs
+the fleet entry of the run's partition: the partition is the only source of a run's
+database, and a run whose `rdw/database`, `rdw/reads` or `rdw/db-writes` tag names
+another (tags are editable at launch) is refused before it touches anything. Sensors
+watch every database with a cursor each; an unreachable database is reported and
+skipped, never holding the others back. Write jobs carry `rdw/db-writes=<database>`, read jobs
 `rdw/reads=<database>`: the run queue (dagster.yaml) limits each per value, so two
 databases' index builds run at once and two on one database never (the advisory lock,
 as before, also holds across deployments).
@@ -18,34 +18,42 @@ import dagster as dg
 
 from rdw_tracking import sensors as single
 from rdw_tracking.errors import StatementTimeout, TargetDatabaseError
-from rdw_tracking.fleet import DATABASE_TAG, DIMENSION, Fleet, FleetFileError, database_of
-from rdw_tracking.jobs import DB_WRITES_TAG
+from rdw_tracking.fleet import (
+    DATABASE_TAG,
+    DB_WRITES_TAG,
+    DIMENSION,
+    READS_TAG,
+    Fleet,
+    FleetFileError,
+    RunDatabaseError,
+    database_of,
+)
+from rdw_tracking.jobs import checked_op
 from rdw_tracking.resources import TargetDatabase
-
-READS_TAG = "rdw/reads"
 
 
 def target_db_resource(fleet: Fleet) -> dg.ResourceDefinition:
     @dg.resource(
         description=(
-            "The fleet database of this run (tag rdw/database, or the run's partition): "
-            "its URL from the env var the fleet file names, its target_db fields."
+            "The fleet database of this run's partition (its only source; a run whose "
+            "rdw/database, rdw/reads or rdw/db-writes tag names another is refused): its URL "
+            "from the env var the fleet file names, its target_db fields."
         )
     )
     def target_db(init_context: dg.InitResourceContext) -> TargetDatabase:
         run = init_context.run
-        name = database_of(run.tags) if run is not None else None
-        if name is None:
-            raise dg.Failure(
-                description=(
-                    f"this run names no database of the fleet ({', '.join(fleet.names)}); "
-                    "launch it for one partition, or with the tag rdw/database=<name>"
-                ),
-                allow_retries=False,
-            )
         try:
+            name = database_of(run.tags) if run is not None else None
+            if name is None:
+                raise dg.Failure(
+                    description=(
+                        f"this run has no partition, so it names no database of the fleet "
+                        f"({', '.join(fleet.names)}); launch it for one partition"
+                    ),
+                    allow_retries=False,
+                )
             return TargetDatabase(**fleet.get(name).resource_config(), fleet_name=name)
-        except FleetFileError as err:
+        except (FleetFileError, RunDatabaseError) as err:
             raise dg.Failure(description=str(err), allow_retries=False) from None
 
     return target_db
@@ -72,9 +80,24 @@ def per_database(
         else:
             chosen = databases
         partitioned.append(
-            asset.map_asset_specs(lambda spec, p=chosen: spec.replace_attributes(partitions_def=p))
+            launch_checked(
+                asset.map_asset_specs(
+                    lambda spec, p=chosen: spec.replace_attributes(partitions_def=p)
+                )
+            )
         )
     return partitioned
+
+
+def launch_checked(asset: dg.AssetsDefinition) -> dg.AssetsDefinition:
+    """`asset` with its op's run config checked at launch (`jobs.checked_op`): a fleet
+    job's PartitionedConfig takes the place of the single database's config mapping."""
+    op = asset.node_def
+    if not isinstance(op, dg.OpDefinition) or checked_op(op) is op:
+        return asset
+    return dg.AssetsDefinition.dagster_internal_init(
+        **{**asset.get_attributes_dict(), "node_def": checked_op(op)}
+    )
 
 
 def _partitioned_config(
@@ -99,8 +122,13 @@ def per_database_jobs(jobs: list, databases: dg.StaticPartitionsDefinition) -> l
         tags = {k: v for k, v in (job.tags or {}).items() if k != DB_WRITES_TAG}
         config = _partitioned_config(databases, write)
         if isinstance(job, dg.JobDefinition):  # an op job
+            graph = dg.GraphDefinition(
+                name=job.graph.name,
+                node_defs=[checked_op(op) for op in job.graph.node_defs],
+                dependencies=job.graph.dependencies,
+            )
             built.append(
-                job.graph.to_job(
+                graph.to_job(
                     name=job.name,
                     description=job.description,
                     tags=tags,
@@ -129,7 +157,10 @@ def for_the_run_database(
     fleet: Fleet, context: dg.RunStatusSensorContext, outcome: dg.RunRequest | dg.SkipReason
 ) -> dg.RunRequest | dg.SkipReason:
     """A single-database sensor's request, for the database of the run it followed."""
-    name = database_of(context.dagster_run.tags)
+    try:
+        name = database_of(context.dagster_run.tags)
+    except RunDatabaseError as err:
+        return dg.SkipReason(str(err))
     if name not in fleet.names:
         return dg.SkipReason("the run names no database")
     if not isinstance(outcome, dg.RunRequest):

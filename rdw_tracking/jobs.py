@@ -10,11 +10,11 @@ from rdw_tracking.assets.population import PopulationConfig
 from rdw_tracking.assets.restore import RestoreConfig
 from rdw_tracking.assets.rollback import RollbackConfig
 from rdw_tracking.collection import CollectionConfig, collect_weeks
+from rdw_tracking.fleet import DB_WRITES_TAG
 from rdw_tracking.resources import TargetDatabase, run_config_url_problem
 
 # Jobs that write to the looked-after database carry this tag; dagster.yaml lets one of
 # them run at a time, and each also takes a PostgreSQL advisory lock (see writes.py).
-DB_WRITES_TAG = "rdw/db-writes"
 WRITE_JOB_TAGS = {DB_WRITES_TAG: "true"}
 # Rollback and restore resume where they stopped when run again with the same config,
 # which is what a retry does: with `run_retries` enabled in dagster.yaml, a run that
@@ -26,6 +26,11 @@ class RunConfigError(Exception):
     """A run config value refused at launch: the message names the field."""
 
 
+# Every op whose run config a launch checks, with its Config class: the fleet's jobs
+# (whose partitioned config leaves no room for a config mapping) check the same ops.
+LAUNCH_CHECKED: dict[str, type[dg.Config]] = {}
+
+
 def checked_at_launch(**op_configs: type[dg.Config]) -> dg.ConfigMapping:
     """Run config `ops.<op>.config`, validated by each op's Config class at launch.
 
@@ -35,6 +40,7 @@ def checked_at_launch(**op_configs: type[dg.Config]) -> dg.ConfigMapping:
     goes for `resources.target_db.config` (an empty name, a negative timeout, a
     malformed URL), and for a URL carrying a password: run config is stored with the run.
     """
+    LAUNCH_CHECKED.update(op_configs)
     schema = {
         "ops": {
             op: {"config": cls.to_config_schema().as_field()} for op, cls in op_configs.items()
@@ -47,17 +53,36 @@ def checked_at_launch(**op_configs: type[dg.Config]) -> dg.ConfigMapping:
     @dg.config_mapping(config_schema=schema)
     def validate(outer: dict) -> dict:
         for op, cls in op_configs.items():
-            values = outer.get("ops", {}).get(op, {}).get("config", {})
-            try:
-                cls(**values)
-            except dg.Failure as err:
-                raise RunConfigError(f"ops.{op}.config: {err.description}") from None
-            except Exception as err:  # pydantic's ValidationError names the field
-                raise RunConfigError(f"ops.{op}.config: {_first_error(err)}") from None
+            check_op_config(op, cls, outer.get("ops", {}).get(op, {}).get("config", {}))
         check_target_db(outer.get("resources", {}).get("target_db", {}).get("config", {}))
         return outer
 
     return validate
+
+
+def check_op_config(op: str, cls: type[dg.Config], values: dict) -> dict:
+    """`ops.<op>.config`, by the op's Config class's own validators; `values` if good."""
+    try:
+        cls(**values)
+    except dg.Failure as err:
+        raise RunConfigError(f"ops.{op}.config: {err.description}") from None
+    except Exception as err:  # pydantic's ValidationError names the field
+        raise RunConfigError(f"ops.{op}.config: {_first_error(err)}") from None
+    return values
+
+
+def checked_op(op: dg.OpDefinition) -> dg.OpDefinition:
+    """`op`, its config checked when a run is launched (as `checked_at_launch` does), by
+    an op-level config function, which Dagster applies while it resolves the run config:
+    for jobs whose config is a PartitionedConfig, which leaves no room for a mapping."""
+    cls = LAUNCH_CHECKED.get(op.name)
+    if cls is None:
+        return op
+    return op.configured(
+        lambda values: check_op_config(op.name, cls, values),
+        name=op.name,
+        config_schema=cls.to_config_schema().as_field(),
+    )
 
 
 def check_target_db(values: dict) -> None:

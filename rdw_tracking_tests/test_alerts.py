@@ -6,17 +6,21 @@ with Dagster's run-status sensor context builders, posting to a real HTTP receiv
 """
 
 import json
+import socket
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import dagster as dg
 import pytest
 
+from rdw_tracking import alerts
 from rdw_tracking.alerts import (
     WEBHOOK_ENV,
     AlertDeliveryError,
     check_failure_alert_sensor,
     run_failure_alert_sensor,
+    undelivered_alerts_sensor,
 )
 from rdw_tracking.definitions import defs
 from rdw_tracking.resources import TargetDatabase
@@ -179,12 +183,250 @@ def test_an_unreachable_webhook_fails_the_tick_without_quoting_it(
         )
         with pytest.raises(AlertDeliveryError) as err:
             run_failure_alert_sensor(failure_context(instance, failed))
-    assert "retried on the next tick" in str(err.value)
+    assert "sent again on a later tick" in str(err.value)
+    assert "1 undelivered alert(s) kept" in str(err.value)
     assert TOKEN not in str(err.value) and "127.0.0.1:1" not in str(err.value)
 
 
 def test_alert_sensors_are_wired_and_on_by_default():
-    for name in ("run_failure_alert_sensor", "check_failure_alert_sensor"):
+    for name in (
+        "run_failure_alert_sensor",
+        "check_failure_alert_sensor",
+        "undelivered_alerts_sensor",
+    ):
         sensor = defs.resolve_sensor_def(name)
         assert sensor.default_status == dg.DefaultSensorStatus.RUNNING
         assert sensor.description and WEBHOOK_ENV in sensor.description
+
+
+# -- undelivered alerts are kept and sent again; a receiver cannot hold a tick -------------
+
+
+class Scripted:
+    """A receiver on 127.0.0.1 that answers each request with the next of `answers`: a
+    status code, or a function writing raw bytes to the client's socket. Records each
+    request as (method, path, body)."""
+
+    def __init__(self, monkeypatch, answers):
+        self.answers = list(answers)
+        self.requests: list[tuple[str, str, bytes]] = []
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.thread = threading.Thread(target=self.serve, daemon=True)
+        self.thread.start()
+        monkeypatch.setenv(WEBHOOK_ENV, f"http://127.0.0.1:{self.port}/hooks/{TOKEN}")
+
+    def serve(self):
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            with client:
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    chunk = client.recv(65536)
+                    if not chunk:
+                        break
+                    data += chunk
+                head, _, body = data.partition(b"\r\n\r\n")
+                lines = head.decode().split("\r\n")
+                length = next(
+                    (
+                        int(v)
+                        for k, _, v in (line.partition(": ") for line in lines[1:])
+                        if k.lower() == "content-length"
+                    ),
+                    0,
+                )
+                while len(body) < length:
+                    body += client.recv(65536)
+                method, path, _ = lines[0].split(" ", 2)
+                self.requests.append((method, path, body))
+                answer = self.answers.pop(0) if self.answers else 200
+                try:
+                    if callable(answer):
+                        answer(client)
+                    else:
+                        client.sendall(f"HTTP/1.1 {answer} X\r\nContent-Length: 0\r\n\r\n".encode())
+                except OSError:
+                    pass
+
+    def bodies(self) -> list[dict]:
+        return [json.loads(body) for method, _, body in self.requests if method == "POST"]
+
+    def close(self):
+        self.listener.close()
+
+
+@pytest.fixture
+def scripted(monkeypatch):
+    made = []
+
+    def make(*answers):
+        made.append(Scripted(monkeypatch, answers))
+        return made[-1]
+
+    yield make
+    for receiver in made:
+        receiver.close()
+
+
+def failed_run(run_job, instance):
+    failed = run_job(
+        "weekly_collection",
+        instance=instance,
+        resources={"target_db": TargetDatabase(url=UNREACHABLE)},
+    )
+    assert not failed.success
+    return failed
+
+
+def test_an_alert_the_webhook_refused_is_sent_on_a_later_tick(database_url, run_job, scripted):
+    """A 500, then a 200: the alert is kept, named in the tick's status, and the next tick
+    of undelivered_alerts_sensor sends it (Dagster's run-status cursor has moved on)."""
+    receiver = scripted(500, 500)
+    with dg.instance_for_test() as instance:
+        failed = failed_run(run_job, instance)
+        with pytest.raises(AlertDeliveryError) as err:
+            run_failure_alert_sensor(failure_context(instance, failed))
+        assert "answered HTTP 500" in str(err.value)
+        assert "1 undelivered alert(s) kept" in str(err.value)
+        assert alerts.undelivered_status(instance).startswith("1 undelivered alert(s)")
+        # Still refused on the next tick: still kept, the tick's error says how many.
+        with pytest.raises(AlertDeliveryError, match="1 undelivered alert"):
+            undelivered_alerts_sensor(dg.build_sensor_context(instance=instance))
+        skip = undelivered_alerts_sensor(dg.build_sensor_context(instance=instance))
+        assert (
+            isinstance(skip, dg.SkipReason) and "1 undelivered alert(s) sent" in skip.skip_message
+        )
+        assert alerts.undelivered(instance) == ([], 0)
+        quiet = undelivered_alerts_sensor(dg.build_sensor_context(instance=instance))
+        assert quiet.skip_message == "no undelivered alert"
+    posts = receiver.bodies()
+    assert len(posts) == 3 and all(p["run_id"] == failed.run_id for p in posts)
+
+
+def test_undelivered_alerts_are_bounded_and_sent_oldest_first(
+    database_url, run_job, scripted, monkeypatch
+):
+    monkeypatch.setattr(alerts, "MAX_UNDELIVERED", 3)
+    monkeypatch.setenv(WEBHOOK_ENV, f"http://127.0.0.1:1/hooks/{TOKEN}")  # nobody listens
+    with dg.instance_for_test() as instance:
+        runs = [failed_run(run_job, instance) for _ in range(5)]
+        for run in runs:
+            with pytest.raises(AlertDeliveryError):
+                run_failure_alert_sensor(failure_context(instance, run))
+        waiting, dropped = alerts.undelivered(instance)
+        assert [a["run_id"] for a in waiting] == [r.run_id for r in runs[2:]] and dropped == 2
+        assert "3 undelivered alert(s), 2 dropped" in alerts.undelivered_status(instance)
+        receiver = scripted()
+        undelivered_alerts_sensor(dg.build_sensor_context(instance=instance))
+        assert alerts.undelivered(instance) == ([], 0)
+    assert [p["run_id"] for p in receiver.bodies()] == [r.run_id for r in runs[2:]]
+
+
+def drip(client):
+    """A status line, then a byte every 0.3 s for ever (until the client goes)."""
+    client.sendall(b"HTTP/1.1 200 OK\r\n")
+    for _ in range(200):
+        client.sendall(b"X")
+        time.sleep(0.3)
+
+
+def test_a_slow_drip_receiver_cannot_hold_the_tick(database_url, run_job, scripted, monkeypatch):
+    """Two alerts to a receiver that answers a byte every 0.3 s: the tick ends at its one
+    deadline (2 s here), not per read, and both alerts are kept."""
+    monkeypatch.setattr(alerts, "TICK_DEADLINE_S", 2)
+    scripted(drip, drip)
+    with dg.instance_for_test() as instance:
+        result = run_job("post_collection_validation", instance=instance)
+        assert (
+            result.success
+            and len([e for e in result.get_asset_check_evaluations() if not e.passed]) >= 1
+        )
+        started = time.monotonic()
+        with pytest.raises(AlertDeliveryError) as err:
+            check_failure_alert_sensor(success_context(instance, result))
+        took = time.monotonic() - started
+        waiting, _ = alerts.undelivered(instance)
+    assert took < 4, took
+    assert "within 2 s" in str(err.value)
+    failed = [e for e in result.get_asset_check_evaluations() if not e.passed]
+    assert len(waiting) == len(failed)
+
+
+def answer_raw(data: bytes):
+    def answer(client):
+        client.sendall(data)
+
+    return answer
+
+
+@pytest.mark.parametrize(
+    "answer, words",
+    [
+        (answer_raw(b"NONSENSE Receiver-Secret-Text\r\n\r\n"), "BadStatusLine"),
+        (answer_raw(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly ten b"), "IncompleteRead"),
+        (
+            answer_raw(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nZZ\r\n"),
+            "IncompleteRead",
+        ),
+        (
+            answer_raw(
+                b"HTTP/1.1 200 OK\r\n" + b"X-Receiver-Secret-Text: " + b"a" * 70_000 + b"\r\n\r\n"
+            ),
+            "LineTooLong",
+        ),
+        (answer_raw(b""), "RemoteDisconnected"),
+    ],
+)
+def test_every_http_client_error_is_a_failed_delivery_quoting_nothing(
+    database_url, run_job, scripted, answer, words
+):
+    scripted(answer)
+    with dg.instance_for_test() as instance:
+        failed = failed_run(run_job, instance)
+        with pytest.raises(AlertDeliveryError) as err:
+            run_failure_alert_sensor(failure_context(instance, failed))
+        assert len(alerts.undelivered(instance)[0]) == 1
+    message = str(err.value)
+    assert words in message, message
+    assert "Receiver-Secret-Text" not in message and TOKEN not in message
+
+
+def test_a_redirect_is_a_failed_delivery_and_is_not_followed(database_url, run_job, scripted):
+    redirect = answer_raw(
+        b"HTTP/1.1 302 Found\r\nLocation: /elsewhere\r\nContent-Length: 0\r\n\r\n"
+    )
+    receiver = scripted(redirect)
+    with dg.instance_for_test() as instance:
+        failed = failed_run(run_job, instance)
+        with pytest.raises(AlertDeliveryError) as err:
+            run_failure_alert_sensor(failure_context(instance, failed))
+        assert len(alerts.undelivered(instance)[0]) == 1
+    assert "answered HTTP 302, a redirect, which is not followed" in str(err.value)
+    assert [(m, p) for m, p, _ in receiver.requests] == [("POST", f"/hooks/{TOKEN}")]
+
+
+# -- redaction knows every fleet entry's password ------------------------------------------
+
+
+def test_alerts_mask_every_fleet_entrys_password(database_url, tmp_path, monkeypatch):
+    """Each entry's url_env password is masked on its own and inside a URL, as the
+    looked-after database's is."""
+    path = tmp_path / "fleet.yaml"
+    path.write_text(
+        "databases:\n  - {name: eu, url_env: RDW_TEST_ALERT_EU}\n"
+        "  - {name: us, url_env: RDW_TEST_ALERT_US}\n"
+    )
+    monkeypatch.setenv("RDW_FLEET_FILE", str(path))
+    monkeypatch.setenv("RDW_TEST_ALERT_EU", "postgresql://rdw:Eu-Pa55word@eu-db:5432/reports")
+    monkeypatch.setenv("RDW_TEST_ALERT_US", "host=us-db user=rdw password=Us-Pa55word dbname=r")
+    text = (
+        "eu said Eu-Pa55word; us said Us-Pa55word; "
+        "url postgresql://other:Eu-Pa55word@elsewhere/db and Us-Pa55word@x"
+    )
+    cleaned = alerts.clean(text)
+    assert "Eu-Pa55word" not in cleaned and "Us-Pa55word" not in cleaned
+    assert cleaned.startswith("eu said ***; us said ***")

@@ -106,7 +106,7 @@ class Workers:
         for name in names:
             log = open(self.setup["logs"] / f"worker_{name}.log", "wb")
             self.procs[name] = subprocess.Popen(
-                engine.worker_command(str(self.setup["config"]), self.setup["queue"], name),
+                engine.worker_command(self.setup["queue"], name),
                 env=self.setup["env"],
                 cwd=REPO,
                 stdout=log,
@@ -330,3 +330,108 @@ def test_a_worker_killed_mid_step_has_the_step_run_by_the_other(workers):
     assert len(starts_of_a) == 2 and starts_of_a[1] == pids["probe_a"] != starts_of_a[0]
     assert set(pids) == {"probe_a", "probe_b", "probe_c", "probe_d"}
     assert elapsed < 60
+
+
+# -- issue 28: a worker an operator can stop, and no broker password left on disk ---------
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def test_killing_the_workers_pid_stops_the_worker(workers):
+    """SIGKILL to the one pid a process manager records (not its group): the worker stops
+    answering pings, and nothing it started is left running to take steps."""
+    workers.start("rdw_stop_a")
+    proc = workers.procs["rdw_stop_a"]
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=10)
+    deadline = time.monotonic() + 15
+    while group_alive(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not group_alive(proc.pid), "a process of the killed worker is still running"
+    answered = {n for reply in _app().control.ping(timeout=2.0) for n in reply}
+    assert workers.node["rdw_stop_a"] not in answered
+
+
+def test_no_file_holds_the_broker_password(celery_setup, monkeypatch):
+    """The worker reads RDW_CELERY_BROKER from its environment: nothing under
+    DAGSTER_HOME, nor its log, holds the broker URL or its password."""
+    broker = "pyamqp://guest:guest@127.0.0.1:5672//"
+    celery_setup["env"][engine.BROKER_ENV] = broker
+    monkeypatch.setenv(engine.BROKER_ENV, broker)
+    started = Workers(celery_setup)
+    try:
+        started.start("rdw_private_a")
+        home = Path(os.environ["DAGSTER_HOME"])
+        assert not (home / "dagster_celery").exists()
+        for path in [*home.rglob("*"), celery_setup["logs"] / "worker_rdw_private_a.log"]:
+            if path.is_file():
+                assert b"guest:guest" not in path.read_bytes(), path
+    finally:
+        started.stop_all()
+
+
+def run_text(instance: dg.DagsterInstance, run_id: str) -> str:
+    """Every event message of a run, with each error's message and causes."""
+    parts = []
+    for record in instance.all_logs(run_id):
+        parts.append(record.message or "")
+        event = record.dagster_event
+        data = getattr(event, "event_specific_data", None) if event else None
+        error = getattr(data, "error", None)
+        while error is not None:
+            parts.append(error.message)
+            error = error.cause
+    return "\n".join(parts)
+
+
+def test_a_run_with_no_worker_fails_naming_queue_and_broker(celery_setup, monkeypatch):
+    """No worker consumes the queue (all stopped, or all on another broker): the run
+    fails after RDW_CELERY_WORKER_WAIT_S, naming the queue and the broker's host, never
+    its password, rather than staying STARTED for ever."""
+    monkeypatch.setenv(engine.WORKER_WAIT_ENV, "4")
+    started = time.monotonic()
+    with dg.DagsterInstance.get() as instance:
+        result = execute(instance, run_config())
+        took = time.monotonic() - started
+        assert not result.success
+        assert instance.get_run_by_id(result.run_id).status == dg.DagsterRunStatus.FAILURE
+        text = run_text(instance, result.run_id)
+    assert took < 40, took
+    assert f"no celery worker consumed queue '{QUEUE}' on broker 127.0.0.1:5672 for 4 s" in text
+    assert "guest:guest" not in text
+
+
+def test_steps_of_a_run_that_is_over_never_run_when_workers_come_back(
+    celery_setup, workers, monkeypatch
+):
+    """Steps queued while no worker was up: the run ends (here for want of a worker; a
+    cancel is the same), the revoke broadcast reaches nobody, then a worker comes back
+    and takes the queued tasks: it runs none of them, and says so in the run's events."""
+    monkeypatch.setenv(engine.WORKER_WAIT_ENV, "4")
+    # A worker declares the session's queue (the last test deleted it, and this process's
+    # broker connection, having declared it once, would not again), then goes.
+    workers.start("rdw_early_a")
+    workers.stop_all()
+    workers.procs.pop("rdw_early_a"), workers.node.pop("rdw_early_a")
+    with dg.DagsterInstance.get() as instance:
+        result = execute(instance, run_config())
+        assert instance.get_run_by_id(result.run_id).status == dg.DagsterRunStatus.FAILURE
+        workers.start("rdw_late_a")
+        deadline = time.monotonic() + 60
+        skipped = []
+        while len(skipped) < 3 and time.monotonic() < deadline:
+            time.sleep(0.5)
+            skipped = [
+                e.step_key or e.message
+                for e in events_of(instance, result.run_id, dg.DagsterEventType.ENGINE_EVENT)
+                if "did not run step(s)" in (e.message or "")
+            ]
+        starts = events_of(instance, result.run_id, dg.DagsterEventType.STEP_START)
+    assert len(skipped) == 3, skipped
+    assert starts == []

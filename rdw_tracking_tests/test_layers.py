@@ -12,6 +12,7 @@ from pathlib import Path
 LAYERS = (
     # Leaves: errors, catalog SQL, layouts, config files, the embedded server.
     ("errors", "catalog", "layout", "fleet", "engine", "devserver", "embedded", "demo"),
+    ("celery_app",),  # the workers' celery app: engine's settings, dagster-celery's tasks
     ("resources",),  # TargetDatabase: connections, timeouts, identifiers
     ("writes",),  # the write lock every write job holds
     # Engines: plain functions over a TargetDatabase.

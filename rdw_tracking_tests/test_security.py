@@ -100,6 +100,52 @@ def test_demo_and_ui_never_touch_an_exported_database(
         assert conn.execute("SELECT count(*) FROM report_data_weeks").fetchone() == (104,)
 
 
+def test_demo_and_ui_reach_no_webhook_or_broker_of_the_shell(
+    production_url, demo_url, tmp_path, monkeypatch, capsys
+):
+    """A shell set up for production: the demo's failures must post to no webhook, its
+    steps queue on no broker. The variables are cleared (named, never quoted), and a
+    failed demo run's alert sensor then posts nothing."""
+    from rdw_tracking import engine
+    from rdw_tracking.alerts import run_failure_alert_sensor
+
+    shell = {
+        "RDW_ALERT_WEBHOOK_URL": "https://hooks.example.com/services/T0KEN-prod",
+        "RDW_EXECUTOR": "celery",
+        "RDW_CELERY_BROKER": "pyamqp://prod:Broker-pw@rabbit.example:5672//",
+        "RDW_CELERY_QUEUE": "production",
+    }
+    for name, value in shell.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("RDW_DEMO_DATABASE_URL", demo_url)
+    monkeypatch.setenv("RDW_HOME", str(tmp_path / "rdw"))
+    monkeypatch.setattr(embedded, "start", lambda: False)
+    monkeypatch.setattr(embedded, "dagster_storage_url", lambda: "postgresql+psycopg2://demo")
+
+    cli.use_embedded_environment()
+    message = capsys.readouterr().err
+    for name, value in shell.items():
+        assert name not in os.environ and name in message and value not in message
+    assert engine.executor(dg.in_process_executor) is dg.in_process_executor
+    walkthrough.ensure_demo_data(rows=104, rebuild=True)
+    with dg.instance_for_test() as instance:
+        failed = defs.resolve_job_def("weekly_collection").execute_in_process(
+            instance=instance,
+            resources={"target_db": TargetDatabase(url="postgresql://demo@127.0.0.1:1/none")},
+            raise_on_error=False,
+        )
+        assert not failed.success
+        skipped = run_failure_alert_sensor(
+            dg.build_run_status_sensor_context(
+                sensor_name="run_failure_alert_sensor",
+                dagster_event=failed.get_run_failure_event(),
+                dagster_instance=instance,
+                dagster_run=failed.dagster_run,
+            ).for_run_failure()
+        )
+    assert isinstance(skipped, dg.SkipReason) and "is not set" in skipped.skip_message
+
+
 @pytest.mark.parametrize("unmarked", ["report_data_weeks", "workflow_executions"])
 def test_demo_build_refuses_tables_it_did_not_mark(production_url, unmarked):
     """Even pointed at a real database (RDW_DEMO_DATABASE_URL set by mistake), the demo

@@ -6,6 +6,7 @@ previous run left. Its key names the server, database and table, never a credent
 """
 
 from dataclasses import dataclass
+from urllib.parse import quote
 
 import dagster as dg
 import psycopg
@@ -15,7 +16,7 @@ from rdw_tracking import catalog
 from rdw_tracking.errors import refuse
 from rdw_tracking.layout import Layout, table_layout
 from rdw_tracking.premises import Hints, read_hints
-from rdw_tracking.resources import TargetDatabase
+from rdw_tracking.resources import TargetDatabase, server_of
 from rdw_tracking.tally import Budget, Tables, Tally, update
 
 CREATED_AT_INDEX = "idx_report_data_weeks_created_at"
@@ -23,11 +24,13 @@ KEY_PREFIX = "rdw_tracking/tally/"
 
 
 def tally_key(db: TargetDatabase, cur: psycopg.Cursor) -> str:
+    """Host, port, hostaddr, database, schema and table, each percent-quoted whole (a
+    `.` or `/` in a name included), so that no two targets share a key."""
     endpoint = db.endpoint()
+    hostaddr = server_of(db.resolved_url())[1]
     database = cur.execute("SELECT current_database()").fetchone()[0]
-    return (
-        f"{KEY_PREFIX}{endpoint.host}:{endpoint.port}/{database}/{db.schema_name}.{db.weeks_table}"
-    )
+    parts = (endpoint.host, endpoint.port, hostaddr, database, db.schema_name, db.weeks_table)
+    return KEY_PREFIX + "/".join(quote(str(part), safe="") for part in parts)
 
 
 def load(instance: dg.DagsterInstance, key: str) -> Tally | None:
