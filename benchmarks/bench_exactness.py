@@ -21,6 +21,7 @@ import statistics
 import time
 
 import harness
+from bench_scale import CREATED_AT, INDEXES, SHAPES
 from bench_validation import _DatabaseClock, _spec_by_hand
 
 TITLE = "Exact validation (first run and steady state against the spec's queries)"
@@ -32,15 +33,6 @@ NOTES = (
     "also a validated foreign key, which proves there is no orphan. Database time is the "
     "time inside psycopg; load is the 1-minute load average around the measurement."
 )
-SHAPES = {"demo": {}, "stamped": {"cutover_days": 255, "collections_per_run": 6}}
-INDEXES = [
-    "CREATE INDEX IF NOT EXISTS idx_report_data_weeks_execution_id ON report_data_weeks "
-    "(execution_id) WHERE execution_id IS NOT NULL",
-    "CREATE INDEX IF NOT EXISTS idx_report_data_weeks_collection_execution ON "
-    "report_data_weeks (collection_id, execution_id) WHERE execution_id IS NOT NULL",
-    "CREATE INDEX IF NOT EXISTS idx_report_data_weeks_created_at ON report_data_weeks "
-    "(created_at, execution_id)",
-]
 FK = (
     "ALTER TABLE report_data_weeks ADD CONSTRAINT fk_report_data_weeks_execution_id "
     "FOREIGN KEY (execution_id) REFERENCES workflow_executions (id)"
@@ -74,7 +66,7 @@ def run(args) -> list[dict]:
                 print(f"built {rows:,} rows ({shape}) in {summary['seconds']} s", flush=True)
             with psycopg.connect(args.url, autocommit=True) as conn:
                 conn.execute("SET maintenance_work_mem = '512MB'")
-                for statement in INDEXES:
+                for statement in [*INDEXES, CREATED_AT]:
                     conn.execute(statement)
                 conn.execute("ALTER TABLE report_data_weeks DROP CONSTRAINT IF EXISTS "
                              "fk_report_data_weeks_execution_id")  # fmt: skip

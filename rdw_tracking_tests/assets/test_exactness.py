@@ -17,7 +17,7 @@ import pytest
 from rdw_tracking import premises
 from rdw_tracking.assets import verdict
 from rdw_tracking.layout import table_layout
-from rdw_tracking_tests.conftest import check_results, materialization_metadata
+from rdw_tracking_tests.assets import test_validation_scale as scale
 from rdw_tracking_tests.standby import caught_up
 
 ASSET = "execution_id_population"
@@ -40,13 +40,9 @@ WHERE created_at >= CURRENT_DATE - 7 GROUP BY 1
 
 
 def validate(run_job, instance, **config):
-    result = run_job(
-        "post_collection_validation",
-        run_config={"ops": {ASSET: {"config": config}}} if config else None,
-        instance=instance,
-    )
-    assert result.success
-    return materialization_metadata(result, ASSET), check_results(result)
+    """(metadata, check results) of a successful post_collection_validation."""
+    _, meta, checks = scale.validate(run_job, instance, **config)
+    return meta, checks
 
 
 def assert_exact(sql_exec, meta, checks) -> None:

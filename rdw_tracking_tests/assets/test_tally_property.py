@@ -32,6 +32,7 @@ from rdw_tracking.assets import tallying
 from rdw_tracking.population.from_tally import snapshot_from_tally
 from rdw_tracking.resources import TargetDatabase
 from rdw_tracking.tally import DayTally
+from rdw_tracking_tests.assets.test_validation_scale import TABLE_DAYS
 from rdw_tracking_tests.conftest import create_database, drop_database
 
 EXAMPLES = int(os.environ.get("RDW_PROPERTY_EXAMPLES", "8"))
@@ -73,12 +74,6 @@ SELECT 'report_data_weeks' UNION ALL
 SELECT inhrelid::regclass::text FROM pg_inherits WHERE inhparent = 'report_data_weeks'::regclass
 """
 
-TRUTH_DAYS = """
-SELECT w.created_at::date, count(*), count(w.execution_id),
-       count(*) FILTER (WHERE w.execution_id IS NOT NULL AND e.id IS NULL)
-FROM report_data_weeks w LEFT JOIN workflow_executions e ON e.id = w.execution_id
-GROUP BY 1
-"""
 ADD_ROWS = """
 INSERT INTO report_data_weeks (collection_id, week_start_date, week_end_date, status,
                                execution_id, created_at)
@@ -89,7 +84,7 @@ OLD_DAY = "created_at >= CURRENT_DATE - %(n)s AND created_at < CURRENT_DATE - %(
 
 
 def truth(conn: psycopg.Connection) -> dict:
-    return {d: DayTally(r, s, o) for d, r, s, o in conn.execute(TRUTH_DAYS).fetchall()}
+    return {d: DayTally(r, s, o) for d, r, s, o in conn.execute(TABLE_DAYS).fetchall()}
 
 
 def apply(conn: psycopg.Connection, op: str, n: int, layout: str) -> None:
