@@ -92,7 +92,7 @@ RLS_CASES = [
 def test_row_security_refuses_before_any_change(
     database_url, role_url, sql_exec, layout, where, policy
 ):
-    relayout(database_url, layout)
+    # database_url is already in `layout` (conftest copies its template)
     # A finished rollback to restore, made before the policy (as the superuser).
     admin = TargetDatabase(url=database_url)
     done = rollback(admin, RollbackConfig(cutoff_date=days_ago(10), dry_run=False), LOG)
@@ -123,7 +123,7 @@ def test_row_security_refuses_before_any_change(
 def test_visible_rows_only_clears_the_visible_rows_and_no_other(
     database_url, role_url, sql_exec, layout
 ):
-    relayout(database_url, layout)
+    # database_url is already in `layout` (conftest copies its template)
     role = role_url(*WRITER_GRANTS)
     table = leaf_name(database_url, layout)
     with_policy(sql_exec, table, "hiding")
@@ -282,7 +282,7 @@ CREATE TRIGGER set_updated_at BEFORE UPDATE ON report_data_weeks
 def test_update_triggers_are_named_with_what_restore_cannot_give_back(
     database_url, sql_exec, layout, caplog
 ):
-    relayout(database_url, layout)
+    # database_url is already in `layout` (conftest copies its template)
     sql_exec(TOUCH)
     if layout == "inheritance":  # child tables inherit no trigger: each gets its own
         for (child,) in sql_exec(
