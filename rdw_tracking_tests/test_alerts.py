@@ -282,6 +282,12 @@ def failed_run(run_job, instance):
     return failed
 
 
+def undelivered_tick(instance):
+    """One tick of undelivered_alerts_sensor, its context entered and closed."""
+    with dg.build_sensor_context(instance=instance) as context:
+        return undelivered_alerts_sensor(context)
+
+
 def test_an_alert_the_webhook_refused_is_sent_on_a_later_tick(database_url, run_job, scripted):
     """A 500, then a 200: the alert is kept, named in the tick's status, and the next tick
     of undelivered_alerts_sensor sends it (Dagster's run-status cursor has moved on)."""
@@ -295,13 +301,13 @@ def test_an_alert_the_webhook_refused_is_sent_on_a_later_tick(database_url, run_
         assert alerts.undelivered_status(instance).startswith("1 undelivered alert(s)")
         # Still refused on the next tick: still kept, the tick's error says how many.
         with pytest.raises(AlertDeliveryError, match="1 undelivered alert"):
-            undelivered_alerts_sensor(dg.build_sensor_context(instance=instance))
-        skip = undelivered_alerts_sensor(dg.build_sensor_context(instance=instance))
+            undelivered_tick(instance)
+        skip = undelivered_tick(instance)
         assert (
             isinstance(skip, dg.SkipReason) and "1 undelivered alert(s) sent" in skip.skip_message
         )
         assert alerts.undelivered(instance) == ([], 0)
-        quiet = undelivered_alerts_sensor(dg.build_sensor_context(instance=instance))
+        quiet = undelivered_tick(instance)
         assert quiet.skip_message == "no undelivered alert"
     posts = receiver.bodies()
     assert len(posts) == 3 and all(p["run_id"] == failed.run_id for p in posts)
@@ -321,7 +327,7 @@ def test_undelivered_alerts_are_bounded_and_sent_oldest_first(
         assert [a["run_id"] for a in waiting] == [r.run_id for r in runs[2:]] and dropped == 2
         assert "3 undelivered alert(s), 2 dropped" in alerts.undelivered_status(instance)
         receiver = scripted()
-        undelivered_alerts_sensor(dg.build_sensor_context(instance=instance))
+        undelivered_tick(instance)
         assert alerts.undelivered(instance) == ([], 0)
     assert [p["run_id"] for p in receiver.bodies()] == [r.run_id for r in runs[2:]]
 
