@@ -104,7 +104,6 @@ class Tables:
     executions: sql.Identifier | None  # None: workflow_executions does not exist
     layout: Layout
     created_at_indexed: bool = False  # every leaf has a valid B-tree led by created_at
-    foreign_keys_prove: bool = True  # False: count orphans even under a validated FK
 
     @property
     def leaves(self) -> list[int]:
@@ -152,7 +151,7 @@ def count_orphans(cur: psycopg.Cursor, t: Tables) -> tuple[dict[Day, int], str |
     """({day: orphaned rows}, the foreign key that proves there are none, if one does)."""
     if t.executions is None:
         return {}, None
-    proof = premises.orphan_proof(cur, t.layout, t.executions) if t.foreign_keys_prove else None
+    proof = premises.orphan_proof(cur, t.layout, t.executions)
     if proof:
         return {}, proof
     parts = {"weeks": t.weeks, "executions": t.executions}

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import psycopg
 
@@ -154,7 +154,7 @@ class Budget:
 @dataclass(frozen=True)
 class Moment:
     now: dt.datetime
-    epoch: list = field(default_factory=list)
+    epoch: list
 
 
 def update(

@@ -109,11 +109,12 @@ def open_snapshot(cur: psycopg.Cursor, db: TargetDatabase) -> None:
             break
         except psycopg.errors.InsufficientPrivilege:
             cur.connection.rollback()  # no SELECT on a partition: hold the parent alone
+            if lock == LOCK_PARENT:
+                raise
         except (psycopg.errors.UndefinedTable, psycopg.errors.InvalidSchemaName):
             cur.connection.rollback()
             _refuse_missing(cur, db)
             raise
-    _refuse_missing(cur, db)
 
 
 LOCK_TREE = "LOCK TABLE {} IN ACCESS SHARE MODE"
